@@ -1,0 +1,86 @@
+"""The LLM seam: one small interface every backend implements, chosen by name (``RECAGENT_LLM``)."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+logger = logging.getLogger(__name__)
+
+
+class ChatMessage(TypedDict):
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+class LLMError(RuntimeError):
+    """Any backend failure: unreachable server, timeout, refused request, unusable output."""
+
+
+@dataclass
+class ScoreRequest:
+    """Score the ``labels`` as the first token the assistant writes after ``answer_prefix``."""
+
+    messages: list[ChatMessage]
+    answer_prefix: str
+    labels: Sequence[str]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    calls: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, prompt: int, completion: int, cached: int = 0) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.cached_prompt_tokens += cached
+        self.calls += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+
+
+class LLMBackend(ABC):
+    """A chat model that can (1) score single-token labels, (2) write JSON under a schema, (3) write text."""
+
+    name: str = "abstract"
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+
+    @property
+    @abstractmethod
+    def model_name(self) -> str: ...
+
+    @abstractmethod
+    def score_labels(self, request: ScoreRequest) -> list[float]:
+        """Natural-log probabilities of each label (same order), renormalised over the labels."""
+
+    def score_labels_batch(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """Several score requests; backends that can batch override this."""
+        return [self.score_labels(r) for r in requests]
+
+    @abstractmethod
+    def generate_json(self, messages: list[ChatMessage], schema: dict[str, Any], max_tokens: int = 512,
+                      temperature: float = 0.0) -> str:
+        """Text that parses as JSON valid under ``schema`` (constrained decoding)."""
+
+    @abstractmethod
+    def stream_text(self, messages: list[ChatMessage], max_tokens: int = 256,
+                    temperature: float = 0.0) -> Iterator[str]:
+        """Free text, yielded in pieces as it is decoded."""
+
+    def generate_text(self, messages: list[ChatMessage], max_tokens: int = 256, temperature: float = 0.0) -> str:
+        return "".join(self.stream_text(messages, max_tokens=max_tokens, temperature=temperature))
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` under this model's tokenizer (used for prompt budgets)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""

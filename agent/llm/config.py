@@ -1,0 +1,31 @@
+"""Typed configuration of the LLM backends, read from ``RECAGENT_*`` variables when asked (never at import)."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+
+
+class LLMConfig(BaseModel):
+    backend: str = Field(default="transformers", description="transformers | openai (RECAGENT_LLM)")
+    model_path: str | None = Field(default=None, description="local HF folder (RECAGENT_LLM_MODEL); "
+                                   "default: SmolLM2-135M-Instruct converted from its GGUF wheel")
+    threads: int = Field(default=2, ge=1, description="torch threads for the in-process model (RECAGENT_LLM_THREADS)")
+    url: str = Field(default="http://127.0.0.1:8001/v1", description="OpenAI-compatible base URL (RECAGENT_LLM_URL)")
+    api_key: str = Field(default="EMPTY", description="RECAGENT_LLM_API_KEY")
+    served_model: str | None = Field(default=None, description="model name on the server (RECAGENT_LLM_SERVED_MODEL);"
+                                     " read from /v1/models when unset")
+    timeout_s: float = Field(default=30.0, gt=0, description="per-request timeout (RECAGENT_LLM_TIMEOUT)")
+
+    @classmethod
+    def from_env(cls) -> LLMConfig:
+        env = os.environ
+        values: dict[str, object] = {}
+        mapping = {"RECAGENT_LLM": "backend", "RECAGENT_LLM_MODEL": "model_path", "RECAGENT_LLM_THREADS": "threads",
+                   "RECAGENT_LLM_URL": "url", "RECAGENT_LLM_API_KEY": "api_key",
+                   "RECAGENT_LLM_SERVED_MODEL": "served_model", "RECAGENT_LLM_TIMEOUT": "timeout_s"}
+        for var, field in mapping.items():
+            if env.get(var):
+                values[field] = env[var]
+        return cls.model_validate(values)

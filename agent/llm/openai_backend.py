@@ -1,0 +1,283 @@
+"""A backend that talks to any OpenAI-compatible server (made for vLLM: ``recagent llm serve``).
+
+Label scoring uses vLLM's extensions of ``/v1/chat/completions``: ``allowed_token_ids`` (restrict the first
+token to the labels), ``continue_final_message`` (the answer prefix is the start of the assistant turn) and
+``return_tokens_as_token_ids`` (match log-probs by token id, not by decoded text). Token ids come from vLLM's
+``POST /tokenize`` at the server root. Plain HTTP (httpx) with no retries: retrying is the caller's decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest
+from agent.llm.config import LLMConfig
+
+if TYPE_CHECKING:
+    import httpx
+
+logger = logging.getLogger(__name__)
+
+#: Log-probability given to a label the server did not return among the top log-probs (before renormalising).
+MISSING_LOGPROB = -1e4
+#: At most this many score requests in flight at once from :meth:`OpenAIBackend.score_labels_batch`.
+BATCH_CONCURRENCY = 8
+
+
+def log_softmax(values: Sequence[float]) -> list[float]:
+    """Renormalise log-probabilities so that their exponentials sum to one."""
+    top = max(values)
+    total = top + math.log(sum(math.exp(v - top) for v in values))
+    return [v - total for v in values]
+
+
+class LLMStatusError(LLMError):
+    """The server answered with an HTTP error status."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            return str(error.get("message") or error)[:500]
+        return str(error)[:500]
+    return str(body)[:300]
+
+
+class OpenAIBackend(LLMBackend):
+    name = "openai"
+
+    def __init__(self, config: LLMConfig, transport: httpx.BaseTransport | None = None) -> None:
+        import httpx
+
+        super().__init__()
+        self.config = config
+        self.base_url = config.url.rstrip("/")
+        # vLLM serves /tokenize beside /v1, not under it.
+        self.root_url = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._client = httpx.Client(timeout=config.timeout_s, headers=headers, transport=transport)
+        self._model: str | None = config.served_model
+        self._label_ids: dict[str, int] = {}
+        self._tokenize_missing = False
+        self._lock = threading.Lock()
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+
+    def _send(self, method: str, url: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One request; every failure becomes :class:`LLMError`."""
+        import httpx
+
+        try:
+            response = self._client.request(method, url, json=payload)
+        except httpx.TimeoutException as exc:
+            raise self._timeout_error(method, url) from exc
+        except httpx.HTTPError as exc:
+            raise self._unreachable_error(url, exc) from exc
+        self._raise_for_status(method, url, response)
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise LLMError(f"LLM server sent a response that is not JSON for {method} {url}: "
+                           f"{response.text[:200]!r}") from exc
+        if not isinstance(body, dict):
+            raise LLMError(f"LLM server sent unexpected JSON for {method} {url}: {str(body)[:200]}")
+        return body
+
+    def _timeout_error(self, method: str, url: str) -> LLMError:
+        return LLMError(f"LLM server timed out after {self.config.timeout_s:g}s: {method} {url}")
+
+    @staticmethod
+    def _unreachable_error(url: str, exc: Exception) -> LLMError:
+        return LLMError(f"cannot reach the LLM server at {url} ({type(exc).__name__}: {exc}); is it running? "
+                        "(start one with `recagent llm serve`, or set RECAGENT_LLM_URL)")
+
+    @staticmethod
+    def _raise_for_status(method: str, url: str, response: httpx.Response) -> None:
+        if response.status_code >= 400:
+            if not response.is_closed:
+                response.read()
+            raise LLMStatusError(f"LLM server answered HTTP {response.status_code} to {method} {url}: "
+                                 f"{_error_detail(response)}", response.status_code)
+
+    def _record(self, kind: str, body: dict[str, Any]) -> None:
+        usage = body.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        with self._lock:
+            self.usage.add(kind, int(usage.get("prompt_tokens") or 0),
+                           int(usage.get("completion_tokens") or 0), int(details.get("cached_tokens") or 0))
+
+    @staticmethod
+    def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise LLMError(f"LLM server response has no choices: {str(body)[:200]}")
+        return choices[0]
+
+    @property
+    def model_name(self) -> str:
+        if self._model is None:
+            body = self._send("GET", f"{self.base_url}/models")
+            data = body.get("data")
+            try:
+                model = str(data[0]["id"])  # type: ignore[index]
+            except (TypeError, KeyError, IndexError) as exc:
+                raise LLMError(f"{self.base_url}/models lists no model; "
+                               "set RECAGENT_LLM_SERVED_MODEL") from exc
+            self._model = model
+            logger.info("LLM server %s serves model=%s", self.base_url, model)
+        return self._model
+
+    def _tokenize(self, text: str) -> list[int]:
+        body = self._send("POST", f"{self.root_url}/tokenize",
+                          {"model": self.model_name, "prompt": text, "add_special_tokens": False})
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise LLMError(f"{self.root_url}/tokenize sent no token list: {str(body)[:200]}")
+        return tokens
+
+    def label_token_id(self, label: str) -> int:
+        """The single token id of ``label`` (cached)."""
+        cached = self._label_ids.get(label)
+        if cached is not None:
+            return cached
+        tokens = self._tokenize(label)
+        if len(tokens) != 1:
+            raise LLMError(f"label {label!r} is {len(tokens)} tokens under {self.model_name}'s tokenizer; "
+                           "score_labels needs single-token labels")
+        with self._lock:
+            self._label_ids[label] = tokens[0]
+        return tokens[0]
+
+    # -- the interface -------------------------------------------------------------------------------------
+
+    def score_labels(self, request: ScoreRequest) -> list[float]:
+        labels = list(request.labels)
+        if not labels:
+            return []
+        ids = [self.label_token_id(label) for label in labels]
+        if len(set(ids)) != len(ids):
+            raise LLMError(f"labels {labels} do not map to distinct tokens")
+        messages = [{"role": m["role"], "content": m["content"]} for m in request.messages]
+        payload: dict[str, Any] = {
+            "model": self.model_name, "max_tokens": 1, "temperature": 0.0,
+            "logprobs": True, "top_logprobs": len(labels),
+            "allowed_token_ids": ids, "return_tokens_as_token_ids": True,
+        }
+        if request.answer_prefix:
+            messages.append({"role": "assistant", "content": request.answer_prefix})
+            payload.update(continue_final_message=True, add_generation_prompt=False)
+        payload["messages"] = messages
+        body = self._send("POST", f"{self.base_url}/chat/completions", payload)
+        self._record("score", body)
+        choice = self._first_choice(body)
+        try:
+            top = choice["logprobs"]["content"][0]["top_logprobs"]
+            found: dict[int, float] = {}
+            for entry in top:
+                token = str(entry["token"])
+                if token.startswith("token_id:"):
+                    found[int(token.removeprefix("token_id:"))] = float(entry["logprob"])
+        except (TypeError, KeyError, IndexError, ValueError) as exc:
+            raise LLMError(f"LLM server returned no usable log-probs (is it vLLM with logprobs enabled?): "
+                           f"{str(choice)[:300]}") from exc
+        if not any(i in found for i in ids):
+            raise LLMError(f"LLM server returned log-probs for none of the labels {labels}: {str(top)[:300]}")
+        raw = [found.get(i, MISSING_LOGPROB) for i in ids]
+        raw = [v if math.isfinite(v) else MISSING_LOGPROB for v in raw]
+        return log_softmax(raw)
+
+    def score_labels_batch(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """Concurrent requests, so the server batches them."""
+        if len(requests) <= 1:
+            return [self.score_labels(r) for r in requests]
+        with ThreadPoolExecutor(max_workers=min(BATCH_CONCURRENCY, len(requests))) as pool:
+            return list(pool.map(self.score_labels, requests))
+
+    def generate_json(self, messages: list[ChatMessage], schema: dict[str, Any], max_tokens: int = 512,
+                      temperature: float = 0.0) -> str:
+        payload = {
+            "model": self.model_name, "messages": [dict(m) for m in messages],
+            "max_tokens": max_tokens, "temperature": temperature,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "answer", "schema": schema, "strict": True}},
+        }
+        body = self._send("POST", f"{self.base_url}/chat/completions", payload)
+        self._record("json", body)
+        choice = self._first_choice(body)
+        content = (choice.get("message") or {}).get("content")
+        if not isinstance(content, str):
+            raise LLMError(f"LLM server returned no message content: {str(choice)[:300]}")
+        try:
+            json.loads(content)
+        except ValueError as exc:
+            reason = choice.get("finish_reason")
+            hint = f" (cut at max_tokens={max_tokens})" if reason == "length" else ""
+            raise LLMError(f"LLM output is not valid JSON{hint}: {content[:200]!r}") from exc
+        return content
+
+    def stream_text(self, messages: list[ChatMessage], max_tokens: int = 256,
+                    temperature: float = 0.0) -> Iterator[str]:
+        import httpx
+
+        url = f"{self.base_url}/chat/completions"
+        payload = {
+            "model": self.model_name, "messages": [dict(m) for m in messages],
+            "max_tokens": max_tokens, "temperature": temperature,
+            "stream": True, "stream_options": {"include_usage": True},
+        }
+        try:
+            with self._client.stream("POST", url, json=payload) as response:
+                self._raise_for_status("POST", url, response)
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[len("data:"):].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError as exc:
+                        raise LLMError(f"malformed stream chunk from {url}: {data[:200]!r}") from exc
+                    if not isinstance(chunk, dict):
+                        raise LLMError(f"malformed stream chunk from {url}: {data[:200]!r}")
+                    if "error" in chunk:
+                        raise LLMError(f"LLM server error while streaming: {str(chunk['error'])[:300]}")
+                    if chunk.get("usage"):
+                        self._record("text", chunk)
+                    for choice in chunk.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content")
+                        if piece:
+                            yield piece
+        except httpx.TimeoutException as exc:
+            raise self._timeout_error("POST", url) from exc
+        except httpx.HTTPError as exc:
+            raise self._unreachable_error(url, exc) from exc
+
+    def count_tokens(self, text: str) -> int:
+        if not self._tokenize_missing:
+            try:
+                return len(self._tokenize(text))
+            except LLMStatusError as exc:
+                if exc.status_code not in (404, 405):
+                    raise
+                logger.warning("%s/tokenize is missing; estimating tokens as characters/4", self.root_url)
+                self._tokenize_missing = True
+        return max(1, len(text) // 4) if text else 0
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,172 @@
+"""In-process chat model with transformers (the embedded default).
+
+* bf16 on CPU with a fixed thread count;
+* ``score_labels`` runs one forward pass and reuses the KV cache of the longest prefix shared with the previous
+  prompt (the static instructions at least; the history too when the same user is scored again);
+* ``generate_json`` decodes under an xgrammar JSON-schema grammar, so its output always parses and validates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest
+from agent.llm.config import LLMConfig
+
+logger = logging.getLogger(__name__)
+MIN_REUSE = 8  # reuse a cached prefix only when at least this many tokens match
+
+
+class TransformersBackend(LLMBackend):
+    name = "transformers"
+
+    def __init__(self, config: LLMConfig | None = None) -> None:
+        super().__init__()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from agent.llm.model_files import ensure_llm_model
+
+        self.config = config or LLMConfig()
+        self.model_dir = self.config.model_path or str(ensure_llm_model())
+        torch.set_num_threads(self.config.threads)
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.bfloat16)
+        self.model.eval()
+        self._lock = threading.RLock()
+        self._cached_ids: list[int] = []
+        self._cache: Any = None
+        self._grammars: dict[str, Any] = {}
+        self._compiler: Any = None
+        self._label_ids: dict[str, int] = {}
+
+    @property
+    def model_name(self) -> str:
+        from pathlib import Path
+
+        return Path(self.model_dir).name
+
+    # --- prompts -------------------------------------------------------------------------------------------
+    def render(self, messages: Sequence[ChatMessage], answer_prefix: str = "") -> list[int]:
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        ids: list[int] = self.tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def label_id(self, label: str) -> int:
+        if label not in self._label_ids:
+            ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise LLMError(f"label {label!r} is not a single token for {self.model_name}")
+            self._label_ids[label] = ids[0]
+        return self._label_ids[label]
+
+    # --- scoring -------------------------------------------------------------------------------------------
+    def _last_logits(self, ids: list[int]) -> Any:
+        """Logits after ``ids``, reusing the cached KV of the longest shared prefix."""
+        torch = self.torch
+        from transformers import DynamicCache
+
+        common = 0
+        for a, b in zip(self._cached_ids, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)
+        if self._cache is not None and common >= MIN_REUSE:
+            excess = self._cache.get_seq_length() - common
+            if excess > 0:
+                self._cache.crop(-excess)
+            cache = self._cache
+            reused = common
+        else:
+            cache = DynamicCache(config=self.model.config)
+            reused = 0
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([ids[reused:]]), cache=cache, use_cache=True)
+        self._cache = out.cache
+        self._cached_ids = list(ids)
+        self.usage.add("score", len(ids), 0, cached=reused)
+        return out.logits[0, -1].float()
+
+    def score_labels(self, request: ScoreRequest) -> list[float]:
+        with self._lock:
+            ids = self.render(request.messages, request.answer_prefix)
+            label_ids = [self.label_id(label) for label in request.labels]
+            logits = self._last_logits(ids)
+            chosen = logits[label_ids]
+            return [float(x) for x in self.torch.log_softmax(chosen, dim=-1)]
+
+    # --- generation ----------------------------------------------------------------------------------------
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        import xgrammar as xgr
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
+                self._compiler = xgr.GrammarCompiler(info)
+            self._grammars[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
+            if len(self._grammars) > 256:
+                self._grammars.pop(next(iter(self._grammars)))
+        return self._grammars[key]
+
+    def _generate(self, ids: list[int], max_tokens: int, temperature: float, processors: list[Any],
+                  streamer: Any = None, repetition_penalty: float = 1.0) -> list[int]:
+        torch = self.torch
+        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "logits_processor": processors,
+                                  "pad_token_id": self.tokenizer.eos_token_id or 0}
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        if repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = repetition_penalty
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      **kwargs)
+        new = out[0, len(ids):].tolist()
+        self.usage.add("generate", len(ids), len(new))
+        return list(new)
+
+    def generate_json(self, messages: list[ChatMessage], schema: dict[str, Any], max_tokens: int = 512,
+                      temperature: float = 0.0) -> str:
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        with self._lock:
+            ids = self.render(messages)
+            processor = LogitsProcessor(self._grammar(schema))
+            new = self._generate(ids, max_tokens, temperature, [processor], repetition_penalty=1.3)
+            text: str = self.tokenizer.decode(new, skip_special_tokens=True)
+        return text
+
+    def stream_text(self, messages: list[ChatMessage], max_tokens: int = 256,
+                    temperature: float = 0.0) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self._lock:
+                    self._generate(self.render(messages), max_tokens, temperature, [], streamer=streamer)
+            except BaseException as exc:  # surfaced to the consumer below
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+        if errors:
+            raise LLMError(f"generation failed: {errors[0]}") from errors[0]

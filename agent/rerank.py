@@ -1,0 +1,374 @@
+"""LLM reranking and explanations over any candidate list.
+
+Modes:
+* ``score``: one forward pass per permutation; the label letters' log-probabilities rank every candidate.
+  Position bias is reduced by averaging over permutations and by calibrating against a content-free prompt.
+* ``generate``: listwise JSON under a schema whose ids are an enum of the candidates.
+
+The final score blends per-user min-max normalised LLM and retrieval scores:
+``alpha * llm + (1 - alpha) * retrieval``; ``alpha = 0`` reproduces the retrieval order exactly.
+Any backend failure gets one retry, then the retrieval order with ``degraded=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import string
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+import prompts
+from agent.llm.base import LLMBackend, LLMError, ScoreRequest
+from agent.schemas import Mode, RecommendationAnswer, RecommendedItem, Timings
+from retrieval.candidates import SourceHit
+
+if TYPE_CHECKING:
+    from retrieval.index import Index
+
+logger = logging.getLogger(__name__)
+LABELS = string.ascii_uppercase
+RERANK_FILE = "rerank.json"
+
+
+@dataclass
+class RankInput:
+    """A candidate (or history item) as the reranker sees it."""
+
+    item_id: str
+    title: str
+    text: str
+    retrieval_score: float = 0.0
+    sources: list[SourceHit] = field(default_factory=list)
+    genres: list[str] = field(default_factory=list)
+    year: int | None = None
+
+
+class ModeConfig(BaseModel):
+    alpha: float = Field(default=0.0, ge=0.0, le=1.0, description="weight of the LLM in the final score")
+    tuned: bool = False
+
+
+class RerankConfig(BaseModel):
+    prompt_version: str = "v1"
+    max_candidates: int = Field(default=20, ge=1, le=len(LABELS))
+    history_token_budget: int = Field(default=250, ge=16, description="history trimmed oldest-first to this")
+    text_chars: int = Field(default=90, ge=10, description="item text cut to this many characters in prompts")
+    perms: int = Field(default=1, ge=1, description="candidate orders averaged in score mode")
+    calibrate: bool = Field(default=True, description="subtract a content-free prompt's label bias")
+    reason_chars: int = Field(default=120, ge=20)
+    evidence_max: int = Field(default=2, ge=0)
+    retries: int = Field(default=1, ge=0)
+    modes: dict[str, ModeConfig] = Field(default_factory=lambda: {"score": ModeConfig(), "generate": ModeConfig()})
+
+    @classmethod
+    def load(cls, index: Index) -> RerankConfig:
+        """Defaults, overridden by what ``recagent eval rerank --tune`` stored with the index."""
+        path = cls.path(index)
+        if path is not None and path.exists():
+            return cls.model_validate(json.loads(path.read_text()))
+        return cls()
+
+    @staticmethod
+    def path(index: Index) -> Path | None:
+        root = index.catalog.root
+        return None if root is None else root / "index" / RERANK_FILE
+
+    def alpha(self, mode: str) -> float:
+        return self.modes.get(mode, ModeConfig()).alpha
+
+
+def minmax(values: Sequence[float]) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return arr
+    lo, hi = float(arr.min()), float(arr.max())
+    return np.ones_like(arr) if hi - lo <= 1e-12 else (arr - lo) / (hi - lo)
+
+
+def fuse(retrieval: Sequence[float], llm: Sequence[float] | None, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(final scores, order). Ties go to the earlier retrieval rank, so alpha = 0 keeps the retrieval order."""
+    ret = minmax(retrieval)
+    final = ret.copy() if llm is None else alpha * minmax(llm) + (1.0 - alpha) * ret
+    order = np.lexsort((np.arange(len(final)), -final))
+    return final, order
+
+
+def retrieval_answer(candidates: Sequence[RankInput], k: int, degraded: bool = False,
+                     reason: str | None = None, mode: Mode = "retrieval", model: str | None = None) -> RecommendationAnswer:
+    """The retrieval order as an answer (no LLM, or the LLM failed)."""
+    final, order = fuse([c.retrieval_score for c in candidates], None, 0.0)
+    ret = minmax([c.retrieval_score for c in candidates])
+    items = [_item(candidates[i], rank, float(final[i]), None, float(ret[i])) for rank, i in enumerate(order[:k], 1)]
+    return RecommendationAnswer(items=items, model=model, mode=mode, degraded=degraded, reason=reason)
+
+
+def _item(c: RankInput, rank: int, score: float, llm: float | None, ret: float) -> RecommendedItem:
+    return RecommendedItem(item_id=c.item_id, title=c.title, rank=rank, score=round(score, 6),
+                           llm_score=None if llm is None else round(llm, 6), retrieval_score=round(ret, 6),
+                           sources=c.sources, genres=c.genres, year=c.year)
+
+
+def _seed(history: Sequence[RankInput], candidates: Sequence[RankInput]) -> int:
+    key = "|".join(h.item_id for h in history) + "#" + "|".join(c.item_id for c in candidates)
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+
+
+def permutations(n: int, count: int, seed: int) -> list[list[int]]:
+    """Identity first, then reversed, then seeded shuffles."""
+    perms = [list(range(n))]
+    if count > 1:
+        perms.append(list(reversed(range(n))))
+    rng = random.Random(seed)
+    while len(perms) < count:
+        p = list(range(n))
+        rng.shuffle(p)
+        perms.append(p)
+    return perms[:count]
+
+
+class Reranker:
+    def __init__(self, backend: LLMBackend, config: RerankConfig | None = None) -> None:
+        self.backend = backend
+        self.config = config or RerankConfig()
+        self._bias: dict[int, np.ndarray] = {}
+        self._token_counts: dict[str, int] = {}
+        self.dropped_evidence_total = 0
+
+    # --- prompt pieces -------------------------------------------------------------------------------------
+    def _text(self, item: RankInput) -> str:
+        return prompts.clean_text(item.text, self.config.text_chars)
+
+    def trim_history(self, history: Sequence[RankInput]) -> list[RankInput]:
+        """Newest items that fit the token budget, returned oldest first."""
+        kept: list[RankInput] = []
+        used = 0
+        for item in reversed(history):
+            text = self._text(item)
+            if text not in self._token_counts:
+                self._token_counts[text] = self.backend.count_tokens(text) + 3
+            cost = self._token_counts[text]
+            if used + cost > self.config.history_token_budget and kept:
+                break
+            kept.append(item)
+            used += cost
+        return list(reversed(kept))
+
+    def score_request(self, history: Sequence[RankInput], ordered: Sequence[RankInput]) -> ScoreRequest:
+        tpl = prompts.load("rerank_score", self.config.prompt_version)
+        rendered = tpl.render(
+            history=[{"text": self._text(h)} for h in history],
+            candidates=[{"label": LABELS[i], "text": self._text(c)} for i, c in enumerate(ordered)],
+        )
+        return ScoreRequest(messages=rendered.messages, answer_prefix=rendered.answer_prefix,  # type: ignore[arg-type]
+                            labels=list(LABELS[: len(ordered)]))
+
+    def label_bias(self, n: int) -> np.ndarray:
+        """Label log-probs for a content-free prompt with ``n`` candidates (calibration)."""
+        if n not in self._bias:
+            blank = RankInput(item_id="", title="N/A", text="N/A")
+            req = self.score_request([blank], [blank] * n)
+            self._bias[n] = np.asarray(self.backend.score_labels(req), dtype=np.float64)
+        return self._bias[n]
+
+    # --- modes ---------------------------------------------------------------------------------------------
+    def llm_scores(self, history: Sequence[RankInput], candidates: Sequence[RankInput],
+                   perms: int | None = None, calibrate: bool | None = None) -> np.ndarray:
+        """Mean (calibrated) label log-probability of each candidate over ``perms`` orders."""
+        perms = perms or self.config.perms
+        calibrate = self.config.calibrate if calibrate is None else calibrate
+        n = len(candidates)
+        bias = self.label_bias(n) if calibrate else np.zeros(n)
+        orders = permutations(n, perms, _seed(history, candidates))
+        requests = [self.score_request(history, [candidates[i] for i in order]) for order in orders]
+        results = self.backend.score_labels_batch(requests)
+        total = np.zeros(n)
+        for order, logps in zip(orders, results, strict=True):
+            if len(logps) != n or not np.all(np.isfinite(logps)):
+                raise LLMError(f"backend returned {len(logps)} label scores for {n} candidates")
+            for slot, cand in enumerate(order):
+                total[cand] += logps[slot] - bias[slot]
+        return total / len(orders)
+
+    def _schema(self, key: str, ids: Sequence[str], history_ids: Sequence[str], k: int) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "type": "object",
+            "properties": {
+                "item_id": {"type": "string", "enum": list(ids)},
+                "reason": {"type": "string", "minLength": 10, "maxLength": self.config.reason_chars},
+                "evidence": {"type": "array", "items": {"type": "string", "enum": list(history_ids)},
+                             "maxItems": self.config.evidence_max},
+            },
+            "required": ["item_id", "reason", "evidence"],
+            "additionalProperties": False,
+        }
+        if not history_ids:
+            entry["properties"]["evidence"] = {"type": "array", "maxItems": 0, "items": {"type": "string"}}
+        return {"type": "object", "properties": {key: {"type": "array", "items": entry, "minItems": k,
+                                                       "maxItems": k}},
+                "required": [key], "additionalProperties": False}
+
+    def _structured(self, prompt: str, key: str, history: Sequence[RankInput], items: Sequence[RankInput],
+                    k: int) -> list[_Entry]:
+        tpl = prompts.load(prompt, self.config.prompt_version)
+        rendered = tpl.render(history=[{"item_id": h.item_id, "text": self._text(h)} for h in history],
+                              candidates=[{"item_id": c.item_id, "text": self._text(c)} for c in items], k=k)
+        schema = self._schema(key, [c.item_id for c in items], [h.item_id for h in history], k)
+        max_tokens = k * (self.config.reason_chars // 2 + 24 + 6 * self.config.evidence_max) + 32
+        raw = self.backend.generate_json(rendered.messages, schema, max_tokens=max_tokens)  # type: ignore[arg-type]
+        try:
+            parsed = _Listing.model_validate({"entries": json.loads(raw)[key]})
+        except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
+            raise LLMError(f"invalid JSON from the model: {exc}; output starts {raw[:120]!r}") from exc
+        return parsed.entries
+
+    # --- public --------------------------------------------------------------------------------------------
+    def rerank(self, history: Sequence[RankInput], candidates: Sequence[RankInput], k: int = 10,
+               mode: Mode = "score", explain: bool = False, deadline: float | None = None,
+               alpha: float | None = None) -> RecommendationAnswer:
+        t0 = time.perf_counter()
+        candidates = list(candidates)[: self.config.max_candidates]
+        k = min(k, len(candidates))
+        seen = {h.item_id for h in history}
+        candidates = [c for c in candidates if c.item_id not in seen]
+        trimmed = self.trim_history(history)
+        alpha = self.config.alpha(mode) if alpha is None else alpha
+        attempts = self.config.retries + 1
+        last_error = ""
+        for attempt in range(attempts):
+            if deadline is not None and time.monotonic() > deadline:
+                last_error = "deadline exceeded"
+                break
+            try:
+                if mode == "score":
+                    answer = self._score_answer(trimmed, candidates, k, alpha)
+                elif mode == "generate":
+                    answer = self._generate_answer(trimmed, candidates, k, alpha)
+                else:
+                    raise ValueError(f"unknown mode '{mode}' (choose score or generate)")
+                answer.timings.llm_ms = round((time.perf_counter() - t0) * 1000, 2)
+                if explain and mode == "score":
+                    self._explain(trimmed, history, candidates, answer)
+                return answer
+            except ValueError:
+                raise
+            except Exception as exc:  # backend failures of any kind degrade, never propagate
+                last_error = f"{type(exc).__name__}: {exc}"[:300]
+                logger.warning("llm rerank failed attempt=%d mode=%s error=%s", attempt + 1, mode, last_error)
+        answer = retrieval_answer(candidates, k, degraded=True, reason=f"LLM failed: {last_error}",
+                                  mode=mode, model=self.backend.model_name)
+        answer.timings.llm_ms = round((time.perf_counter() - t0) * 1000, 2)
+        return answer
+
+    def _score_answer(self, history: Sequence[RankInput], candidates: Sequence[RankInput], k: int,
+                      alpha: float) -> RecommendationAnswer:
+        llm = self.llm_scores(history, candidates)
+        final, order = fuse([c.retrieval_score for c in candidates], llm.tolist(), alpha)
+        llm_n, ret_n = minmax(llm), minmax([c.retrieval_score for c in candidates])
+        items = [_item(candidates[i], r, float(final[i]), float(llm_n[i]), float(ret_n[i]))
+                 for r, i in enumerate(order[:k], 1)]
+        return RecommendationAnswer(items=items, model=self.backend.model_name, mode="score")
+
+    def _generate_answer(self, history: Sequence[RankInput], candidates: Sequence[RankInput], k: int,
+                         alpha: float) -> RecommendationAnswer:
+        entries = self._structured("rerank_generate", "ranking", history, candidates, k)
+        by_id = {c.item_id: i for i, c in enumerate(candidates)}
+        history_ids = {h.item_id for h in history}
+        order: list[int] = []
+        reasons: dict[int, _Entry] = {}
+        for e in entries:  # guards: unknown, duplicate and seen ids are dropped (the grammar forbids most)
+            i = by_id.get(e.item_id)
+            if i is None or i in reasons:
+                continue
+            order.append(i)
+            reasons[i] = e
+        order += [i for i in range(len(candidates)) if i not in reasons]  # left out: retrieval order
+        n = len(candidates)
+        llm = np.zeros(n)
+        for rank, i in enumerate(order):
+            llm[i] = (n - rank) / n
+        final, fused_order = fuse([c.retrieval_score for c in candidates], llm.tolist(), alpha)
+        llm_n, ret_n = minmax(llm), minmax([c.retrieval_score for c in candidates])
+        answer = RecommendationAnswer(items=[], model=self.backend.model_name, mode="generate")
+        for r, i in enumerate(fused_order[:k], 1):
+            item = _item(candidates[i], r, float(final[i]), float(llm_n[i]), float(ret_n[i]))
+            if i in reasons:
+                item.reason, item.evidence, dropped = _clean_entry(reasons[i], history_ids)
+                answer.dropped_evidence += dropped
+                _ground(item, candidates[i], history)
+            answer.items.append(item)
+        self.dropped_evidence_total += answer.dropped_evidence
+        return answer
+
+    def _explain(self, trimmed: Sequence[RankInput], history: Sequence[RankInput],
+                 candidates: Sequence[RankInput], answer: RecommendationAnswer) -> None:
+        """One constrained pass over the final top-k; failures leave reasons empty and say so."""
+        t0 = time.perf_counter()
+        by_id = {c.item_id: c for c in candidates}
+        top = [by_id[i.item_id] for i in answer.items]
+        history_ids = {h.item_id for h in history}
+        try:
+            entries = self._structured("explain", "explanations", trimmed, top, len(top))
+        except Exception as exc:
+            logger.warning("explain failed error=%s", exc)
+            answer.reason = f"explanations unavailable: {type(exc).__name__}"
+            return
+        got = {}
+        for e in entries:
+            got.setdefault(e.item_id, e)
+        for item in answer.items:
+            if item.item_id in got:
+                item.reason, item.evidence, dropped = _clean_entry(got[item.item_id], history_ids)
+                answer.dropped_evidence += dropped
+                _ground(item, by_id[item.item_id], trimmed)
+        self.dropped_evidence_total += answer.dropped_evidence
+        answer.timings.explain_ms = round((time.perf_counter() - t0) * 1000, 2)
+
+
+class _Entry(BaseModel):
+    item_id: str
+    reason: str = ""
+    evidence: list[str] = Field(default_factory=list)
+
+
+class _Listing(BaseModel):
+    entries: list[_Entry]
+
+
+def _clean_entry(entry: _Entry, history_ids: set[str]) -> tuple[str, list[str], int]:
+    kept = [e for e in dict.fromkeys(entry.evidence) if e in history_ids]
+    return prompts.clean_text(entry.reason, 400), kept, len(entry.evidence) - len(kept)
+
+
+def _closest(candidate: RankInput, history: Sequence[RankInput]) -> RankInput | None:
+    """The history item sharing most genres with the candidate (the most recent among ties)."""
+    best, best_overlap = None, 0
+    for h in history:
+        overlap = len(set(h.genres) & set(candidate.genres))
+        if overlap >= best_overlap and overlap > 0:
+            best, best_overlap = h, overlap
+    return best
+
+
+def _ground(item: RecommendedItem, candidate: RankInput, history: Sequence[RankInput]) -> None:
+    """Make the reason cite the user's own history: take evidence the model gave, else the history item with
+    the most shared genres, and name its title when the model's sentence does not."""
+    titles = {h.item_id: h.title for h in history}
+    if not item.evidence:
+        closest = _closest(candidate, history)
+        if closest is not None:
+            item.evidence = [closest.item_id]
+    named = [titles[e] for e in item.evidence if e in titles]
+    if named and not any(t.lower() in (item.reason or "").lower() for t in named):
+        item.reason = f"Because you liked {named[0]}: {item.reason}".strip().rstrip(":")
+
+
+__all__ = ["RankInput", "RerankConfig", "Reranker", "Timings", "fuse", "retrieval_answer"]

@@ -1,0 +1,43 @@
+"""Output models of the recommender (JSON schema exported by `recagent schema`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from retrieval.candidates import SourceHit
+
+Mode = Literal["score", "generate", "retrieval"]
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    title: str
+    rank: int = Field(ge=1)
+    score: float = Field(description="final score: alpha * llm + (1 - alpha) * retrieval, per-user normalised")
+    llm_score: float | None = Field(default=None, description="normalised LLM preference (None without LLM)")
+    retrieval_score: float = Field(description="normalised retrieval score")
+    sources: list[SourceHit] = Field(default_factory=list)
+    reason: str | None = None
+    evidence: list[str] = Field(default_factory=list, description="history item ids the reason rests on")
+    genres: list[str] = Field(default_factory=list)
+    year: int | None = None
+
+
+class Timings(BaseModel):
+    retrieval_ms: float = 0.0
+    llm_ms: float = 0.0
+    explain_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class RecommendationAnswer(BaseModel):
+    items: list[RecommendedItem]
+    model: str | None = Field(default=None, description="LLM that ranked/explained (None without LLM)")
+    mode: Mode
+    degraded: bool = Field(default=False, description="True when the LLM failed and retrieval order is returned")
+    reason: str | None = Field(default=None, description="why the answer is degraded")
+    timings: Timings = Field(default_factory=Timings)
+    dropped_evidence: int = Field(default=0, description="evidence ids removed because not in the history")
+    tokens: dict[str, int] = Field(default_factory=dict)

@@ -1,0 +1,148 @@
+"""The recommender service: retrieval, then (optionally) LLM reranking and explanations.
+
+One object that the CLI, the HTTP API and the chat agent all call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.llm.base import LLMBackend
+from agent.rerank import RankInput, RerankConfig, Reranker, retrieval_answer
+from agent.schemas import Mode, RecommendationAnswer
+from retrieval.candidates import Candidate, UnknownItemsError
+from retrieval.catalog import Catalog
+from retrieval.filters import Filters
+from retrieval.index import Index
+from retrieval.item_text import item_text
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownUserError(LookupError):
+    def __init__(self, user_id: str, catalog: str) -> None:
+        super().__init__(f"user '{user_id}' has no interactions in catalogue '{catalog}'")
+        self.user_id = user_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class FreeItem:
+    """A caller-supplied candidate that need not be in the catalogue."""
+
+    id: str
+    title: str
+    text: str = ""
+
+
+class RecommenderService:
+    def __init__(self, index: Index, backend: LLMBackend | None = None, config: RerankConfig | None = None,
+                 n_candidates: int = 20) -> None:
+        self.index = index
+        self.catalog: Catalog = index.catalog
+        self.backend = backend
+        self.reranker = Reranker(backend, config or RerankConfig.load(index)) if backend is not None else None
+        self.n_candidates = n_candidates
+        self.retriever = index.retriever("fused")
+
+    # --- lookups -------------------------------------------------------------------------------------------
+    def user_history(self, user_id: str) -> list[str]:
+        try:
+            return self.catalog.user_history(str(user_id))
+        except KeyError:
+            raise UnknownUserError(str(user_id), self.catalog.name) from None
+
+    def item(self, item_id: str) -> dict[str, object]:
+        if not self.catalog.has_item(item_id):
+            raise UnknownItemsError([item_id], self.catalog.name, field="item_id")
+        return self.catalog.item(item_id)
+
+    def search(self, query: str, k: int = 10, filters: Filters | None = None) -> list[dict[str, object]]:
+        candidates = self.retriever.retrieve([], k=k, filters=filters, query=query) if query.strip() else []
+        return [{**self.catalog.item(c.item_id), "score": c.score} for c in candidates]
+
+    def rank_input(self, candidate: Candidate) -> RankInput:
+        item = self.catalog.item(candidate.item_id)
+        genres = list(item["genres"])  # type: ignore[call-overload]
+        year = item["year"]
+        return RankInput(item_id=candidate.item_id, title=str(item["title"]),
+                         text=item_text(str(item["title"]), year if isinstance(year, int) else None, genres,
+                                        str(item["description"])),
+                         retrieval_score=candidate.score, sources=candidate.sources, genres=genres,
+                         year=year if isinstance(year, int) else None)
+
+    def history_inputs(self, history: Sequence[str]) -> list[RankInput]:
+        return [self.rank_input(Candidate(item_id=i, score=0.0)) for i in history]
+
+    # --- recommendation ------------------------------------------------------------------------------------
+    def recommend(self, history: Sequence[str], k: int = 10, filters: Filters | None = None,
+                  query: str | None = None, use_llm: bool = True, explain: bool = False, mode: Mode = "score",
+                  exclude: Sequence[str] = (), deadline: float | None = None) -> RecommendationAnswer:
+        """Top ``k`` for the history. ``exclude`` ids are never returned (besides the history itself)."""
+        t0 = time.perf_counter()
+        pool = max(self.n_candidates, k) + len(exclude)
+        candidates = [c for c in self.retriever.retrieve(history, k=pool, filters=filters, query=query)
+                      if c.item_id not in set(exclude)][: max(self.n_candidates, k)]
+        retrieval_ms = (time.perf_counter() - t0) * 1000
+        inputs = [self.rank_input(c) for c in candidates]
+        if not use_llm or self.reranker is None or not inputs:
+            answer = retrieval_answer(inputs, k)
+        else:
+            answer = self.reranker.rerank(self.history_inputs(history), inputs, k=k, mode=mode, explain=explain,
+                                          deadline=deadline)
+        answer.timings.retrieval_ms = round(retrieval_ms, 2)
+        answer.timings.total_ms = round((time.perf_counter() - t0) * 1000, 2)
+        return answer
+
+    def rerank(self, history: Sequence[str], candidates: Sequence[str | FreeItem], k: int = 10,
+               explain: bool = False, mode: Mode = "score", deadline: float | None = None) -> RecommendationAnswer:
+        """Rerank caller-given candidates (catalogue ids or free items); their given order is the retrieval
+        order."""
+        t0 = time.perf_counter()
+        unknown = [c for c in candidates if isinstance(c, str) and not self.catalog.has_item(c)]
+        if unknown:
+            raise UnknownItemsError([str(u) for u in unknown], self.catalog.name, field="candidates")
+        hist_set = set(history)
+        inputs: list[RankInput] = []
+        seen: set[str] = set()
+        n = len(candidates)
+        for i, c in enumerate(candidates):
+            score = 1.0 - i / max(n, 1)
+            if isinstance(c, str):
+                if c in hist_set or c in seen:
+                    continue
+                ri = self.rank_input(Candidate(item_id=c, score=score))
+            else:
+                if c.id in seen:
+                    continue
+                ri = RankInput(item_id=c.id, title=c.title, text=item_text(c.title, None, (), c.text),
+                               retrieval_score=score)
+            seen.add(ri.item_id)
+            inputs.append(ri)
+        if self.reranker is None or not inputs:
+            answer = retrieval_answer(inputs, k)
+        else:
+            answer = self.reranker.rerank(self.history_inputs(history), inputs, k=k, mode=mode, explain=explain,
+                                          deadline=deadline)
+        answer.timings.total_ms = round((time.perf_counter() - t0) * 1000, 2)
+        return answer
+
+
+def build_service(catalog_name: str, use_llm: bool = True, backend: LLMBackend | None = None) -> RecommenderService:
+    """Load (fetching MovieLens when needed) the catalogue, its index and, unless ``use_llm`` is False, the LLM
+    backend chosen by ``RECAGENT_LLM``."""
+    from retrieval.catalog_store import ensure_catalog
+    from retrieval.index import load_index
+
+    catalog = ensure_catalog(catalog_name)
+    index = load_index(catalog)
+    if use_llm and backend is None:
+        from agent.llm.registry import make_backend
+
+        backend = make_backend()
+    return RecommenderService(index, backend=backend if use_llm else None)

@@ -1,0 +1,181 @@
+"""`recagent`: the command line (typer + rich). The only place that prints and that imports `eval`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from retrieval.catalog import DEFAULT_CATALOG
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Generative LLM recommender agent.")
+data_app = typer.Typer(no_args_is_help=True, help="Fetch built-in data sets.")
+eval_app = typer.Typer(no_args_is_help=True, help="Offline evaluation (writes reports/).")
+llm_app = typer.Typer(no_args_is_help=True, help="LLM model files and serving.")
+app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
+app.add_typer(llm_app, name="llm")
+
+console = Console(stderr=True)
+out = Console(soft_wrap=True)
+T = TypeVar("T")
+
+
+def setup(verbose: bool = False) -> None:
+    from retrieval.home import configure_offline_environment
+
+    configure_offline_environment()
+    level = logging.DEBUG if verbose else getattr(logging, os.environ.get("RECAGENT_LOG_LEVEL", "WARNING").upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "chromadb", "sentence_transformers", "transformers", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Turn known input errors into exit code 2 with their message."""
+    from retrieval.candidates import UnknownItemsError
+    from retrieval.catalog import CatalogNotFoundError
+    from retrieval.index import IndexNotBuiltError
+    from retrieval.ingest import CatalogInputError
+    from retrieval.wheels import WheelError
+
+    try:
+        return fn()
+    except (CatalogInputError, CatalogNotFoundError, IndexNotBuiltError, UnknownItemsError, ValueError) as exc:
+        fail(str(exc))
+    except WheelError as exc:
+        fail(str(exc), code=1)
+    raise AssertionError("unreachable")
+
+
+def print_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+@data_app.command("fetch")
+def data_fetch(name: str = typer.Argument(..., help="data set: movielens-100k"),
+               force: bool = typer.Option(False, help="re-convert and re-index even if present")) -> None:
+    """Download a built-in data set, verify it, convert it to a catalogue and build its index."""
+    setup()
+    from retrieval import movielens
+    from retrieval.catalog_store import fetch_movielens
+
+    if name != movielens.NAME:
+        fail(f"unknown data set '{name}'; choose one of: {movielens.NAME}")
+    catalog = guarded(lambda: fetch_movielens(force=force))
+    console.print(f"[green]catalogue[/] {catalog.name}: {catalog.n_items} items, "
+                  f"{len(catalog.interactions)} interactions, {catalog.interactions['user_id'].nunique()} users")
+
+
+@app.command()
+def ingest(
+    name: str = typer.Option(..., "--name", help="catalogue name (replaces an existing one once valid)"),
+    items: Path = typer.Option(..., "--items", help="items file (.csv, .jsonl, .parquet)"),
+    interactions: Path = typer.Option(..., "--interactions", help="interactions file"),
+    users: Path | None = typer.Option(None, "--users", help="optional users file"),
+    drop_unknown: bool = typer.Option(False, "--drop-unknown", help="skip interactions naming unknown items"),
+) -> None:
+    """Validate and store a catalogue from files, then build its index."""
+    setup()
+    import re
+
+    from retrieval.catalog_store import save_and_index
+    from retrieval.ingest import read_catalog
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}", name):
+        fail(f"--name '{name}': use letters, digits, '.', '_' or '-' (at most 60 characters)")
+    catalog, dropped = guarded(lambda: read_catalog(name, items, interactions, users, drop_unknown=drop_unknown))
+    if dropped:
+        console.print(f"[yellow]dropped[/] {dropped} interaction(s) naming unknown items")
+    manifest = guarded(lambda: save_and_index(catalog))
+    console.print(f"[green]ingested[/] {name}: {catalog.n_items} items, {len(catalog.interactions)} interactions; "
+                  f"index built in {manifest.build_seconds:.1f}s")
+
+
+@app.command()
+def index(catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog")) -> None:
+    """(Re)build a catalogue's index; only changed items are re-embedded."""
+    setup()
+    from retrieval.catalog_store import fetch_movielens, reindex
+
+    if catalog == DEFAULT_CATALOG:
+        guarded(lambda: fetch_movielens())
+    manifest = guarded(lambda: reindex(catalog))
+    console.print(f"[green]indexed[/] {catalog} in {manifest.build_seconds:.1f}s (collection {manifest.collection})")
+
+
+def parse_history(history: str | None) -> list[str]:
+    if history is None:
+        return []
+    ids = [h.strip() for h in history.split(",") if h.strip()]
+    if not ids:
+        fail("--history: give comma-separated item ids, e.g. --history 1,50,181")
+    return ids
+
+
+@app.command()
+def recommend(
+    user: str | None = typer.Option(None, "--user", help="a known user's id"),
+    history: str | None = typer.Option(None, "--history", help="comma-separated item ids (cold user)"),
+    k: int = typer.Option(10, "-k", "--k", min=1, max=100),
+    genre: list[str] = typer.Option([], "--genre", help="keep items of this genre (repeatable)"),
+    query: str | None = typer.Option(None, "--query", help="free text describing what you want"),
+    no_llm: bool = typer.Option(False, "--no-llm", help="retrieval only"),
+    explain: bool = typer.Option(False, "--explain", help="LLM reasons and evidence for each pick"),
+    mode: str = typer.Option("score", "--mode", help="score | generate"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON document"),
+) -> None:
+    """Recommend items for a user or a given history."""
+    setup()
+    if (user is None) == (history is None):
+        fail("give exactly one of --user ID or --history ID,ID,...")
+    if mode not in ("score", "generate"):
+        fail(f"--mode '{mode}': choose score or generate")
+    from agent.service import build_service
+    from retrieval.filters import Filters
+
+    service = guarded(lambda: build_service(catalog, use_llm=not no_llm))
+    hist = parse_history(history) if history is not None else guarded(lambda: service.user_history(str(user)))
+    filters = Filters(genres=genre) if genre else None
+    answer = guarded(lambda: service.recommend(hist, k=k, filters=filters, query=query, use_llm=not no_llm,
+                                               explain=explain, mode=mode))  # type: ignore[arg-type]
+    if as_json:
+        payload = {"catalog": catalog, "user_id": user, "history": hist, **answer.model_dump(mode="json")}
+        print_json(payload)
+        return
+    table = Table(title=f"Recommendations for {'user ' + str(user) if user else 'the given history'}"
+                        f" ({answer.mode}{', degraded: ' + str(answer.reason) if answer.degraded else ''})")
+    for col in ("#", "item", "title", "genres", "score", "sources"):
+        table.add_column(col)
+    if explain:
+        table.add_column("reason")
+    for item in answer.items:
+        row = [str(item.rank), item.item_id, item.title, ", ".join(item.genres), f"{item.score:.3f}",
+               ", ".join(s.source for s in item.sources)]
+        if explain:
+            row.append(item.reason or "")
+        table.add_row(*row)
+    out.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+# Subcommands defined in sibling modules register themselves on import.
+from cli import eval_cmds, llm_cmds  # noqa: E402,F401

@@ -1,0 +1,185 @@
+"""The internal catalogue: items, interactions and (optionally) users of one named data set.
+
+On disk a catalogue is a folder ``RECAGENT_HOME/catalogs/<name>/`` holding ``catalog/`` (parquet tables and a
+manifest) and ``index/`` (what ``retrieval.index`` builds). A new version is always written to a staging folder
+and swapped in by rename, so a failed ingest or build never damages the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from retrieval.home import catalogs_dir
+
+ITEM_COLUMNS = ["item_id", "title", "description", "genres", "year", "metadata"]
+INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "rating"]
+DEFAULT_CATALOG = "movielens-100k"
+
+
+class CatalogNotFoundError(LookupError):
+    def __init__(self, name: str, available: Sequence[str]) -> None:
+        choices = ", ".join(available) or "none yet"
+        super().__init__(
+            f"catalogue '{name}' does not exist (available: {choices}); "
+            f"run `recagent data fetch movielens-100k` or `recagent ingest --name {name} ...`"
+        )
+        self.name = name
+
+
+@dataclass
+class Catalog:
+    """Items, interactions and users of one catalogue, with id <-> position lookups."""
+
+    name: str
+    items: pd.DataFrame
+    interactions: pd.DataFrame
+    users: pd.DataFrame | None = None
+    root: Path | None = None
+    _histories: dict[str, list[str]] | None = field(default=None, repr=False)
+
+    @cached_property
+    def item_ids(self) -> list[str]:
+        return [str(x) for x in self.items["item_id"].tolist()]
+
+    @cached_property
+    def item_index(self) -> dict[str, int]:
+        return {item_id: pos for pos, item_id in enumerate(self.item_ids)}
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def item(self, item_id: str) -> dict[str, object]:
+        pos = self.item_index[item_id]
+        row = self.items.iloc[pos]
+        return {
+            "item_id": item_id,
+            "title": str(row["title"]),
+            "description": str(row["description"] or ""),
+            "genres": list(row["genres"]),
+            "year": None if pd.isna(row["year"]) else int(row["year"]),
+            "metadata": json.loads(row["metadata"] or "{}"),
+        }
+
+    def has_item(self, item_id: str) -> bool:
+        return item_id in self.item_index
+
+    @cached_property
+    def genres_by_pos(self) -> list[list[str]]:
+        return [list(g) for g in self.items["genres"].tolist()]
+
+    @cached_property
+    def years_by_pos(self) -> np.ndarray:
+        return self.items["year"].astype("float64").fillna(np.nan).to_numpy()
+
+    @cached_property
+    def titles_by_pos(self) -> list[str]:
+        return [str(t) for t in self.items["title"].tolist()]
+
+    @cached_property
+    def all_genres(self) -> list[str]:
+        return sorted({g for gs in self.genres_by_pos for g in gs})
+
+    def sorted_interactions(self) -> pd.DataFrame:
+        """Interactions ordered per user by time, ties broken by the item's catalogue position."""
+        df = self.interactions.copy()
+        df["_pos"] = df["item_id"].map(self.item_index)
+        df = df.sort_values(["user_id", "timestamp", "_pos"], kind="mergesort")
+        return df.drop(columns="_pos").reset_index(drop=True)
+
+    def histories(self) -> dict[str, list[str]]:
+        """Each user's item ids in time order."""
+        if self._histories is None:
+            df = self.sorted_interactions()
+            self._histories = {str(u): [str(i) for i in g["item_id"]] for u, g in df.groupby("user_id", sort=False)}
+        return self._histories
+
+    def user_history(self, user_id: str) -> list[str]:
+        hist = self.histories().get(str(user_id))
+        if hist is None:
+            raise KeyError(f"user '{user_id}' has no interactions in catalogue '{self.name}'")
+        return hist
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        for frame in (self.items, self.interactions):
+            digest.update(pd.util.hash_pandas_object(frame.astype(str), index=False).values.tobytes())
+        return digest.hexdigest()[:16]
+
+
+def catalog_root(name: str) -> Path:
+    return catalogs_dir() / name
+
+
+def list_catalogs() -> list[str]:
+    return sorted(p.name for p in catalogs_dir().iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def write_catalog_tables(catalog: Catalog, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    catalog.items.to_parquet(folder / "items.parquet", index=False)
+    catalog.interactions.to_parquet(folder / "interactions.parquet", index=False)
+    if catalog.users is not None:
+        catalog.users.to_parquet(folder / "users.parquet", index=False)
+    manifest = {
+        "name": catalog.name,
+        "n_items": int(len(catalog.items)),
+        "n_interactions": int(len(catalog.interactions)),
+        "n_users": int(catalog.interactions["user_id"].nunique()),
+        "content_hash": catalog.content_hash(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_json(folder / "manifest.json", manifest)
+
+
+def load_catalog(name: str = DEFAULT_CATALOG) -> Catalog:
+    root = catalog_root(name)
+    folder = root / "catalog"
+    if not (folder / "manifest.json").exists():
+        raise CatalogNotFoundError(name, list_catalogs())
+    users_path = folder / "users.parquet"
+    return Catalog(
+        name=name,
+        items=pd.read_parquet(folder / "items.parquet"),
+        interactions=pd.read_parquet(folder / "interactions.parquet"),
+        users=pd.read_parquet(users_path) if users_path.exists() else None,
+        root=root,
+    )
+
+
+def atomic_write_json(path: Path, payload: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` by ``staging`` with renames; the old folder is removed only after the swap."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}-{time.time_ns()}")
+        final.rename(old)
+    try:
+        staging.rename(final)
+    except BaseException:
+        if old is not None:
+            old.rename(final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

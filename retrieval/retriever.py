@@ -1,0 +1,105 @@
+"""The retrieval seam: ``Retriever.retrieve(history, k, filters=None, query=None) -> list[Candidate]``.
+
+Every retriever is a linear blend of per-user min-max normalised source scores; a single-source baseline is
+a blend with one weight. Implementations are chosen by name from :data:`RETRIEVERS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from retrieval.candidates import Candidate, SourceHit, UnknownItemsError
+from retrieval.catalog import Catalog
+from retrieval.filters import Filters
+from retrieval.sources import Source, SourceQuery
+
+logger = logging.getLogger(__name__)
+
+RETRIEVERS = ("fused", "mostpop", "ease", "sequential", "content")
+
+
+class Retriever(Protocol):
+    def retrieve(self, history: Sequence[str], k: int, filters: Filters | None = None,
+                 query: str | None = None) -> list[Candidate]: ...
+
+
+def normalise(scores: Sequence[float]) -> np.ndarray:
+    """Min-max to [0, 1] within one user's list (a single or constant list maps to 1)."""
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.size == 0:
+        return arr
+    lo, hi = arr.min(), arr.max()
+    return np.ones_like(arr) if hi - lo <= 1e-12 else (arr - lo) / (hi - lo)
+
+
+def blend(per_source: Mapping[str, list[tuple[int, float]]], weights: Mapping[str, float],
+          k: int) -> list[tuple[int, float, list[SourceHit]]]:
+    """Fuse source lists: sum of weight * normalised score; ties by catalogue position."""
+    fused: dict[int, float] = {}
+    hits: dict[int, list[SourceHit]] = {}
+    for name, ranked in per_source.items():
+        weight = weights.get(name, 0.0)
+        if not ranked:
+            continue
+        norm = normalise([s for _, s in ranked])
+        for rank, ((pos, raw), value) in enumerate(zip(ranked, norm, strict=True), start=1):
+            fused[pos] = fused.get(pos, 0.0) + weight * float(value)
+            hits.setdefault(pos, []).append(SourceHit(source=name, rank=rank, score=raw))
+    order = sorted(fused, key=lambda p: (-fused[p], p))[:k]
+    return [(pos, fused[pos], hits[pos]) for pos in order]
+
+
+class BlendRetriever:
+    """Retrieves from several sources and blends them with fixed weights."""
+
+    def __init__(self, catalog: Catalog, sources: Mapping[str, Source], weights: Mapping[str, float],
+                 popularity: np.ndarray, pool: int = 200) -> None:
+        missing = set(weights) - set(sources)
+        if missing:
+            raise ValueError(f"weights name unknown sources {sorted(missing)}; sources: {sorted(sources)}")
+        self.catalog = catalog
+        self.sources = {n: s for n, s in sources.items() if weights.get(n, 0.0) > 0}
+        self.weights = dict(weights)
+        self.pool = pool
+        self.popularity = popularity.astype(np.float64)
+
+    def positions(self, history: Sequence[str]) -> list[int]:
+        unknown = [i for i in history if not self.catalog.has_item(str(i))]
+        if unknown:
+            raise UnknownItemsError(unknown, self.catalog.name)
+        return [self.catalog.item_index[str(i)] for i in history]
+
+    def query(self, history: Sequence[str], filters: Filters | None, query: str | None) -> SourceQuery:
+        positions = self.positions(history)
+        if filters is not None and filters.is_empty():
+            filters = None
+        if filters is not None:
+            filters = filters.canonical(self.catalog.all_genres)
+            allowed = filters.mask(self.catalog.genres_by_pos, self.catalog.years_by_pos)
+        else:
+            allowed = np.ones(self.catalog.n_items, dtype=bool)
+        allowed[positions] = False
+        return SourceQuery(history=positions, allowed=allowed, filters=filters, text=query or None)
+
+    def source_lists(self, q: SourceQuery, n: int) -> dict[str, list[tuple[int, float]]]:
+        return {name: source.top(q, n) for name, source in self.sources.items()}
+
+    def retrieve(self, history: Sequence[str], k: int, filters: Filters | None = None,
+                 query: str | None = None) -> list[Candidate]:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        q = self.query(history, filters, query)
+        lists = self.source_lists(q, max(self.pool, k))
+        fused = blend(lists, self.weights, k)
+        if len(fused) < k:  # top up with popular items so callers get k when the filters allow it
+            taken = {p for p, _, _ in fused}
+            allowed = q.allowed.copy()
+            allowed[list(taken)] = False
+            order = np.lexsort((np.arange(self.catalog.n_items), -self.popularity))
+            extra = [int(p) for p in order if allowed[p]][: k - len(fused)]
+            fused.extend((p, 0.0, []) for p in extra)
+        return [Candidate(item_id=self.catalog.item_ids[p], score=s, sources=h) for p, s, h in fused]

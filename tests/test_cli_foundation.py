@@ -1,0 +1,93 @@
+"""`recagent recommend` without the LLM on the tiny catalogue."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from typer.testing import CliRunner, Result
+
+from cli.main import app
+from retrieval.catalog import Catalog
+
+
+def recommend(catalog: Catalog, *args: str) -> Result:
+    argv = ["recommend", "--no-llm", "--catalog", catalog.name, *args]
+    return CliRunner(env={"COLUMNS": "4000"}).invoke(app, argv)
+
+
+def json_document(result: Result) -> dict[str, Any]:
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stdout  # one JSON document, nothing else on stdout
+    payload = json.loads(lines[0])
+    assert isinstance(payload, dict)
+    return payload
+
+
+def test_history_json(tiny_catalog: Catalog) -> None:
+    payload = json_document(recommend(tiny_catalog, "--history", "s1,s2", "-k", "3", "--json"))
+    assert payload["history"] == ["s1", "s2"]
+    items = payload["items"]
+    assert len(items) == 3
+    for item in items:
+        assert {"item_id", "title", "score", "sources"} <= set(item)
+        assert item["title"] == tiny_catalog.item(item["item_id"])["title"]
+        assert isinstance(item["score"], float)
+        for hit in item["sources"]:
+            assert {"source", "rank", "score"} <= set(hit)
+    got = [item["item_id"] for item in items]
+    assert "s3" in got
+    assert not {"s1", "s2"} & set(got)
+
+
+def test_known_user_json(tiny_catalog: Catalog) -> None:
+    payload = json_document(recommend(tiny_catalog, "--user", "u2", "-k", "5", "--json"))
+    assert payload["user_id"] == "u2"
+    assert payload["history"] == ["s1", "s2", "s3"]
+    got = [item["item_id"] for item in payload["items"]]
+    assert len(got) == 5 and not {"s1", "s2", "s3"} & set(got)
+
+
+def test_unknown_user_exits_2(tiny_catalog: Catalog) -> None:
+    result = recommend(tiny_catalog, "--user", "nobody", "--json")
+    assert result.exit_code == 2, result.output
+    assert "nobody" in result.output
+
+
+def test_unknown_history_item_exits_2(tiny_catalog: Catalog) -> None:
+    result = recommend(tiny_catalog, "--history", "s1,zz9", "--json")
+    assert result.exit_code == 2, result.output
+    assert "zz9" in result.output
+
+
+def test_user_and_history_together_exit_2(tiny_catalog: Catalog) -> None:
+    result = recommend(tiny_catalog, "--user", "u1", "--history", "s1", "--json")
+    assert result.exit_code == 2
+    assert "exactly one" in result.output
+
+
+def test_neither_user_nor_history_exits_2(tiny_catalog: Catalog) -> None:
+    assert recommend(tiny_catalog, "--json").exit_code == 2
+
+
+def test_unknown_catalogue_exits_2(tiny_catalog: Catalog) -> None:
+    argv = ["recommend", "--no-llm", "--catalog", "no-such-catalogue", "--history", "1"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert "no-such-catalogue" in result.output
+
+
+def test_genre_filter(tiny_catalog: Catalog) -> None:
+    result = recommend(tiny_catalog, "--history", "s1,s2", "--genre", "Drama", "-k", "3", "--json")
+    payload = json_document(result)
+    items = payload["items"]
+    assert len(items) == 3
+    for item in items:
+        assert "Drama" in tiny_catalog.item(item["item_id"])["genres"]  # type: ignore[operator]
+
+
+def test_table_output(tiny_catalog: Catalog) -> None:
+    result = recommend(tiny_catalog, "--history", "a1,a2", "-k", "2")
+    assert result.exit_code == 0, result.output
+    assert "The Enchanted Forest" in result.stdout

@@ -1,0 +1,274 @@
+"""Retrieval on the tiny synthetic catalogue, the fast evaluation path, metrics and splits."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import numpy as np
+import pytest
+
+from eval.metrics import METRICS, bootstrap_ci, metric_values, paired_bootstrap_diff, rank_of, summarise
+from eval.retrieval_eval import collect_lists
+from eval.splits import Case, leave_last_out
+from retrieval.candidates import UnknownItemsError
+from retrieval.catalog import Catalog, load_catalog
+from retrieval.catalog_store import reindex, save_and_index
+from retrieval.embeddings import Embedder
+from retrieval.filters import Filters
+from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index
+from retrieval.item_text import item_text
+from retrieval.retriever import RETRIEVERS
+
+
+def ids(candidates: list) -> list[str]:
+    return [c.item_id for c in candidates]
+
+
+# --- item text ----------------------------------------------------------------------------------------------
+
+
+def test_item_text_is_deterministic() -> None:
+    args = ("  Star   Voyager ", 1994, ["Sci-Fi", "Adventure"], " A crew  explores\na galaxy ")
+    text = item_text(*args)
+    assert text == "Star Voyager (1994). Genres: Sci-Fi, Adventure. A crew explores a galaxy."
+    assert item_text(*args) == text
+    assert item_text("Toy Story (1995)", 1995) == "Toy Story (1995)."  # year not repeated
+    assert item_text("Untitled") == "Untitled."
+    assert item_text("Quiz", None, [], "Who wins?") == "Quiz. Who wins?"
+
+
+def test_item_texts_of_catalogue_are_stable(tiny_catalog: Catalog) -> None:
+    first = item_texts(tiny_catalog)
+    assert first == item_texts(load_catalog(tiny_catalog.name))
+    assert first[tiny_catalog.item_index["d4"]].startswith("Witness for the Court. Genres: Drama. ")
+
+
+# --- filters ------------------------------------------------------------------------------------------------
+
+FILTER_CASES = [
+    Filters(genres=["Sci-Fi"]),
+    Filters(genres=["Animation", "Drama"]),
+    Filters(exclude_genres=["Crime"]),
+    Filters(genres=["Fantasy"], exclude_genres=["Children's"]),
+    Filters(year_min=1990),
+    Filters(year_max=1999),
+    Filters(year_min=1986, year_max=2004),
+    Filters(genres=["Drama"], year_max=1988),
+    Filters(exclude_genres=["Sci-Fi"], year_min=2000, year_max=2008),
+]
+
+
+@pytest.mark.parametrize("filters", FILTER_CASES, ids=lambda f: str(f.model_dump(exclude_defaults=True)))
+def test_filter_mask_agrees_with_chroma_where(tiny_index: Index, filters: Filters) -> None:
+    catalog = tiny_index.catalog
+    mask = filters.mask(catalog.genres_by_pos, catalog.years_by_pos)
+    expected = {catalog.item_ids[p] for p in np.flatnonzero(mask)}
+    assert expected, "every case should keep something"
+    hits = tiny_index.store.query(tiny_index.item_vectors[0], catalog.n_items, where=filters.where())
+    assert {item_id for item_id, _ in hits} == expected
+
+
+def test_empty_filter_has_no_where() -> None:
+    assert Filters().where() is None
+    assert Filters().is_empty()
+
+
+# --- retrieval ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", RETRIEVERS)
+def test_history_is_never_returned(tiny_index: Index, name: str) -> None:
+    retriever = tiny_index.retriever(name)
+    n_items = tiny_index.catalog.n_items
+    for user, history in tiny_index.catalog.histories().items():
+        got = ids(retriever.retrieve(history, k=n_items))
+        assert not set(got) & set(history), user
+        assert len(got) == len(set(got)) == n_items - len(set(history))
+
+
+@pytest.mark.parametrize("name", RETRIEVERS)
+def test_cold_user_with_two_items_gets_k(tiny_index: Index, name: str) -> None:
+    got = tiny_index.retriever(name).retrieve(["s1", "a1"], k=5)
+    assert len(got) == 5
+    assert {"s1", "a1"}.isdisjoint(ids(got))
+
+
+@pytest.mark.parametrize("name", ["fused", "sequential"])
+def test_known_next_item_comes_first(tiny_index: Index, name: str) -> None:
+    retriever = tiny_index.retriever(name)
+    assert ids(retriever.retrieve(["s1", "s2"], k=3))[0] == "s3"
+    assert ids(retriever.retrieve(["a1", "a2"], k=3))[0] == "a3"
+
+
+def test_content_neighbours_stay_in_cluster(tiny_index: Index) -> None:
+    got = ids(tiny_index.retriever("content").retrieve(["d1", "d2"], k=2))
+    assert set(got) <= {"d3", "d4"}
+
+
+def test_genre_filter_keeps_only_that_genre(tiny_index: Index) -> None:
+    catalog = tiny_index.catalog
+    got = tiny_index.retriever("fused").retrieve(["s1", "s2"], k=10, filters=Filters(genres=["drama"]))
+    assert got, "the filter allows four items"
+    assert all("Drama" in catalog.item(c.item_id)["genres"] for c in got)  # type: ignore[operator]
+    assert len(got) == 4  # all drama items, topped up by popularity
+
+
+def test_unknown_genre_is_rejected(tiny_index: Index) -> None:
+    with pytest.raises(ValueError, match="unknown genre 'Western'"):
+        tiny_index.retriever("fused").retrieve(["s1"], k=3, filters=Filters(genres=["Western"]))
+
+
+def test_unknown_history_id_raises(tiny_index: Index) -> None:
+    with pytest.raises(UnknownItemsError) as info:
+        tiny_index.retriever("fused").retrieve(["s1", "nope-1", "nope-2"], k=3)
+    assert info.value.ids == ["nope-1", "nope-2"]
+    assert "nope-1" in str(info.value) and tiny_index.catalog.name in str(info.value)
+
+
+def test_candidates_carry_provenance(tiny_index: Index) -> None:
+    got = tiny_index.retriever("fused").retrieve(["s1", "s2"], k=3)
+    top = got[0]
+    assert top.item_id == "s3"
+    assert top.sources, "the top candidate must say which sources listed it"
+    by_source = {hit.source: hit for hit in top.sources}
+    assert set(by_source) <= set(DEFAULT_WEIGHTS)
+    assert by_source["sequential"].rank == 1 and by_source["sequential"].score > 0
+    for cand in got:
+        for hit in cand.sources:
+            assert hit.rank >= 1 and math.isfinite(hit.score)
+    assert [c.score for c in got] == sorted((c.score for c in got), reverse=True)
+
+
+def test_k_must_be_positive(tiny_index: Index) -> None:
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        tiny_index.retriever("fused").retrieve(["s1"], k=0)
+
+
+def test_registry_error_lists_choices(tiny_index: Index) -> None:
+    with pytest.raises(ValueError) as info:
+        tiny_index.retriever("nope")
+    message = str(info.value)
+    assert "'nope'" in message
+    for name in RETRIEVERS:
+        assert name in message
+
+
+# --- embedding cache ----------------------------------------------------------------------------------------
+
+
+def test_reindex_embeds_only_the_changed_item(tiny_catalog: Catalog, embedder: Embedder,
+                                              scratch_catalog_name: str) -> None:
+    def copy(items_title: str | None = None) -> Catalog:
+        items = tiny_catalog.items.copy()
+        if items_title is not None:
+            items.loc[0, "title"] = items_title
+        return Catalog(name=scratch_catalog_name, items=items, interactions=tiny_catalog.interactions.copy())
+
+    calls = embedder.model_calls
+    save_and_index(copy(), embedder=embedder, progress=False)
+    assert embedder.model_calls == calls, "the tiny catalogue's texts are cached already"
+
+    reindex(scratch_catalog_name, embedder=embedder, progress=False)
+    assert embedder.model_calls == calls, "re-indexing unchanged items embeds nothing"
+
+    old = load_index(load_catalog(scratch_catalog_name), embedder=embedder).item_vectors
+    retitled = copy(f"Star Voyager: Director's Cut {uuid.uuid4().hex}")
+    save_and_index(retitled, embedder=embedder, progress=False)
+    assert embedder.model_calls == calls + 1, "only the retitled item reaches the model"
+
+    new_index = load_index(load_catalog(scratch_catalog_name), embedder=embedder)
+    assert new_index.store.count() == tiny_catalog.n_items
+    assert not np.allclose(new_index.item_vectors[0], old[0])
+    np.testing.assert_array_equal(new_index.item_vectors[1:], old[1:])
+
+
+# --- fast evaluation path -----------------------------------------------------------------------------------
+
+WEIGHT_SETS = [
+    dict(DEFAULT_WEIGHTS),
+    {"sequential": 1.0},
+    {"ease": 1.0},
+    {"content": 1.0},
+    {"mostpop": 1.0},
+    {"sequential": 1.0, "ease": 0.25, "content": 0.4, "mostpop": 0.1},
+    {"sequential": 1.0, "ease": 0.0, "content": 0.2, "mostpop": 0.0},
+    {"sequential": 1.0, "ease": 1.0, "content": 0.0, "mostpop": 0.4},
+]
+
+
+@pytest.mark.parametrize("part", ["validation", "test"])
+def test_fast_ranks_agree_with_retrieve(tiny_index: Index, part: str) -> None:
+    """Contract: PartLists.ranks puts the target exactly where BlendRetriever.retrieve(history, k=50) does."""
+    split = leave_last_out(tiny_index.catalog.histories())
+    cases = split.cases(part)
+    assert len(cases) == 8
+    lists = collect_lists(tiny_index, split, part, progress=False)
+    cf = tiny_index.fit_cf(split.fit_histories(part))
+    seen_absent = False
+    for weights in WEIGHT_SETS:
+        fast = lists.ranks(weights)
+        retriever = tiny_index.retriever("fused", cf=cf, weights=weights)
+        for case, rank in zip(cases, fast, strict=True):
+            got = ids(retriever.retrieve(case.history, k=50))
+            expected = got.index(case.target) + 1 if case.target in got else None
+            assert rank == expected, (weights, case)
+            seen_absent |= expected is None
+    if part == "test":
+        assert seen_absent, "u8's target is in its history, so it is never retrieved"
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+
+def test_rank_of() -> None:
+    assert rank_of(["a", "b", "c"], "a") == 1
+    assert rank_of(["a", "b", "c"], "c") == 3
+    assert rank_of(["a", "b", "c"], "z") is None
+
+
+def test_metric_values_by_hand() -> None:
+    assert metric_values(1) == {m: 1.0 for m in METRICS}
+    r3 = metric_values(3)
+    assert r3["recall@10"] == 1.0 and r3["recall@50"] == 1.0
+    assert r3["ndcg@10"] == pytest.approx(0.5)  # 1 / log2(4)
+    assert r3["mrr@20"] == pytest.approx(1 / 3)
+    r15 = metric_values(15)
+    assert r15["recall@10"] == 0.0 and r15["recall@20"] == 1.0
+    assert r15["ndcg@10"] == 0.0 and r15["ndcg@20"] == pytest.approx(0.25)  # 1 / log2(16)
+    assert r15["mrr@20"] == pytest.approx(1 / 15)
+    r30 = metric_values(30)
+    assert r30["recall@20"] == 0.0 and r30["recall@50"] == 1.0 and r30["mrr@20"] == 0.0
+    assert metric_values(None) == {m: 0.0 for m in METRICS}
+
+
+def test_summarise_and_bootstrap() -> None:
+    table = summarise([1, None, 3, 15], n_boot=200)
+    assert table["recall@10"]["mean"] == pytest.approx(0.5)
+    assert table["recall@20"]["mean"] == pytest.approx(0.75)
+    assert table["ndcg@10"]["mean"] == pytest.approx((1 + 0.5) / 4)
+    assert table["mrr@20"]["mean"] == pytest.approx((1 + 1 / 3 + 1 / 15) / 4)
+    for stats in table.values():
+        assert stats["lo"] <= stats["mean"] <= stats["hi"]
+    assert bootstrap_ci(np.full(5, 0.25)) == (pytest.approx(0.25), pytest.approx(0.25))
+    assert all(math.isnan(x) for x in bootstrap_ci(np.array([])))
+    mean, lo, hi = paired_bootstrap_diff(np.array([1.0, 1.0, 0.0]), np.array([0.0, 1.0, 0.0]))
+    assert mean == pytest.approx(1 / 3) and 0.0 <= lo <= mean <= hi <= 1.0
+
+
+# --- splits -------------------------------------------------------------------------------------------------
+
+
+def test_leave_last_out_on_toy_history() -> None:
+    split = leave_last_out({"u": ["a", "b", "c", "d"], "short": ["x", "y"]})
+    assert split.train == {"u": ["a", "b"], "short": ["x", "y"]}
+    assert split.validation == [Case("u", ["a", "b"], "c")]
+    assert split.test == [Case("u", ["a", "b", "c"], "d")]
+    assert "c" in split.test[0].history  # the test history includes the validation item
+    assert split.fit_histories("validation") == {"u": ["a", "b"], "short": ["x", "y"]}
+    assert split.fit_histories("test") == {"u": ["a", "b", "c"], "short": ["x", "y"]}
+    assert split.cases("test") == split.test
+    with pytest.raises(ValueError, match="unknown split part"):
+        split.cases("train")
+    with pytest.raises(ValueError, match="unknown split part"):
+        split.fit_histories("nope")

@@ -54,7 +54,8 @@ def guarded(fn: Callable[[], T]) -> T:
 
     try:
         return fn()
-    except (CatalogInputError, CatalogNotFoundError, IndexNotBuiltError, UnknownItemsError, ValueError) as exc:
+    except (CatalogInputError, CatalogNotFoundError, IndexNotBuiltError, UnknownItemsError, LookupError,
+            ValueError) as exc:
         fail(str(exc))
     except WheelError as exc:
         fail(str(exc), code=1)
@@ -173,9 +174,35 @@ def recommend(
     out.print(table)
 
 
+@app.command()
+def demo(
+    user: str = typer.Option("1", "--user", help="sample user"),
+    k: int = typer.Option(10, "-k", "--k", min=1, max=50),
+    no_llm: bool = typer.Option(False, "--no-llm", help="retrieval only (skips loading the LLM)"),
+) -> None:
+    """Fetch MovieLens-100k and the models, build the index, and recommend for a sample user."""
+    setup()
+    from agent.service import build_service
+
+    with console.status("fetching data and models, building the index (first run: about a minute)"):
+        service = guarded(lambda: build_service(DEFAULT_CATALOG, use_llm=not no_llm))
+    history = guarded(lambda: service.user_history(user))
+    recent = ", ".join(str(service.catalog.item(i)["title"]) for i in history[-5:])
+    console.print(f"user {user} recently watched: {recent}")
+    answer = guarded(lambda: service.recommend(history, k=k, use_llm=not no_llm))
+    table = Table(title=f"Top {k} for user {user} ({answer.mode}"
+                        f"{', LLM ' + str(answer.model) if answer.model else ''})")
+    for col in ("#", "title", "genres", "score", "found by"):
+        table.add_column(col)
+    for item in answer.items:
+        table.add_row(str(item.rank), item.title, ", ".join(item.genres), f"{item.score:.3f}",
+                      ", ".join(s.source for s in item.sources))
+    out.print(table)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
 
 # Subcommands defined in sibling modules register themselves on import.
-from cli import eval_cmds, llm_cmds  # noqa: E402,F401
+from cli import chat_cmds, eval_cmds, llm_cmds, serve_cmds, suite_cmds  # noqa: E402,F401

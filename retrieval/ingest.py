@@ -62,7 +62,7 @@ class Table:
         return CatalogInputError(self.path, message, row=row, column=column, line=line)
 
 
-def _check_utf8(path: Path) -> None:
+def _check_utf8(path: Path, header_lines: int) -> None:
     raw = path.read_bytes()
     try:
         raw.decode("utf-8")
@@ -70,7 +70,7 @@ def _check_utf8(path: Path) -> None:
         line = raw[: exc.start].count(b"\n") + 1
         raise CatalogInputError(
             path, f"is not valid UTF-8 (byte {exc.start}: {exc.reason}); re-encode the file as UTF-8",
-            line=line, row=None,
+            line=line, row=line - header_lines if line > header_lines else None,
         ) from None
 
 
@@ -93,7 +93,7 @@ def read_table(path: Path) -> Table:
             raise CatalogInputError(path, f"cannot be read as Parquet: {exc}") from None
         table = Table(path, frame.reset_index(drop=True), None)
     elif suffix == ".csv":
-        _check_utf8(path)
+        _check_utf8(path, header_lines=1)
         try:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
         except pd.errors.EmptyDataError:
@@ -103,7 +103,7 @@ def read_table(path: Path) -> Table:
         frame.columns = [str(c).strip() for c in frame.columns]
         table = Table(path, frame, line_offset=2)
     else:
-        _check_utf8(path)
+        _check_utf8(path, header_lines=0)
         records: list[dict[str, Any]] = []
         lines: list[int] = []
         for lineno, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

@@ -1,1 +1,641 @@
+"""The HTTP API and web chat page: ``python serve.py`` or ``recagent serve`` (127.0.0.1:8000 by default).
 
+Routes are thin: they validate (``agent.api_models``), call the :class:`agent.runtime.Runtime`, and return its
+models. Errors become HTTP answers only here, in the exception handlers, always shaped
+``{"error": {"type", "message", "field"}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
+
+from agent.api_models import (
+    ChatCompletionRequest,
+    ChatRequest,
+    ChatResponse,
+    ErrorResponse,
+    Health,
+    Item,
+    ModelCard,
+    ModelList,
+    Readiness,
+    RecommendationRequest,
+    RecommendationResponse,
+    RerankRequest,
+    RerankResponse,
+    SearchResponse,
+)
+from agent.runtime import Metrics, NotReadyError, QueueFullError, Runtime, ServiceError, request_id_var
+from agent.settings import Settings
+
+logger = logging.getLogger("recagent.serve")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = ("/healthz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+ERRORS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "overloaded",
+    500: "internal_error",
+    503: "unavailable",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": ERRORS[code]} for code in (401, 404, 413, 422, 429, 503)
+}
+
+
+def web_dir() -> Path:
+    return Path(str(resources.files("agent") / "web"))
+
+
+def error_response(
+    status: int,
+    message: str,
+    field: str | None = None,
+    type_: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"type": type_ or ERRORS.get(status, "error"), "message": message, "field": field}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class UnauthorizedError(ServiceError):
+    status = 401
+    type = "unauthorized"
+
+
+# --- middleware ---------------------------------------------------------------------------------------------
+class EdgeMiddleware:
+    """Request ids, the body-size limit, the access log and the HTTP metrics (pure ASGI, streaming-safe)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        given = headers.get("x-request-id", "")
+        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        token = request_id_var.set(rid)
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            replay = await self._read_body(headers, receive)
+            if replay is None:
+                await error_response(
+                    413,
+                    f"request body larger than {self.max_body} bytes",
+                    field="body",
+                    headers={"x-request-id": rid},
+                )(scope, receive, send)
+                status["code"] = 413
+                return
+            await self.app(scope, replay, send_wrapper)
+        finally:
+            took = time.perf_counter() - t0
+            route = scope.get("route")
+            path = getattr(route, "path", None) or (
+                "/web" if scope["path"].startswith("/web/") else "unmatched"
+            )
+            self.metrics.requests.labels(method=scope["method"], route=path, status=str(status["code"])).inc()
+            self.metrics.latency.labels(route=path).observe(took)
+            logger.info(
+                "request request_id=%s method=%s route=%s status=%s ms=%.1f",
+                rid,
+                scope["method"],
+                path,
+                status["code"],
+                took * 1000,
+            )
+            request_id_var.reset(token)
+
+    async def _read_body(self, headers: dict[str, str], receive: Receive) -> Receive | None:
+        """Buffer the body (at most ``max_body`` bytes); a receive that replays it, or None if too big."""
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return None
+        if length is None and "transfer-encoding" not in headers:
+            return receive
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return None
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+# --- app ----------------------------------------------------------------------------------------------------
+def create_app(settings: Settings | None = None, service: Any = None, chat: Any = None) -> FastAPI:
+    """The app. With ``service`` (a RecommenderService) it serves that; otherwise the catalogue and LLM
+    named by ``settings`` load in the background at startup (``/readyz`` says when)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    holder: dict[str, Any] = {}
+
+    if service is not None:
+        runtime = Runtime(service, settings, chat=chat, metrics=metrics)
+        if chat is None:
+            runtime.chat_agent = runtime.make_chat()
+        holder["runtime"] = runtime
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if "runtime" not in holder:
+            holder["loading"] = asyncio.ensure_future(asyncio.to_thread(Runtime.build, settings, metrics))
+        try:
+            yield
+        finally:
+            loading = holder.get("loading")
+            if (
+                loading is not None
+                and loading.done()
+                and not loading.cancelled()
+                and loading.exception() is None
+            ):
+                holder.setdefault("runtime", loading.result())
+            if "runtime" in holder:
+                holder["runtime"].close()
+
+    app = FastAPI(
+        title="recagent",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Generative LLM recommender: recommendations, explainable reranking, chat and an "
+        "OpenAI-compatible chat facade.",
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.holder = holder
+
+    async def get_runtime() -> Runtime:
+        if "runtime" in holder:
+            return holder["runtime"]  # type: ignore[no-any-return]
+        loading: asyncio.Future[Runtime] | None = holder.get("loading")
+        if loading is None:
+            raise NotReadyError("the server is starting")
+        try:
+            holder["runtime"] = await asyncio.shield(loading)
+        except Exception as exc:
+            logger.error("startup failed error=%s", exc)
+            raise NotReadyError(f"the server failed to load: {type(exc).__name__}: {exc}"[:500]) from None
+        return holder["runtime"]  # type: ignore[no-any-return]
+
+    bearer = HTTPBearer(auto_error=False, description="RECAGENT_API_KEY, when the server sets one")
+
+    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
+        if not key:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode("utf-8"), key.encode("utf-8")):
+            raise UnauthorizedError(
+                "missing or wrong API key (Authorization: Bearer <key>)", field="authorization"
+            )
+
+    guarded = [Depends(require_key)]
+    install_error_handlers(app)
+
+    # -- open routes -----------------------------------------------------------------------------------------
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> Health:
+        """Liveness: the process answers."""
+        return Health()
+
+    @app.get("/", include_in_schema=False)
+    async def index_page() -> HTMLResponse:
+        return HTMLResponse((web_dir() / "index.html").read_text(encoding="utf-8"))
+
+    app.mount("/web", StaticFiles(directory=web_dir()), name="web")
+
+    # -- guarded routes --------------------------------------------------------------------------------------
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        tags=["health"],
+        dependencies=guarded,
+        responses={503: {"model": Readiness, "description": "not ready"}, 401: ERROR_RESPONSES[401]},
+    )
+    async def readyz() -> Response:
+        """Readiness: the index and (unless disabled) the LLM are loaded."""
+        loading = holder.get("loading")
+        if "runtime" not in holder and loading is not None and loading.done() and loading.exception() is None:
+            holder["runtime"] = loading.result()
+        if "runtime" not in holder:
+            return JSONResponse(
+                Readiness(
+                    ready=False,
+                    catalog=settings.catalog,
+                    index=False,
+                    llm=False,
+                    llm_required=settings.use_llm,
+                    chat=False,
+                ).model_dump(),
+                status_code=503,
+            )
+        ready = holder["runtime"].readiness()
+        return JSONResponse(ready.model_dump(), status_code=200 if ready.ready else 503)
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        dependencies=guarded,
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}, 401: ERROR_RESPONSES[401]},
+    )
+    async def metrics_route() -> Response:
+        """Prometheus metrics: requests, latencies, LLM tokens, degraded answers, queue."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/v1/recommendations",
+        response_model=RecommendationResponse,
+        tags=["recommend"],
+        dependencies=guarded,
+        responses=ERROR_RESPONSES,
+    )
+    async def recommendations(
+        req: RecommendationRequest, rt: Runtime = Depends(get_runtime)
+    ) -> RecommendationResponse:
+        """Top ``k`` items for a known user or a given history, with reasons when ``explain``."""
+        return await rt.recommend(req)
+
+    @app.post(
+        "/v1/rerank",
+        response_model=RerankResponse,
+        tags=["recommend"],
+        dependencies=guarded,
+        responses=ERROR_RESPONSES,
+    )
+    async def rerank(req: RerankRequest, rt: Runtime = Depends(get_runtime)) -> RerankResponse:
+        """Explainable reranking of caller-given candidates (catalogue ids or free items)."""
+        return await rt.rerank(req)
+
+    @app.get(
+        "/v1/items/{item_id}",
+        response_model=Item,
+        tags=["items"],
+        dependencies=guarded,
+        responses=ERROR_RESPONSES,
+    )
+    async def get_item(item_id: str, rt: Runtime = Depends(get_runtime)) -> Item:
+        """One catalogue item."""
+        return await rt.item(item_id)
+
+    @app.get(
+        "/v1/items",
+        response_model=SearchResponse,
+        tags=["items"],
+        dependencies=guarded,
+        responses=ERROR_RESPONSES,
+    )
+    async def search_items(
+        query: str = Query(min_length=1, max_length=500),
+        k: int = Query(10, ge=1, le=100),
+        genre: list[str] = Query(default_factory=list, max_length=20),
+        rt: Runtime = Depends(get_runtime),
+    ) -> SearchResponse:
+        """Search the catalogue by free text (semantic), optionally keeping some genres."""
+        return await rt.search(query, k, genre)
+
+    sse_doc: dict[int | str, dict[str, Any]] = {
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "JSON, or with `Accept: text/event-stream` an SSE stream",
+        },
+        **ERROR_RESPONSES,
+    }
+
+    @app.post("/v1/chat", response_model=ChatResponse, tags=["chat"], dependencies=guarded, responses=sse_doc)
+    async def chat_route(req: ChatRequest, request: Request, rt: Runtime = Depends(get_runtime)) -> Any:
+        """One chat turn. With ``Accept: text/event-stream``: events ``token`` ({"text"}), then ``items``
+        ({"session_id", "items"}) and ``done`` (the whole answer)."""
+        if not wants_stream(request):
+            return await rt.chat(req)
+        stream = await primed(rt.chat_stream(req))
+        return sse_response(chat_events(stream))
+
+    @app.post(
+        "/v1/chat/completions", tags=["openai"], dependencies=guarded, responses=sse_doc, response_model=None
+    )
+    async def chat_completions(req: ChatCompletionRequest, rt: Runtime = Depends(get_runtime)) -> Any:
+        """OpenAI-compatible chat completions over the chat agent (model ``recagent``; ``stream`` supported).
+        The recommendations also come as ``recommendations``; ``session_id`` continues a conversation."""
+        if not req.stream:
+            return JSONResponse((await rt.completion(req)).model_dump(mode="json"))
+        turn, convo = rt.completion_turn(req)
+        stream = await primed(rt.chat_stream(turn))
+        return sse_response(completion_events(stream, rt, req.model or "recagent", convo, turn.message))
+
+    @app.get(
+        "/v1/models",
+        response_model=ModelList,
+        tags=["openai"],
+        dependencies=guarded,
+        responses=ERROR_RESPONSES,
+    )
+    async def models() -> ModelList:
+        """The one model this facade serves."""
+        return ModelList(data=[ModelCard(id="recagent")])
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id", "accept"],
+            expose_headers=["x-request-id", "retry-after"],
+        )
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    return app
+
+
+# --- streaming helpers --------------------------------------------------------------------------------------
+def wants_stream(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "").lower()
+
+
+async def primed(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Pull the first element now, so errors before any output still become proper HTTP errors."""
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+
+    async def rest() -> AsyncIterator[Any]:
+        if first is not None:
+            yield first
+        async for x in stream:
+            yield x
+
+    return rest()
+
+
+def sse(data: str, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return head + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+def _stream_error(exc: Exception) -> str:
+    logger.exception("stream failed request_id=%s", request_id_var.get())
+    status = exc.status if isinstance(exc, ServiceError) else 500
+    message = exc.message if isinstance(exc, ServiceError) else "internal error"
+    return json.dumps({"error": {"type": ERRORS.get(status, "error"), "message": message, "field": None}})
+
+
+async def chat_events(stream: AsyncIterator[str | ChatResponse]) -> AsyncIterator[str]:
+    try:
+        async for piece in stream:
+            if isinstance(piece, str):
+                yield sse(json.dumps({"text": piece}, ensure_ascii=False), "token")
+            else:
+                items = [i.model_dump(mode="json") for i in piece.items]
+                yield sse(
+                    json.dumps({"session_id": piece.session_id, "items": items}, ensure_ascii=False), "items"
+                )
+                yield sse(piece.model_dump_json(), "done")
+    except Exception as exc:
+        yield sse(_stream_error(exc), "error")
+
+
+async def completion_events(
+    stream: AsyncIterator[str | ChatResponse],
+    rt: Runtime,
+    model: str,
+    convo: list[tuple[str, str]],
+    message: str,
+) -> AsyncIterator[str]:
+    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        body = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return sse(json.dumps(body, ensure_ascii=False))
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for piece in stream:
+            if isinstance(piece, str):
+                yield chunk({"content": piece})
+            else:
+                full = rt.completion_response(piece, model, message)
+                rt.remember(convo, piece.reply, piece.session_id)
+                yield chunk(
+                    {},
+                    "stop",
+                    usage=full.usage.model_dump(),
+                    recommendations=[i.model_dump(mode="json") for i in full.recommendations],
+                    session_id=piece.session_id,
+                    degraded=piece.degraded,
+                )
+    except Exception as exc:
+        yield sse(_stream_error(exc))
+    yield sse("[DONE]")
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+def _field(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] or parts[:1]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    from agent.service import UnknownUserError
+    from retrieval.candidates import UnknownItemsError
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = _field(tuple(first.get("loc", ())))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return error_response(422, f"{field or 'request'}: {first.get('msg', 'invalid')}{more}", field=field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ServiceError)
+    async def on_service(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {}
+        if isinstance(exc, QueueFullError):
+            headers["retry-after"] = str(exc.retry_after)
+        if exc.status == 401:
+            headers["www-authenticate"] = "Bearer"
+        return error_response(exc.status, exc.message, field=exc.field, type_=exc.type, headers=headers)
+
+    @app.exception_handler(UnknownUserError)
+    async def on_unknown_user(request: Request, exc: UnknownUserError) -> JSONResponse:
+        return error_response(404, str(exc), field="user_id")
+
+    @app.exception_handler(UnknownItemsError)
+    async def on_unknown_items(request: Request, exc: UnknownItemsError) -> JSONResponse:
+        field = "item_id" if request.url.path.startswith("/v1/items/") else exc.field
+        return error_response(404, str(exc), field=field)
+
+    try:
+        from agent.chat.state import SessionNotFoundError
+    except ImportError:  # the chat agent is optional
+        pass
+    else:
+
+        @app.exception_handler(SessionNotFoundError)
+        async def on_unknown_session(request: Request, exc: SessionNotFoundError) -> JSONResponse:
+            return error_response(404, str(exc), field="session_id")
+
+    @app.exception_handler(ValueError)
+    async def on_value(request: Request, exc: ValueError) -> JSONResponse:
+        logger.info("invalid input request_id=%s error=%s", request_id_var.get(), exc)
+        return error_response(422, str(exc)[:500])
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error request_id=%s path=%s", request_id_var.get(), request.url.path)
+        return error_response(
+            500, "internal error; see the server log for request id " + request_id_var.get()
+        )
+
+
+# --- running ------------------------------------------------------------------------------------------------
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s request_id=%(request_id)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    for noisy in ("httpx", "chromadb", "sentence_transformers", "transformers", "urllib3", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(settings: Settings) -> None:
+    """Serve until interrupted (one process: the in-process model is shared by all requests)."""
+    import uvicorn
+
+    from retrieval.home import configure_offline_environment
+
+    configure_offline_environment()
+    configure_logging(settings.log_level)
+    logger.info(
+        "starting host=%s port=%d catalog=%s llm=%s auth=%s workers=%d queue=%d deadline_s=%g",
+        settings.host,
+        settings.port,
+        settings.catalog,
+        settings.llm,
+        settings.api_key is not None,
+        settings.workers,
+        settings.queue_size,
+        settings.deadline_s,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="recagent HTTP API and web chat page")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--catalog")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    settings = Settings(**overrides)
+    sys.stderr.write(f"recagent: serving on http://{settings.host}:{settings.port}/ (API docs at /docs)\n")
+    run(settings)
+
+
+if __name__ == "__main__":
+    main()

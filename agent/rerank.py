@@ -60,7 +60,7 @@ class ModeConfig(BaseModel):
 class RerankConfig(BaseModel):
     prompt_version: str = "v1"
     max_candidates: int = Field(default=20, ge=1, le=len(LABELS))
-    history_token_budget: int = Field(default=250, ge=16, description="history trimmed oldest-first to this")
+    history_token_budget: int = Field(default=160, ge=16, description="history trimmed oldest-first to this")
     text_chars: int = Field(default=90, ge=10, description="item text cut to this many characters in prompts")
     perms: int = Field(default=1, ge=1, description="candidate orders averaged in score mode")
     calibrate: bool = Field(default=True, description="subtract a content-free prompt's label bias")
@@ -145,7 +145,10 @@ class Reranker:
 
     # --- prompt pieces -------------------------------------------------------------------------------------
     def _text(self, item: RankInput) -> str:
-        return prompts.clean_text(item.text, self.config.text_chars)
+        """Compact item text for prompts: title with its first genres, or the given text for free items."""
+        if item.genres:
+            return prompts.clean_text(f"{item.title} ({', '.join(item.genres[:2])})", self.config.text_chars)
+        return prompts.clean_text(item.text or item.title, self.config.text_chars)
 
     def trim_history(self, history: Sequence[RankInput]) -> list[RankInput]:
         """Newest items that fit the token budget, returned oldest first."""
@@ -304,6 +307,8 @@ class Reranker:
                 item.reason, item.evidence, dropped = _clean_entry(reasons[i], history_ids)
                 answer.dropped_evidence += dropped
                 _ground(item, candidates[i], history)
+            else:  # the model left this one out: a metadata-only reason
+                item.reason, item.evidence = fallback_reason(candidates[i], history)
             answer.items.append(item)
         self.dropped_evidence_total += answer.dropped_evidence
         return answer
@@ -329,6 +334,8 @@ class Reranker:
                 item.reason, item.evidence, dropped = _clean_entry(got[item.item_id], history_ids)
                 answer.dropped_evidence += dropped
                 _ground(item, by_id[item.item_id], trimmed)
+            else:
+                item.reason, item.evidence = fallback_reason(by_id[item.item_id], trimmed)
         self.dropped_evidence_total += answer.dropped_evidence
         answer.timings.explain_ms = round((time.perf_counter() - t0) * 1000, 2)
 
@@ -356,6 +363,15 @@ def _closest(candidate: RankInput, history: Sequence[RankInput]) -> RankInput | 
         if overlap >= best_overlap and overlap > 0:
             best, best_overlap = h, overlap
     return best
+
+
+def fallback_reason(candidate: RankInput, history: Sequence[RankInput]) -> tuple[str, list[str]]:
+    """A reason built from metadata alone (no LLM): the history item sharing most genres, and those genres."""
+    closest = _closest(candidate, history)
+    if closest is None:
+        return "Often chosen by people with a history like yours.", []
+    shared = [g for g in candidate.genres if g in set(closest.genres)]
+    return f"Like {closest.title}, which you watched: {', '.join(shared)}.", [closest.item_id]
 
 
 def _ground(item: RecommendedItem, candidate: RankInput, history: Sequence[RankInput]) -> None:

@@ -73,3 +73,84 @@ def eval_retrieval(
             table.add_row(method, *[f"{vals[m]['mean']:.4f}" for m in metrics])
         out.print(table)
     console.print(f"report: {REPORTS / f'retrieval-{catalog}.md'} ({time.perf_counter() - t0:.1f}s)")
+
+
+@eval_app.command("rerank")
+def eval_rerank(
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    mode: str = typer.Option("score", "--mode", help="score | generate"),
+    perms: int | None = typer.Option(None, "--perms", min=1, help="candidate orders averaged (score mode)"),
+    users: int = typer.Option(200, "--users", min=1, help="users sampled per split part"),
+    bias_users: int = typer.Option(12, "--bias-users", min=0, help="users for the position-bias curve (0: skip)"),
+    tune: bool = typer.Option(False, "--tune", help="choose calibration and alpha on validation and store them"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """LLM reranking of the retrieved top-20: final, LLM-only, retrieval and random orders, bias, latency."""
+    setup()
+    if mode not in ("score", "generate"):
+        from cli.main import fail
+
+        fail(f"--mode '{mode}': choose score or generate")
+    from agent.llm.registry import make_backend
+    from agent.rerank import ModeConfig, RerankConfig
+    from eval import rerank_eval as rx
+    from eval.splits import leave_last_out
+    from retrieval.catalog import atomic_write_json
+    from retrieval.catalog_store import ensure_catalog
+    from retrieval.index import load_index
+
+    cat = guarded(lambda: ensure_catalog(catalog))
+    index = guarded(lambda: load_index(cat))
+    with console.status("loading the LLM"):
+        backend = guarded(make_backend)
+    config = RerankConfig.load(index)
+    if perms is not None:
+        config.perms = perms
+    split = leave_last_out(cat.histories())
+    evaluator = rx.RerankEvaluator(index, backend, config)
+    report: dict[str, object] = {"catalog": catalog, "mode": mode, "parts": {}}
+    bias = None
+    REPORTS.mkdir(exist_ok=True)
+    stem = f"rerank-{catalog}-{mode}"
+    if mode == "score" and bias_users:
+        bias_cases = rx.sample_cases(split.validation, bias_users, seed + 1)
+        settings = {"raw": {"calibrate": False, "perms": 1}, "calibrated": {"calibrate": True, "perms": 1},
+                    "calibrated, 2 perms": {"calibrate": True, "perms": 2}}
+        bias = evaluator.position_bias(split, bias_cases, settings, positions=[0, 4, 9, 14, 19])
+        report["position_bias"] = bias
+        rx.plot_position_bias(bias, str(REPORTS / f"{stem}-bias.png"))
+        report["position_bias_plot"] = f"{stem}-bias.png"
+        if tune:  # one forward pass per user keeps the latency target; pick the flatter single-pass setting
+            config.calibrate = bias["calibrated"]["spread_top1"] <= bias["raw"]["spread_top1"]
+    results = {}
+    for part in ("validation", "test"):
+        cases = rx.sample_cases(split.cases(part), users, seed)
+        results[part] = evaluator.run_part(split, part, cases, mode=mode)
+    alpha = config.alpha(mode)
+    if tune:
+        alpha, grid = rx.tune_alpha(results["validation"], seed)
+        report["alpha_grid"] = {str(a): v for a, v in grid.items()}
+        config.modes[mode] = ModeConfig(alpha=alpha, tuned=True)
+        path = RerankConfig.path(index)
+        assert path is not None
+        atomic_write_json(path, config.model_dump(mode="json"))
+        console.print(f"[green]tuned[/] {mode}: alpha={alpha}, calibrate={config.calibrate}; stored in {path}")
+    report["alpha"] = alpha
+    for part, res in results.items():
+        report["parts"][part] = {  # type: ignore[index]
+            "metrics": rx.table(res, alpha, seed), "rates": rx.rates(res), "latency": rx.latency_summary(res)}
+    report["notes"] = {
+        "command": f"recagent eval rerank --catalog {catalog} --mode {mode} --users {users} --bias-users "
+                   f"{bias_users}{' --tune' if tune else ''}{f' --perms {perms}' if perms else ''} --seed {seed}",
+        "model": backend.model_name, "backend": backend.name, "candidates": evaluator.n_candidates,
+        "perms": config.perms, "calibrate": config.calibrate, "history_token_budget": config.history_token_budget,
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+    }
+    (REPORTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    (REPORTS / f"{stem}.md").write_text(rx.markdown(report))
+    if as_json:
+        print_json(report)
+        return
+    out.print(rx.markdown(report), markup=False, highlight=False)
+    console.print(f"report: {REPORTS / f'{stem}.md'}")

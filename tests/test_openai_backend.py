@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -27,10 +26,6 @@ from agent.llm.vllm_server import (
     server_env,
     venv_ready,
 )
-
-# Read at import (collection), before the session fixture in conftest points RECAGENT_HOME at the test home:
-# the vLLM venv and the model are shared with whatever home the caller chose.
-ENV_HOME = os.environ.get("RECAGENT_HOME")
 
 BASE = "http://llm.test:9/v1"
 LETTER_IDS = {chr(65 + i): 49 + i for i in range(20)}  # as SmolLM2's tokenizer has them
@@ -288,24 +283,6 @@ def test_venv_marker_and_server_refusals(tmp_path: Path) -> None:
 
 
 # --- integration: a real vLLM server (marker vllm) ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def vllm_server(recagent_test_home: Path) -> Iterator[VLLMServer]:
-    """A real vLLM server on a free port for this module; venv and model come from RECAGENT_HOME if set."""
-    from agent.llm.model_files import ensure_llm_model
-    from agent.llm.vllm_server import ensure_vllm_venv
-
-    home = Path(ENV_HOME).expanduser().resolve() if ENV_HOME else recagent_test_home
-    model_dir = ensure_llm_model(home)
-    venv = ensure_vllm_venv(home)
-    server = VLLMServer(free_port(), model_dir, home=home, venv=venv, max_model_len=2048)
-    server.start()
-    try:
-        server.wait_ready(timeout=600)
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

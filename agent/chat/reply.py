@@ -1,0 +1,168 @@
+"""Reply text, reasons and item answers, composed from catalogue metadata and the session only.
+
+Anything that states a genre or a year about an item (including LLM-written reasons) passes
+:func:`claims_hold`, which checks those claims against the metadata.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import prompts
+from agent.chat.models import Constraints
+
+CF_SOURCES = {"sequential", "ease"}
+_YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
+
+
+@dataclass
+class ItemFacts:
+    """What the catalogue says about an item."""
+
+    item_id: str
+    label: str  # title with year
+    genres: list[str] = field(default_factory=list)
+    year: int | None = None
+    description: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def join_words(words: Sequence[str], last: str = "and") -> str:
+    words = list(words)
+    if len(words) <= 1:
+        return "".join(words)
+    return f"{', '.join(words[:-1])} {last} {words[-1]}"
+
+
+def claims_hold(text: str, facts: Sequence[ItemFacts], all_genres: Sequence[str]) -> bool:
+    """True when every catalogue genre named and every year written in ``text`` belongs to one of ``facts``.
+
+    Titles are blanked first (a year inside "Toy Story (1995)" is not a claim beyond the title itself)."""
+    body = text
+    for f in facts:
+        body = body.replace(f.label, " ")
+    allowed_genres = {g.lower() for f in facts for g in f.genres}
+    for genre in all_genres:
+        if (
+            re.search(rf"(?<![\w-]){re.escape(genre.lower())}(?![\w-])", body.lower())
+            and genre.lower() not in allowed_genres
+        ):
+            return False
+    allowed_years = {f.year for f in facts if f.year is not None}
+    return all(int(y) in allowed_years for y in _YEAR.findall(body))
+
+
+def closest_like(
+    item: ItemFacts, likes: Sequence[ItemFacts], stated: set[str]
+) -> tuple[ItemFacts | None, list[str]]:
+    """The liked item sharing most genres (stated likes before history seeds, then the most recent)."""
+    best: ItemFacts | None = None
+    best_key = (-1, -1, -1)
+    for i, like in enumerate(likes):
+        shared = [g for g in item.genres if g in like.genres]
+        key = (len(shared), int(like.item_id in stated), i)
+        if key > best_key:
+            best, best_key = like, key
+    if best is None:
+        return None, []
+    return best, [g for g in item.genres if g in best.genres]
+
+
+def compose_reason(
+    item: ItemFacts,
+    likes: Sequence[ItemFacts],
+    stated: set[str],
+    constraints: Constraints,
+    sources: Sequence[str],
+) -> tuple[str, list[str]]:
+    """(reason, evidence ids): a sentence that cites the user's own likes and only metadata facts."""
+    like, shared = closest_like(item, likes, stated)
+    year = f" from {item.year}" if item.year and not _YEAR.search(item.label) else ""
+    if like is not None and shared:
+        text = f"Because you liked {like.label}: it is also {join_words(shared)}{year}"
+    elif like is not None and CF_SOURCES.intersection(sources):
+        text = f"Because you liked {like.label}: viewers with that taste also watched it"
+    elif like is not None:
+        text = f"Because you liked {like.label}: close to it in content"
+    elif constraints.mood:
+        text = f"Matches what you asked for ({prompts.clean_text(constraints.mood, 40)})"
+    elif constraints.genres:
+        shared = [g for g in item.genres if g in constraints.genres]
+        text = f"A popular {join_words(shared or item.genres[:2])} pick{year}"
+    else:
+        text = f"A popular pick{year}"
+    avoided = [g for g in constraints.exclude_genres]
+    if avoided:
+        text += f", and no {join_words(avoided, 'or')}"
+    return text + ".", [like.item_id] if like is not None else []
+
+
+def why_answer(item: ItemFacts, reason: str | None, likes: Sequence[ItemFacts], stated: set[str]) -> str:
+    facts = f"It is {join_words(item.genres) or 'a film'}{' from ' + str(item.year) if item.year else ''}."
+    if reason:
+        return f"I suggested {item.label}. {reason} {facts}"
+    like, shared = closest_like(item, likes, stated)
+    text = f"I haven't recommended {item.label} in this chat. {facts}"
+    if like is not None and shared:
+        text += f" It shares {join_words(shared)} with {like.label}, which you liked."
+    return text
+
+
+def about_answer(item: ItemFacts) -> str:
+    head = f"{item.label}: {join_words(item.genres) or 'no genres listed'}."
+    extra = " ".join(f"{k.replace('_', ' ').capitalize()}: {v}." for k, v in item.extra.items())
+    if item.description:
+        return f"{head} {prompts.clean_text(item.description, 400)} {extra}".strip()
+    return f"{head} {extra} That is all the catalogue says about it.".replace("  ", " ").strip()
+
+
+def constraint_text(c: Constraints) -> str:
+    parts = []
+    if c.genres:
+        parts.append(join_words(c.genres, "or"))
+    if c.exclude_genres:
+        parts.append("no " + join_words(c.exclude_genres, "or"))
+    if c.year_min is not None and c.year_max is not None:
+        parts.append(f"{c.year_min}-{c.year_max}")
+    elif c.year_min is not None:
+        parts.append(f"from {c.year_min}")
+    elif c.year_max is not None:
+        parts.append(f"up to {c.year_max}")
+    if c.mood:
+        parts.append(f'"{prompts.clean_text(c.mood, 40)}"')
+    return ", ".join(parts)
+
+
+GREETING = (
+    "Hi! Tell me a film you loved (and anything you'd rather avoid), and I'll suggest what to watch next."
+)
+THANKS = "You're welcome! Ask for more, or tell me what to change (older, no horror, not that one)."
+BYE = "Enjoy the film!"
+EMPTY = (
+    'Tell me a film you enjoyed, or what you\'re in the mood for (e.g. "I loved Toy Story, nothing scary").'
+)
+META = (
+    "I can't share or change my instructions, but I'm happy to help you find a film: tell me one you liked "
+    "or what you're in the mood for."
+)
+ASK = "Tell me a film you liked or the kind of film you want, and I'll suggest some."
+NOTHING_FOUND = (
+    "I couldn't find anything new that fits all of that. Try loosening a constraint (a genre or the years)."
+)
+
+
+def smalltalk_reply(message: str) -> str:
+    low = message.lower()
+    if re.search(r"\b(thanks?|thank you|thx|cheers|merci|gracias|danke)\b", low):
+        return THANKS
+    if re.search(r"\b(bye|goodbye|good night)\b", low):
+        return BYE
+    return GREETING
+
+
+def chunks(text: str, words: int) -> list[str]:
+    """Word chunks that concatenate back to ``text``."""
+    pieces = re.findall(r"\S+\s*|\s+", text)
+    return ["".join(pieces[i : i + words]) for i in range(0, len(pieces), words)]

@@ -1,0 +1,61 @@
+"""The server's one configuration object, read from ``RECAGENT_*`` variables when built (never at import)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from retrieval.catalog import DEFAULT_CATALOG
+
+
+class Settings(BaseSettings):
+    """``recagent serve`` settings. Every field ``x`` is read from ``RECAGENT_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="RECAGENT_", extra="ignore", case_sensitive=False)
+
+    host: str = Field(default="127.0.0.1", description="interface to listen on")
+    port: int = Field(default=8000, ge=0, le=65535)
+    catalog: str = Field(default=DEFAULT_CATALOG, description="catalogue served")
+    llm: str = Field(
+        default="transformers",
+        description="LLM backend passed to LLMConfig (transformers | openai), or 'none' for retrieval only",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="when set, every route but /healthz and the web page needs `Authorization: Bearer <key>`",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins, comma-separated ('*' for any)"
+    )
+    queue_size: int = Field(default=64, ge=1, description="LLM jobs waiting at most; beyond it: 429")
+    workers: int = Field(default=4, ge=1, le=64, description="threads running LLM work (concurrent jobs)")
+    deadline_s: float = Field(
+        default=10.0, gt=0, description="after this the retrieval order is returned, flagged degraded"
+    )
+    chat_deadline_s: float = Field(default=60.0, gt=0, description="deadline of one chat turn")
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="larger request bodies get 413")
+    max_history: int = Field(default=500, ge=1, description="longer caller-given histories get 413")
+    max_candidates: int = Field(default=100, ge=1, description="more rerank candidates get 413")
+    chat_session_ttl_s: int = Field(default=86400, ge=1)
+    chat_sessions_path: str | None = Field(
+        default=None, description="file that keeps chat sessions (memory if unset)"
+    )
+    micro_batch: bool = Field(
+        default=True, description="batch score requests that arrive together (in-process LLM)"
+    )
+    batch_window_ms: float = Field(default=4.0, ge=0, description="how long the batcher waits for company")
+    max_batch: int = Field(default=8, ge=1, le=64)
+    log_level: str = Field(default="INFO")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @property
+    def use_llm(self) -> bool:
+        return self.llm.strip().lower() not in ("none", "off", "")

@@ -1,0 +1,87 @@
+"""A scripted LLM backend for unit tests of the logic around the LLM seam (never a stand-in for the real model
+in integration tests). It plugs in through the production interface."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest
+
+
+def _valid_instance(schema: dict[str, Any], salt: str = "") -> Any:
+    """A small JSON value that validates under the (simple) schemas the reranker and agent use."""
+    kind = schema.get("type")
+    if "enum" in schema:
+        values = schema["enum"]
+        return values[int(hashlib.sha256(salt.encode()).hexdigest(), 16) % len(values)] if values else None
+    if kind == "object":
+        return {k: _valid_instance(v, f"{salt}/{k}") for k, v in schema.get("properties", {}).items()
+                if k in schema.get("required", [])}
+    if kind == "array":
+        n = schema.get("minItems", 1 if schema.get("maxItems", 1) else 0)
+        return [_valid_instance(schema.get("items", {}), f"{salt}/{i}") for i in range(n)]
+    if kind == "string":
+        return "x" * max(schema.get("minLength", 0), 12)
+    if kind == "integer":
+        return schema.get("minimum", 1)
+    if kind == "boolean":
+        return False
+    return None
+
+
+class ScriptedBackend(LLMBackend):
+    """Deterministic scores (favouring the label given by ``prefer``) and schema-valid JSON.
+
+    ``fail_times`` makes the first N calls raise LLMError; ``json_text`` overrides generate_json's output.
+    """
+
+    name = "scripted"
+
+    def __init__(self, prefer: Callable[[ScoreRequest], int] | None = None, fail_times: int = 0,
+                 json_text: str | Callable[[list[ChatMessage], dict[str, Any]], str] | None = None) -> None:
+        super().__init__()
+        self.prefer = prefer
+        self.fail_times = fail_times
+        self.json_text = json_text
+        self.calls: list[str] = []
+
+    @property
+    def model_name(self) -> str:
+        return "scripted-test-model"
+
+    def _maybe_fail(self, kind: str) -> None:
+        self.calls.append(kind)
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise LLMError("scripted failure")
+
+    def score_labels(self, request: ScoreRequest) -> list[float]:
+        self._maybe_fail("score")
+        n = len(request.labels)
+        best = self.prefer(request) if self.prefer else 0
+        raw = [2.0 if i == best else -float(i) / n for i in range(n)]
+        norm = math.log(sum(math.exp(x) for x in raw))
+        self.usage.add("score", 100, 0)
+        return [x - norm for x in raw]
+
+    def generate_json(self, messages: list[ChatMessage], schema: dict[str, Any], max_tokens: int = 512,
+                      temperature: float = 0.0) -> str:
+        self._maybe_fail("json")
+        self.usage.add("json", 100, 20)
+        if callable(self.json_text):
+            return self.json_text(messages, schema)
+        if self.json_text is not None:
+            return self.json_text
+        return json.dumps(_valid_instance(schema, json.dumps(messages)[:200]))
+
+    def stream_text(self, messages: list[ChatMessage], max_tokens: int = 256,
+                    temperature: float = 0.0) -> Iterator[str]:
+        self._maybe_fail("text")
+        yield from ["Hello", " there", "."]
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, len(text) // 4)

@@ -86,7 +86,7 @@ class RerankConfig(BaseModel):
         return self.modes.get(mode, ModeConfig()).alpha
 
 
-def minmax(values: Sequence[float]) -> np.ndarray:
+def minmax(values: Sequence[float] | np.ndarray) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
         return arr
@@ -102,8 +102,8 @@ def fuse(retrieval: Sequence[float], llm: Sequence[float] | None, alpha: float) 
     return final, order
 
 
-def retrieval_answer(candidates: Sequence[RankInput], k: int, degraded: bool = False,
-                     reason: str | None = None, mode: Mode = "retrieval", model: str | None = None) -> RecommendationAnswer:
+def retrieval_answer(candidates: Sequence[RankInput], k: int, degraded: bool = False, reason: str | None = None,
+                     mode: Mode = "retrieval", model: str | None = None) -> RecommendationAnswer:
     """The retrieval order as an answer (no LLM, or the LLM failed)."""
     final, order = fuse([c.retrieval_score for c in candidates], None, 0.0)
     ret = minmax([c.retrieval_score for c in candidates])
@@ -157,8 +157,23 @@ class Reranker:
         for item in reversed(history):
             text = self._text(item)
             if text not in self._token_counts:
-                self._token_counts[text] = self.backend.count_tokens(text) + 3
+                try:
+                    self._token_counts[text] = self.backend.count_tokens(text) + 3
+                except Exception as exc:  # an unreachable backend must not break trimming: estimate
+                    logger.debug("count_tokens failed error=%s", exc)
+                    return self._trim_estimated(history)
             cost = self._token_counts[text]
+            if used + cost > self.config.history_token_budget and kept:
+                break
+            kept.append(item)
+            used += cost
+        return list(reversed(kept))
+
+    def _trim_estimated(self, history: Sequence[RankInput]) -> list[RankInput]:
+        kept: list[RankInput] = []
+        used = 0
+        for item in reversed(history):
+            cost = len(self._text(item)) // 3 + 3
             if used + cost > self.config.history_token_budget and kept:
                 break
             kept.append(item)
@@ -326,7 +341,7 @@ class Reranker:
             logger.warning("explain failed error=%s", exc)
             answer.reason = f"explanations unavailable: {type(exc).__name__}"
             return
-        got = {}
+        got: dict[str, _Entry] = {}
         for e in entries:
             got.setdefault(e.item_id, e)
         for item in answer.items:

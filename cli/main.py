@@ -200,6 +200,19 @@ def demo(
     out.print(table)
 
 
+@app.command()
+def schema(output: Path | None = typer.Option(None, "--output", help="write to this file instead of stdout")) -> None:
+    """Print the JSON schema of a recommendation answer (the contract of `recommend --json` and the API)."""
+    from agent.schemas import RecommendationAnswer
+
+    text = json.dumps(RecommendationAnswer.model_json_schema(), indent=2)
+    if output is None:
+        sys.stdout.write(text + "\n")
+    else:
+        output.write_text(text + "\n")
+        console.print(f"wrote {output}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

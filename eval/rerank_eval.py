@@ -80,9 +80,9 @@ def table(part: PartResult, alpha: float, seed: int, n_boot: int = 1000) -> dict
     out: dict[str, Any] = {}
     per_order: dict[str, dict[str, np.ndarray]] = {}
     for kind in ORDERS:
-        vals = [ndcg_recall_at(order_for(u, kind, alpha, seed), u.target_pos) for u in part.users]
-        nd = np.array([v[0] for v in vals])
-        rc = np.array([v[1] for v in vals])
+        pairs = [ndcg_recall_at(order_for(u, kind, alpha, seed), u.target_pos) for u in part.users]
+        nd = np.array([p[0] for p in pairs])
+        rc = np.array([p[1] for p in pairs])
         per_order[kind] = {"ndcg@10": nd, "recall@10": rc}
     hit = np.array([u.target_pos is not None for u in part.users])
     for scope, mask in (("all", np.ones_like(hit)), ("target_retrieved", hit)):

@@ -118,7 +118,10 @@ def evaluate(index: Index, split: Split, fusion: FusionConfig, parts: tuple[str,
     return out
 
 
-def flat(results: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> dict[str, dict[str, dict[str, float]]]:
+Results = Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]
+
+
+def flat(results: Results) -> dict[str, dict[str, dict[str, float]]]:
     """The ``--json`` shape: ``{part: {method: {metric: mean}}}``."""
     return {part: {m: {k: round(v["mean"], 6) for k, v in metrics.items()} for m, metrics in methods.items()}
             for part, methods in results.items()}

@@ -27,7 +27,8 @@ class Source(Protocol):
     def top(self, query: SourceQuery, n: int) -> list[tuple[int, float]]: ...
 
 
-def top_of_dense(scores: np.ndarray, allowed: np.ndarray, n: int, positive_only: bool = False) -> list[tuple[int, float]]:
+def top_of_dense(scores: np.ndarray, allowed: np.ndarray, n: int,
+                 positive_only: bool = False) -> list[tuple[int, float]]:
     """Best ``n`` allowed positions of a dense score vector; ties broken by position."""
     valid = allowed & np.isfinite(scores)
     if positive_only:

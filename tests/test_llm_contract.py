@@ -36,3 +36,18 @@ class TestVLLMBackend(LLMBackendContract, RerankerContract):
         backend = OpenAIBackend(LLMConfig(backend="openai", url=vllm_server.url, timeout_s=120))
         yield backend
         backend.close()
+
+
+def test_unreachable_server_degrades_the_rerank_to_retrieval_order() -> None:
+    """The real OpenAI client against a closed port: never an exception, the retrieval order, flagged."""
+    from agent.llm.openai_backend import OpenAIBackend
+    from agent.llm.vllm_server import free_port
+    from agent.rerank import Reranker
+    from tests.contracts import CANDIDATES, HISTORY
+
+    backend = OpenAIBackend(LLMConfig(backend="openai", url=f"http://127.0.0.1:{free_port()}/v1", timeout_s=2,
+                                      served_model="m"))
+    for mode in ("score", "generate"):
+        answer = Reranker(backend).rerank(HISTORY, CANDIDATES, k=3, mode=mode)  # type: ignore[arg-type]
+        assert answer.degraded and "LLM failed" in (answer.reason or "")
+        assert [i.item_id for i in answer.items] == [c.item_id for c in CANDIDATES[:3]]

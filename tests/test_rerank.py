@@ -32,6 +32,7 @@ def test_alpha_blends_llm_and_retrieval(alpha: float) -> None:
     if alpha == 1.0:
         assert ids[0] == CANDIDATES[-1].item_id
     for item in answer.items:
+        assert item.llm_score is not None
         assert item.score == pytest.approx(alpha * item.llm_score + (1 - alpha) * item.retrieval_score, abs=1e-5)
 
 

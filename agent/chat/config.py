@@ -25,6 +25,7 @@ class ChatConfig(BaseModel):
     max_message_chars: int = Field(
         default=2000, ge=50, description="longer messages are truncated with a note"
     )
+    session_ttl_s: float = Field(default=86400.0, gt=0, description="idle sessions expire after this long")
     allow_unknown_session_ids: bool = Field(
         default=False,
         description="create a session for an unknown id instead of raising SessionNotFoundError",

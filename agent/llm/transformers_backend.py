@@ -53,7 +53,8 @@ class TransformersBackend(LLMBackend):
 
     # --- prompts -------------------------------------------------------------------------------------------
     def render(self, messages: Sequence[ChatMessage], answer_prefix: str = "") -> list[int]:
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        text = str(self.tokenizer.apply_chat_template(list(messages), tokenize=False,  # type: ignore[arg-type]
+                                                      add_generation_prompt=True))
         ids: list[int] = self.tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
         return ids
 
@@ -146,7 +147,7 @@ class TransformersBackend(LLMBackend):
             ids = self.render(messages)
             processor = LogitsProcessor(self._grammar(schema))
             new = self._generate(ids, max_tokens, temperature, [processor], repetition_penalty=1.3)
-            text: str = self.tokenizer.decode(new, skip_special_tokens=True)
+            text = str(self.tokenizer.decode(new, skip_special_tokens=True))
         return text
 
     def stream_text(self, messages: list[ChatMessage], max_tokens: int = 256,

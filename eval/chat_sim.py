@@ -1,0 +1,244 @@
+"""Simulated-user evaluation of the chat agent (in the spirit of iEvaLM).
+
+Each simulated user is a test case of the leave-last-out split: it opens by naming two items of its visible
+history and then, while the agent misses, answers with attributes of its hidden target (genres, decade, a
+keyword of its description), never its title or id. Success: the target is among a turn's picks within
+``turns`` turns. The LLM agent and a retrieval-only agent (``use_llm=False``) meet the same users, and both
+retrieve with CF models fitted without the test targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.chat.agent import ChatAgent
+from agent.chat.config import ChatConfig
+from agent.chat.state import SessionStore
+from agent.service import RecommenderService
+from eval.metrics import bootstrap_ci, paired_bootstrap_diff
+from eval.splits import Case, leave_last_out
+from retrieval.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+_STOP = {
+    "about",
+    "after",
+    "their",
+    "there",
+    "which",
+    "while",
+    "where",
+    "with",
+    "from",
+    "into",
+    "this",
+    "that",
+    "when",
+    "they",
+    "them",
+    "have",
+    "been",
+    "over",
+    "under",
+    "against",
+    "through",
+    "before",
+    "during",
+}
+
+
+@dataclass
+class SimulatedUser:
+    """Holds the hidden target; speaks only in attributes of it."""
+
+    user_id: str
+    opening_titles: list[str]
+    target: str = field(repr=False)
+    hints: list[str] = field(default_factory=list)
+
+    def opening(self) -> str:
+        return f"I liked {' and '.join(self.opening_titles)}. What should I watch next?"
+
+    def answer(self, turn: int) -> str:
+        """The message for turn ``turn`` (2, 3, ...) after a miss."""
+        i = turn - 2
+        return self.hints[i] if i < len(self.hints) else "None of those. Something else, please."
+
+
+def _keyword(description: str, title: str) -> str | None:
+    title_words = {w.lower() for w in re.findall(r"[\w']+", title)}
+    words = [
+        w for w in re.findall(r"[A-Za-z]{5,}", description) if w.lower() not in _STOP and w.lower() not in title_words
+    ]
+    return max(words, key=len).lower() if words else None
+
+
+def make_user(catalog: Catalog, case: Case) -> SimulatedUser:
+    target = catalog.item(case.target)
+    visible = [i for i in dict.fromkeys(reversed(case.history)) if i != case.target][:2]
+    titles = [str(catalog.item(i)["title"]) for i in visible]
+    hints = []
+    genres = [str(g) for g in target["genres"]]  # type: ignore[attr-defined]
+    if genres and genres != ["unknown"]:
+        hints.append(f"Not quite. I'd like something {' and '.join(genres[:2])}.")
+    year = target["year"]
+    if isinstance(year, int):
+        hints.append(f"Something from the {year // 10 * 10}s.")
+    keyword = _keyword(str(target["description"]), str(target["title"]))
+    if keyword:
+        hints.append(f"Maybe something with {keyword}.")
+    if len(genres) > 2:
+        hints.append(f"Something {genres[2]} too.")
+    return SimulatedUser(user_id=case.user_id, opening_titles=titles, target=case.target, hints=hints)
+
+
+@dataclass
+class Episode:
+    user_id: str
+    success_turn: int | None
+    turns: int
+    ms: list[float]
+    decided_by: list[str]
+    degraded: int
+
+
+def run_episode(agent: ChatAgent, user: SimulatedUser, max_turns: int) -> Episode:
+    session: str | None = None
+    ms, decided, degraded = [], [], 0
+    message = user.opening()
+    for turn in range(1, max_turns + 1):
+        t0 = time.perf_counter()
+        result = agent.respond(session, message)  # the agent never sees user.target
+        ms.append((time.perf_counter() - t0) * 1000)
+        session = result.session_id
+        decided.append(result.decided_by)
+        degraded += int(result.degraded)
+        if user.target in {i.item_id for i in result.items}:
+            return Episode(user.user_id, turn, turn, ms, decided, degraded)
+        message = user.answer(turn + 1)
+    return Episode(user.user_id, None, max_turns, ms, decided, degraded)
+
+
+def sample_users(catalog: Catalog, n_users: int, seed: int = 0) -> list[SimulatedUser]:
+    split = leave_last_out(catalog.histories())
+    cases = [c for c in split.test if len({i for i in c.history if i != c.target}) >= 2]
+    rng = random.Random(seed)
+    chosen = rng.sample(cases, min(n_users, len(cases)))
+    return [make_user(catalog, c) for c in chosen]
+
+
+def summarise_agent(episodes: list[Episode], max_turns: int, n_boot: int) -> dict[str, Any]:
+    success = np.array([e.success_turn is not None for e in episodes], dtype=np.float64)
+    turns = np.array([e.success_turn for e in episodes if e.success_turn is not None], dtype=np.float64)
+    lo, hi = bootstrap_ci(success, n_boot=n_boot)
+    tlo, thi = bootstrap_ci(turns, n_boot=n_boot)
+    ms = [m for e in episodes for m in e.ms]
+    return {
+        f"success@{max_turns}": {"mean": float(success.mean()) if success.size else float("nan"), "lo": lo, "hi": hi},
+        "turns_to_success": {
+            "mean": float(turns.mean()) if turns.size else float("nan"),
+            "lo": tlo,
+            "hi": thi,
+            "n": int(turns.size),
+        },
+        "success_by_turn": [
+            float(np.mean([e.success_turn is not None and e.success_turn <= t for e in episodes]))
+            for t in range(1, max_turns + 1)
+        ],
+        "ms_per_turn": {"mean": float(np.mean(ms)) if ms else 0.0, "p95": float(np.percentile(ms, 95)) if ms else 0.0},
+        "decided_by": dict(Counter(d for e in episodes for d in e.decided_by)),
+        "degraded_turns": sum(e.degraded for e in episodes),
+    }
+
+
+def evaluate_chat(
+    service: RecommenderService,
+    n_users: int = 30,
+    max_turns: int = 5,
+    seed: int = 0,
+    n_boot: int = 1000,
+    k: int = 5,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Both agents over the same simulated users; returns the report payload."""
+    catalog = service.catalog
+    split = leave_last_out(catalog.histories())
+    service.retriever = service.index.retriever("fused", cf=service.index.fit_cf(split.fit_histories("test")))
+    users = sample_users(catalog, n_users, seed=seed)
+    agents: dict[str, ChatConfig] = {
+        "llm_agent": ChatConfig(k=k, use_llm=True),
+        "retrieval_only": ChatConfig(k=k, use_llm=False),
+    }
+    if service.backend is None:
+        agents.pop("llm_agent")
+    episodes: dict[str, list[Episode]] = {}
+    with tempfile.TemporaryDirectory(prefix="chat-eval-") as tmp:
+        for name, config in agents.items():
+            agent = ChatAgent(service, SessionStore(Path(tmp) / f"{name}.sqlite"), config)
+            episodes[name] = []
+            for user in users:
+                episodes[name].append(run_episode(agent, user, max_turns))
+                if progress is not None:
+                    progress(name, len(episodes[name]), len(users))
+    results = {name: summarise_agent(eps, max_turns, n_boot) for name, eps in episodes.items()}
+    payload: dict[str, Any] = {
+        "catalog": catalog.name,
+        "users": len(users),
+        "max_turns": max_turns,
+        "k": k,
+        "seed": seed,
+        "model": service.backend.model_name if service.backend else None,
+        "results": results,
+    }
+    if "llm_agent" in episodes:
+        a = np.array([e.success_turn is not None for e in episodes["llm_agent"]], dtype=np.float64)
+        b = np.array([e.success_turn is not None for e in episodes["retrieval_only"]], dtype=np.float64)
+        mean, lo, hi = paired_bootstrap_diff(a, b, n_boot=n_boot)
+        payload["success_diff_llm_minus_retrieval"] = {"mean": mean, "lo": lo, "hi": hi}
+    payload["episodes"] = {name: [e.__dict__ for e in eps] for name, eps in episodes.items()}
+    return payload
+
+
+def markdown(payload: dict[str, Any], notes: list[str]) -> str:
+    t = payload["max_turns"]
+    lines = [
+        f"# Chat evaluation (simulated users): {payload['catalog']}",
+        "",
+        f"{payload['users']} simulated users, up to {t} turns, {payload['k']} picks per turn.",
+        "",
+        f"| agent | success@{t} [95% CI] | turns to success [95% CI] | success by turn | ms/turn (mean, p95) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in payload["results"].items():
+        s, tt = r[f"success@{t}"], r["turns_to_success"]
+        curve = " / ".join(f"{v:.2f}" for v in r["success_by_turn"])
+        lines.append(
+            f"| {name} | {s['mean']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}] | {tt['mean']:.2f} "
+            f"[{tt['lo']:.2f}, {tt['hi']:.2f}] (n={tt['n']}) | {curve} | "
+            f"{r['ms_per_turn']['mean']:.0f}, {r['ms_per_turn']['p95']:.0f} |"
+        )
+    if "success_diff_llm_minus_retrieval" in payload:
+        d = payload["success_diff_llm_minus_retrieval"]
+        lines += [
+            "",
+            f"Paired difference in success@{t} (LLM agent - retrieval only): {d['mean']:+.3f} "
+            f"[{d['lo']:+.3f}, {d['hi']:+.3f}]",
+        ]
+    lines += [
+        "",
+        "Intent decided by (turns): "
+        + "; ".join(f"{name}: {r['decided_by']}" for name, r in payload["results"].items()),
+        "",
+    ]
+    lines += ["## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"

@@ -204,17 +204,11 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
             holder["loading"] = asyncio.ensure_future(asyncio.to_thread(Runtime.build, settings, metrics))
         try:
             yield
-        finally:
-            loading = holder.get("loading")
-            if (
-                loading is not None
-                and loading.done()
-                and not loading.cancelled()
-                and loading.exception() is None
-            ):
-                holder.setdefault("runtime", loading.result())
-            if "runtime" in holder:
-                holder["runtime"].close()
+        finally:  # a runtime given to create_app belongs to the caller and outlives the app's lifespans
+            loading = holder.pop("loading", None)
+            if loading is not None and loading.done() and not loading.cancelled() and not loading.exception():
+                loading.result().close()
+                holder.pop("runtime", None)
 
     app = FastAPI(
         title="recagent",

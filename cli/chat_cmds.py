@@ -1,1 +1,147 @@
-"""Placeholder: filled in by its feature."""
+"""`recagent chat` (a terminal conversation) and `recagent eval chat` (simulated users)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from cli.main import app, console, eval_app, guarded, out, print_json, setup
+from retrieval.catalog import DEFAULT_CATALOG
+
+REPORTS = Path("reports")
+QUIT = {"quit", "exit", ":q", "/quit", "/exit"}
+
+
+def turn_json(turn: Any) -> dict[str, Any]:
+    return {
+        "session_id": turn.session_id,
+        "reply": turn.reply,
+        "items": [i.model_dump(mode="json") for i in turn.items],
+        "degraded": turn.degraded,
+        "reason": turn.reason,
+        "decided_by": turn.decided_by,
+    }
+
+
+def _show(turn: Any) -> None:
+    from rich.table import Table
+
+    out.print(f"[bold cyan]agent>[/] {turn.reply}", highlight=False)
+    if turn.items:
+        table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+        for col in ("#", "title", "genres", "why"):
+            table.add_column(col)
+        for n, item in enumerate(turn.items, 1):
+            table.add_row(str(n), item.title, ", ".join(item.genres), item.reason)
+        out.print(table)
+    if turn.degraded:
+        console.print(f"[yellow]degraded:[/] {turn.reason}", highlight=False)
+
+
+@app.command()
+def chat(
+    user: str | None = typer.Option(None, "--user", help="a known user's id (their recent items seed the likes)"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per turn, a line each"),
+    session: str | None = typer.Option(None, "--session", help="continue a stored session"),
+    no_llm: bool = typer.Option(False, "--no-llm", help="rules and retrieval only (no model is loaded)"),
+) -> None:
+    """Chat about what to watch. Piped input: one message per line."""
+    setup()
+    from agent.chat.agent import ChatAgent
+    from agent.chat.config import ChatConfig
+    from agent.chat.state import SessionNotFoundError, SessionStore
+    from agent.service import build_service
+
+    config = ChatConfig(use_llm=not no_llm)
+    interactive = sys.stdin.isatty()
+    if interactive and not as_json:
+        with console.status("loading the catalogue and models"):
+            service = guarded(lambda: build_service(catalog, use_llm=not no_llm))
+    else:
+        service = guarded(lambda: build_service(catalog, use_llm=not no_llm))
+    agent = ChatAgent(service, SessionStore(ttl_s=config.session_ttl_s), config)
+    session_id = session
+    user_id = user
+    if interactive and not as_json:
+        console.print(
+            "Tell me what you like (e.g. [italic]I loved Toy Story, nothing scary[/]); 'quit' to leave.",
+            highlight=False,
+        )
+    while True:
+        try:
+            line = console.input("[bold green]you>[/] ") if interactive and not as_json else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not interactive and line == "":
+            break  # end of piped input
+        message = line.rstrip("\n")
+        if message.strip().lower() in QUIT:
+            break
+        try:
+            turn = agent.respond(session_id, message, user_id=user_id)
+        except SessionNotFoundError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        session_id, user_id = turn.session_id, None
+        if as_json:
+            print_json(turn_json(turn))
+        else:
+            _show(turn)
+    if session_id and not as_json:
+        console.print(f"session: {session_id} (continue with --session {session_id})", highlight=False)
+
+
+@eval_app.command("chat")
+def eval_chat(
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    users: int = typer.Option(30, "--users", min=1, help="simulated users (test cases sampled with --seed)"),
+    turns: int = typer.Option(5, "--turns", min=1, max=20),
+    k: int = typer.Option(5, "-k", "--k", min=1, max=20),
+    seed: int = typer.Option(0, "--seed"),
+    no_llm: bool = typer.Option(False, "--no-llm", help="only the retrieval-only agent"),
+    as_json: bool = typer.Option(False, "--json"),
+    n_boot: int = typer.Option(1000, "--bootstrap"),
+) -> None:
+    """Simulated users with hidden targets: success@turns and turns to success, LLM agent vs retrieval only."""
+    setup()
+    from agent.service import build_service
+    from cli.eval_cmds import machine
+    from eval.chat_sim import evaluate_chat, markdown
+
+    service = guarded(lambda: build_service(catalog, use_llm=not no_llm))
+    t0 = time.perf_counter()
+
+    def progress(name: str, done: int, total: int) -> None:
+        if not as_json and (done % 5 == 0 or done == total):
+            console.print(f"{name}: {done}/{total} users", highlight=False)
+
+    payload = evaluate_chat(service, n_users=users, max_turns=turns, seed=seed, n_boot=n_boot, k=k, progress=progress)
+    seconds = time.perf_counter() - t0
+    notes = [
+        f"command: recagent eval chat --catalog {catalog} --users {users} --turns {turns} -k {k} --seed {seed}"
+        f"{' --no-llm' if no_llm else ''}",
+        "simulator: opens with two items of the user's visible history, then answers misses with the hidden "
+        "target's genres, decade and a description keyword (never its title or id)",
+        "protocol: leave-last-out test targets; CF models fitted without them; no user id is passed to the agent",
+        f"LLM: {payload['model'] or 'none'}; {seconds:.0f}s in all; machine: {machine()}",
+    ]
+    payload["notes"] = notes
+    REPORTS.mkdir(exist_ok=True)
+    (REPORTS / f"chat-{catalog}.md").write_text(markdown(payload, notes))
+    (REPORTS / f"chat-{catalog}.json").write_text(json.dumps(payload, indent=2))
+    if as_json:
+        print_json(
+            {
+                name: {key: r[key] for key in (f"success@{turns}", "turns_to_success")}
+                for name, r in payload["results"].items()
+            }
+        )
+        return
+    out.print(markdown(payload, notes))
+    console.print(f"report: {REPORTS / f'chat-{catalog}.md'}")

@@ -154,3 +154,39 @@ def eval_rerank(
         return
     out.print(rx.markdown(report), markup=False, highlight=False)
     console.print(f"report: {REPORTS / f'{stem}.md'}")
+
+
+@eval_app.command("speed")
+def eval_speed(
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    users: int = typer.Option(200, "--users", min=1),
+    k: int = typer.Option(50, "-k", "--k", min=1),
+    genre: str | None = typer.Option(None, "--genre", help="filter used while timing (default: Drama if known)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Index build time from nothing and retrieve latency (p50/p95) with a filter."""
+    setup()
+    from eval.speed import time_build, time_retrieve
+    from retrieval.catalog_store import ensure_catalog
+
+    cat = guarded(lambda: ensure_catalog(catalog))
+    if genre is None and "Drama" in cat.all_genres:
+        genre = "Drama"
+    with console.status("building an index from nothing"):
+        build = time_build(cat)
+    ret = guarded(lambda: time_retrieve(cat, users=users, k=k, genre=genre))
+    result = {"catalog": catalog, **build, **ret, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+              "command": f"recagent eval speed --catalog {catalog} --users {users} -k {k}"}
+    REPORTS.mkdir(exist_ok=True)
+    (REPORTS / f"speed-{catalog}.json").write_text(json.dumps(result, indent=2))
+    md = [f"# Retrieval speed: {catalog}", "", "| measure | value |", "|---|---|",
+          f"| index build from nothing (empty embedding cache) | {build['build_seconds']:.1f} s |",
+          f"| retrieve p50 (k={k}, filter genre={genre}) | {ret['p50_ms']:.1f} ms |",
+          f"| retrieve p95 | {ret['p95_ms']:.1f} ms |",
+          f"| users timed (mean history length) | {ret['users']} ({ret['mean_history']:.0f}) |", "",
+          f"- command: `{result['command']}`", f"- machine: {result['machine']}"]
+    (REPORTS / f"speed-{catalog}.md").write_text("\n".join(md) + "\n")
+    if as_json:
+        print_json(result)
+    else:
+        out.print("\n".join(md), markup=False, highlight=False)

@@ -63,6 +63,8 @@ T = TypeVar("T")
 
 #: The request id of the request being served (set by the app's middleware, copied into worker threads).
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+#: The monotonic deadline of the LLM job running in this thread (read by the batcher to drop stale work).
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
 # --- errors the edge turns into HTTP answers ----------------------------------------------------------------
@@ -164,6 +166,7 @@ class Metrics:
 @dataclass
 class _Pending:
     requests: list[ScoreRequest]
+    deadline: float | None = None
     future: Future[list[list[float]]] = field(default_factory=Future)
 
 
@@ -209,7 +212,7 @@ class BatchingBackend(LLMBackend):
     def score_labels_batch(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         if not requests:
             return []
-        pending = _Pending(list(requests))
+        pending = _Pending(list(requests), deadline=deadline_var.get())
         self._queue.put(pending)
         return pending.future.result()
 
@@ -242,7 +245,9 @@ class BatchingBackend(LLMBackend):
                 return
             group = [first]
             size = len(first.requests)
-            until = time.monotonic() + self.window_s
+            # wait for company: each arrival extends the window, up to 5 windows after the first request
+            start = time.monotonic()
+            until = start + self.window_s
             while size < self.max_batch:
                 remaining = until - time.monotonic()
                 try:
@@ -254,9 +259,17 @@ class BatchingBackend(LLMBackend):
                     break
                 group.append(nxt)
                 size += len(nxt.requests)
+                until = min(time.monotonic() + self.window_s, start + 5 * self.window_s)
             self._run(group)
 
     def _run(self, group: list[_Pending]) -> None:
+        now = time.monotonic()
+        for p in group:  # callers past their deadline already got the retrieval order: skip their work
+            if p.deadline is not None and p.deadline <= now:
+                p.future.set_exception(LLMError("deadline exceeded before the forward pass"))
+        group = [p for p in group if not p.future.done()]
+        if not group:
+            return
         flat = [r for p in group for r in p.requests]
         try:
             results = self.forward(flat)
@@ -379,6 +392,16 @@ class Runtime:
         self._conversations: OrderedDict[str, str] = OrderedDict()
         self._conv_lock = threading.Lock()
         self.metrics.watch_usage(lambda: self.service.backend)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Load the query embedder now: its lazy load is not thread-safe, and the io threads would race."""
+        embedder = getattr(self.service.index, "embedder", None)
+        if embedder is not None:
+            try:
+                _ = embedder.model
+            except Exception as exc:  # search degrades later with a clear error; serving still starts
+                logger.warning("embedder warm-up failed error=%s", exc)
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -444,7 +467,11 @@ class Runtime:
     ) -> RecommendationAnswer:
         """Run ``llm_job(deadline)`` on the work queue; past the deadline answer ``fallback()`` flagged."""
         deadline = time.monotonic() + timeout_s
-        future = self.queue.submit(lambda: llm_job(deadline))
+        def job() -> RecommendationAnswer:
+            deadline_var.set(deadline)
+            return llm_job(deadline)
+
+        future = self.queue.submit(job)
         try:
             answer = await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
         except TimeoutError:

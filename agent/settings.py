@@ -30,7 +30,7 @@ class Settings(BaseSettings):
         default_factory=list, description="allowed CORS origins, comma-separated ('*' for any)"
     )
     queue_size: int = Field(default=64, ge=1, description="LLM jobs waiting at most; beyond it: 429")
-    workers: int = Field(default=4, ge=1, le=64, description="threads running LLM work (concurrent jobs)")
+    workers: int = Field(default=8, ge=1, le=64, description="threads running LLM work (concurrent jobs)")
     deadline_s: float = Field(
         default=10.0, gt=0, description="after this the retrieval order is returned, flagged degraded"
     )
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     micro_batch: bool = Field(
         default=True, description="batch score requests that arrive together (in-process LLM)"
     )
-    batch_window_ms: float = Field(default=4.0, ge=0, description="how long the batcher waits for company")
+    batch_window_ms: float = Field(default=50.0, ge=0, description="how long the batcher waits for company")
     max_batch: int = Field(default=8, ge=1, le=64)
     log_level: str = Field(default="INFO")
 

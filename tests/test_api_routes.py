@@ -201,11 +201,10 @@ def test_deadline_returns_retrieval_order_flagged(tiny_index: Index) -> None:
 
 
 def test_full_queue_is_429_with_retry_after(tiny_index: Index) -> None:
-    service_settings = {"workers": 1, "queue_size": 1, "deadline_s": 5.0}
     from agent.service import RecommenderService
     from agent.settings import Settings
 
-    app = create_app(Settings(llm="fake", **service_settings),
+    app = create_app(Settings(llm="fake", workers=1, queue_size=1, deadline_s=5.0),
                      service=RecommenderService(tiny_index, backend=FakeBackend(sleep_s=0.4)))
 
     async def burst() -> list[httpx.Response]:

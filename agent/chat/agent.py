@@ -40,9 +40,7 @@ class _Notes:
 
 
 class ChatAgent:
-    def __init__(
-        self, service: RecommenderService, store: SessionStore, config: ChatConfig | None = None
-    ) -> None:
+    def __init__(self, service: RecommenderService, store: SessionStore, config: ChatConfig | None = None) -> None:
         self.service = service
         self.store = store
         self.config = config or ChatConfig()
@@ -80,16 +78,13 @@ class ChatAgent:
                 state = before
                 turn = Turn(
                     session_id=state.session_id,
-                    reply="Sorry, something went wrong on my side. "
-                    "Your conversation is unchanged; please try again.",
+                    reply="Sorry, something went wrong on my side. Your conversation is unchanged; please try again.",
                     degraded=True,
                     reason=f"internal error: {type(exc).__name__}",
                     decided_by="rules",
                 )
                 state.turns.append(
-                    TurnRecord(
-                        user=prompts.clean_text(message, 500), reply=turn.reply, kind="error", at=time.time()
-                    )
+                    TurnRecord(user=prompts.clean_text(message, 500), reply=turn.reply, kind="error", at=time.time())
                 )
             state.turns = state.turns[-self.config.max_turns_kept :]
             self.store.save(state)
@@ -104,9 +99,7 @@ class ChatAgent:
         )
         return turn
 
-    def respond_stream(
-        self, session_id: str | None, message: str, user_id: str | None = None
-    ) -> Iterator[str | Turn]:
+    def respond_stream(self, session_id: str | None, message: str, user_id: str | None = None) -> Iterator[str | Turn]:
         """The reply in word chunks, then the Turn (the reply is composed first, then streamed)."""
         turn = self.respond(session_id, message, user_id=user_id)
         yield from rp.chunks(turn.reply, self.config.stream_chunk_words)
@@ -139,9 +132,7 @@ class ChatAgent:
             else:
                 seed = list(dict.fromkeys(reversed(history)))[: self.config.seed_history][::-1]
                 state.liked, state.seeded = list(seed), list(seed)
-        logger.info(
-            "session created session=%s user=%s seeded=%d", state.session_id, user_id, len(state.liked)
-        )
+        logger.info("session created session=%s user=%s seeded=%d", state.session_id, user_id, len(state.liked))
         return state, notes
 
     # --- one turn ----------------------------------------------------------------------
@@ -154,12 +145,13 @@ class ChatAgent:
         return text
 
     def _llm_enabled(self) -> bool:
-        return self.config.use_llm and self.config.llm_intent and self.service.backend is not None
+        return self.config.use_llm and self.config.llm_intent != "never" and self.service.backend is not None
 
     def _read(self, state: SessionState, message: str, notes: _Notes) -> tuple[Intent, str]:
         rules = parse_rules(message, self.genres)
         llm: LLMIntent | None = None
-        if self._llm_enabled() and rules.kind not in ("empty", "meta", "smalltalk"):
+        wanted = self.config.llm_intent == "always" or not rules.signals()
+        if self._llm_enabled() and wanted and rules.kind not in ("empty", "meta", "smalltalk"):
             assert self.service.backend is not None
             last = [self.resolver.label(i) for i in state.last_items]
             try:
@@ -264,9 +256,7 @@ class ChatAgent:
         for mention in mentions:
             for res in self._resolve_segment(mention):
                 if res.item_id is None:
-                    notes.lines.append(
-                        f'I couldn\'t find "{prompts.clean_text(res.mention, 60)}" in the catalogue.'
-                    )
+                    notes.lines.append(f'I couldn\'t find "{prompts.clean_text(res.mention, 60)}" in the catalogue.')
                     continue
                 ids.append(res.item_id)
                 if res.ambiguous:
@@ -280,8 +270,7 @@ class ChatAgent:
                     state.pending = _pending(res, slot)
                 elif res.via == "vector":
                     notes.lines.append(
-                        f'I took "{prompts.clean_text(res.mention, 60)}" to mean '
-                        f"{self.resolver.label(res.item_id)}."
+                        f'I took "{prompts.clean_text(res.mention, 60)}" to mean {self.resolver.label(res.item_id)}.'
                     )
         resolved.setdefault(slot, []).extend(ids)
         return ids
@@ -326,11 +315,7 @@ class ChatAgent:
             rejected.append(state.last_items[0])
         for title in intent.reject:
             res = self.resolver.resolve(title, prefer=state.last_items)
-            if (
-                res.item_id is not None
-                and res.item_id in state.recommended
-                and res.score >= self.config.fuzzy_min
-            ):
+            if res.item_id is not None and res.item_id in state.recommended and res.score >= self.config.fuzzy_min:
                 rejected.append(res.item_id)
         for i in rejected:
             if i not in state.rejected:
@@ -408,18 +393,14 @@ class ChatAgent:
             return rp.about_answer(facts)
         likes = [self.facts(i) for i in state.liked]
         text = rp.why_answer(facts, state.reasons.get(target), likes, set(state.liked) - set(state.seeded))
-        if not rp.claims_hold(
-            text, [facts, *likes], self.catalog.all_genres
-        ):  # cannot happen by construction
+        if not rp.claims_hold(text, [facts, *likes], self.catalog.all_genres):  # cannot happen by construction
             logger.error("why answer failed the metadata check session=%s item=%s", state.session_id, target)
             return f"{facts.label} is {rp.join_words(facts.genres)}."
         return text
 
     def _recommend(self, state: SessionState, notes: _Notes) -> tuple[str, list[ChatItem], str | None]:
         c = state.constraints
-        filters = Filters(
-            genres=c.genres, exclude_genres=c.exclude_genres, year_min=c.year_min, year_max=c.year_max
-        )
+        filters = Filters(genres=c.genres, exclude_genres=c.exclude_genres, year_min=c.year_min, year_max=c.year_max)
         query = " ".join(x for x in [c.mood, *c.genres] if x).strip() or None
         if not state.liked and query is None and filters.is_empty():
             return rp.ASK, [], None

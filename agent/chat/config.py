@@ -9,37 +9,31 @@ from pydantic import BaseModel, Field
 
 class ChatConfig(BaseModel):
     k: int = Field(default=5, ge=1, le=20, description="items recommended per turn")
-    use_llm: bool = Field(
-        default=True, description="LLM intent parsing and reranking (False: rules + retrieval)"
+    use_llm: bool = Field(default=True, description="LLM intent parsing and reranking (False: rules + retrieval)")
+    llm_intent: Literal["always", "fallback", "never"] = Field(
+        default="fallback",
+        description="when to ask the LLM for a structured intent: every turn, only when the rules understood "
+        "nothing (the default: the small model is slow and the rules win where they match anyway), or never",
     )
-    llm_intent: bool = Field(default=True, description="ask the LLM for a structured intent each turn")
     rerank_mode: Literal["score", "generate"] = "score"
     llm_explain: bool = Field(
         default=False,
         description="LLM-written reasons (checked against metadata); "
         "otherwise reasons are composed from metadata and the session",
     )
-    seed_history: int = Field(
-        default=5, ge=0, le=50, description="recent items of a known user seeded as likes"
-    )
-    max_message_chars: int = Field(
-        default=2000, ge=50, description="longer messages are truncated with a note"
-    )
+    seed_history: int = Field(default=5, ge=0, le=50, description="recent items of a known user seeded as likes")
+    max_message_chars: int = Field(default=2000, ge=50, description="longer messages are truncated with a note")
     session_ttl_s: float = Field(default=86400.0, gt=0, description="idle sessions expire after this long")
     allow_unknown_session_ids: bool = Field(
         default=False,
         description="create a session for an unknown id instead of raising SessionNotFoundError",
     )
-    fuzzy_accept: float = Field(
-        default=86.0, ge=0, le=100, description="title match score taken without doubt"
-    )
+    fuzzy_accept: float = Field(default=86.0, ge=0, le=100, description="title match score taken without doubt")
     fuzzy_min: float = Field(default=72.0, ge=0, le=100, description="lowest title match score considered")
     ambiguity_margin: float = Field(
         default=10.0, ge=0, description="runner-up within this many points is surfaced as ambiguous"
     )
-    vector_min_similarity: float = Field(
-        default=0.55, ge=-1, le=1, description="vector-store fallback for titles"
-    )
+    vector_min_similarity: float = Field(default=0.55, ge=-1, le=1, description="vector-store fallback for titles")
     intent_max_tokens: int = Field(default=160, ge=32)
     turn_deadline_s: float = Field(default=30.0, gt=0, description="LLM rerank deadline per turn")
     max_turns_kept: int = Field(default=50, ge=1, description="turns stored per session (oldest dropped)")

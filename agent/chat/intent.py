@@ -40,6 +40,7 @@ class Intent(BaseModel):
     reject_last: bool = False
     reject: list[str] = Field(default_factory=list, description="titles of earlier picks turned down")
     scanned: bool = Field(default=False, description="liked titles found by scanning, without a cue")
+    more: bool = Field(default=False, description="asks for more or other picks")
 
     def signals(self) -> bool:
         return bool(
@@ -53,6 +54,7 @@ class Intent(BaseModel):
             or self.mood
             or self.reject_last
             or self.reject
+            or self.more
             or self.kind in ("why", "about", "smalltalk", "meta", "empty")
         )
 
@@ -173,6 +175,7 @@ def parse_rules(message: str, genres: GenreLexicon) -> Intent:
                     getattr(intent, slot).append(seg)
             end = m.start("body") + len(body)
             rest = rest[: m.start()] + " " * (end - m.start()) + rest[end:]
+    intent.more = bool(lx.MORE.search(rest))
     if lx.REJECT.search(rest):
         intent.reject_last = True
     else:
@@ -230,9 +233,7 @@ def parse_rules(message: str, genres: GenreLexicon) -> Intent:
         mood_text = mood_match.group("m")
         leftover = [
             w
-            for w in re.findall(
-                r"[\w'-]+", genres.pattern.sub(" ", mood_text) if genres.pattern else mood_text
-            )
+            for w in re.findall(r"[\w'-]+", genres.pattern.sub(" ", mood_text) if genres.pattern else mood_text)
             if w.lower() not in lx.STOPWORDS
             and not lx.OLDER.fullmatch(w)
             and not lx.NEWER.fullmatch(w)

@@ -221,3 +221,8 @@ STOPWORDS = {
     "thing",
     "stuff",
 }
+MORE = re.compile(
+    r"\b(more|others?|something else|anything else|none of (?:those|these|them)|another|again|"
+    r"next|keep going|go on|encore|otra|otras|autre|autres|weitere)\b",
+    re.I,
+)

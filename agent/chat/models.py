@@ -72,10 +72,4 @@ class SessionState(BaseModel):
     turns: list[TurnRecord] = Field(default_factory=list)
 
     def excluded(self) -> set[str]:
-        return (
-            set(self.liked)
-            | set(self.disliked)
-            | set(self.rejected)
-            | set(self.recommended)
-            | set(self.named)
-        )
+        return set(self.liked) | set(self.disliked) | set(self.rejected) | set(self.recommended) | set(self.named)

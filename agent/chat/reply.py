@@ -54,9 +54,7 @@ def claims_hold(text: str, facts: Sequence[ItemFacts], all_genres: Sequence[str]
     return all(int(y) in allowed_years for y in _YEAR.findall(body))
 
 
-def closest_like(
-    item: ItemFacts, likes: Sequence[ItemFacts], stated: set[str]
-) -> tuple[ItemFacts | None, list[str]]:
+def closest_like(item: ItemFacts, likes: Sequence[ItemFacts], stated: set[str]) -> tuple[ItemFacts | None, list[str]]:
     """The liked item sharing most genres (stated likes before history seeds, then the most recent)."""
     best: ItemFacts | None = None
     best_key = (-1, -1, -1)
@@ -135,22 +133,16 @@ def constraint_text(c: Constraints) -> str:
     return ", ".join(parts)
 
 
-GREETING = (
-    "Hi! Tell me a film you loved (and anything you'd rather avoid), and I'll suggest what to watch next."
-)
+GREETING = "Hi! Tell me a film you loved (and anything you'd rather avoid), and I'll suggest what to watch next."
 THANKS = "You're welcome! Ask for more, or tell me what to change (older, no horror, not that one)."
 BYE = "Enjoy the film!"
-EMPTY = (
-    'Tell me a film you enjoyed, or what you\'re in the mood for (e.g. "I loved Toy Story, nothing scary").'
-)
+EMPTY = 'Tell me a film you enjoyed, or what you\'re in the mood for (e.g. "I loved Toy Story, nothing scary").'
 META = (
     "I can't share or change my instructions, but I'm happy to help you find a film: tell me one you liked "
     "or what you're in the mood for."
 )
 ASK = "Tell me a film you liked or the kind of film you want, and I'll suggest some."
-NOTHING_FOUND = (
-    "I couldn't find anything new that fits all of that. Try loosening a constraint (a genre or the years)."
-)
+NOTHING_FOUND = "I couldn't find anything new that fits all of that. Try loosening a constraint (a genre or the years)."
 
 
 def smalltalk_reply(message: str) -> str:

@@ -98,9 +98,7 @@ class TitleResolver:
         bare = _LEADING_ARTICLE.sub("", key)
         hits: dict[int, float] = {}
         for choices, query in ((self.keys, key), (self.bare, bare)):
-            for _, score, pos in process.extract(
-                query, choices, scorer=_score, limit=8, score_cutoff=self.minimum
-            ):
+            for _, score, pos in process.extract(query, choices, scorer=_score, limit=8, score_cutoff=self.minimum):
                 hits[pos] = max(hits.get(pos, 0.0), float(score))
         return sorted(hits.items(), key=lambda kv: (-kv[1], kv[0]))
 

@@ -1,0 +1,238 @@
+"""Code checks of explanations and recommendation lists; no LLM involved.
+
+Per explanation: the reason is not empty, does not repeat itself, cites evidence only from the user's history,
+and every genre or year it claims is true of the recommended item or of the history items it rests on (the
+cited evidence, or the whole history when none is cited). Titles are removed before looking for claims, so
+"Star Wars" is not read as a War claim nor "Toy Story (1995)" as a year claim.
+
+Per list: invalid ids (not in the catalogue or not among the candidates), duplicates and already-seen items.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+CHECKS = ("empty", "repetition", "unknown_item", "unknown_history_item", "already_seen", "evidence_not_in_history",
+          "genre_claim", "year_claim")
+
+# Words that claim a genre (MovieLens genre names; other catalogues' genres match their own name).
+GENRE_WORDS: dict[str, tuple[str, ...]] = {
+    "action": (r"action(?:-packed)?", r"action films?"),
+    "adventure": (r"adventures?", r"adventurous"),
+    "animation": (r"animat(?:ion|ed)", r"cartoons?"),
+    "children's": (r"children'?s", r"kids'?", r"for children"),
+    "comedy": (r"comed(?:y|ies)", r"comedic"),
+    "crime": (r"crimes?", r"gangsters?", r"mob"),
+    "documentary": (r"documentar(?:y|ies)",),
+    "drama": (r"dramas?", r"dramatic"),
+    "fantasy": (r"fantas(?:y|ies)",),
+    "film-noir": (r"film[- ]noir", r"noir"),
+    "horror": (r"horror", r"scary"),
+    "musical": (r"musicals?",),
+    "mystery": (r"myster(?:y|ies)",),
+    "romance": (r"romance", r"romantic", r"love stor(?:y|ies)"),
+    "sci-fi": (r"sci-?fi", r"science[- ]fiction", r"scifi"),
+    "thriller": (r"thrillers?",),
+    "war": (r"war films?", r"war movies?", r"war dramas?", r"war stor(?:y|ies)", r"wartime", r"war"),
+    "western": (r"westerns?",),
+}
+_YEAR = re.compile(r"\b(19\d{2}|20[0-2]\d)\b")
+_DECADE = re.compile(r"(?<![\w'])(?:(19|20)|')?(\d)0'?s\b")
+_TITLE_YEAR = re.compile(r"\((\d{4})\)")
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+class Violation(BaseModel):
+    check: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ItemFacts:
+    item_id: str
+    title: str
+    genres: tuple[str, ...] = ()
+    years: tuple[int, ...] = ()  # the metadata year and any year in the title (re-releases differ)
+
+
+def make_facts(item: Mapping[str, object]) -> ItemFacts:
+    title = str(item.get("title", ""))
+    years = {int(y) for y in _TITLE_YEAR.findall(title)}
+    year = item.get("year")
+    if isinstance(year, int | float) and year == year:
+        years.add(int(year))
+    genres = item.get("genres") or []
+    return ItemFacts(item_id=str(item["item_id"]), title=title,
+                     genres=tuple(str(g) for g in genres) if isinstance(genres, list | tuple) else (),
+                     years=tuple(sorted(years)))
+
+
+def facts_for(catalog: object, ids: Iterable[str]) -> dict[str, ItemFacts]:
+    """Facts of the ``ids`` that exist in ``catalog`` (a :class:`retrieval.catalog.Catalog`)."""
+    out = {}
+    for i in dict.fromkeys(ids):
+        if catalog.has_item(i):  # type: ignore[attr-defined]
+            out[i] = make_facts(catalog.item(i))  # type: ignore[attr-defined]
+    return out
+
+
+def title_variants(title: str) -> list[str]:
+    """``"Godfather, The (1972)"`` -> "The Godfather (1972)", "The Godfather", "Godfather" (longest first; the
+    catalogue's comma form is left out: it would swallow the next sentence's article)."""
+    year = _TITLE_YEAR.search(title)
+    base = _TITLE_YEAR.sub("", title).strip()
+    m = re.match(r"^(.*), (The|A|An|Les|La|Le|Il|El|Das|Der|Die)$", base)
+    natural = f"{m.group(2)} {m.group(1)}" if m else base
+    variants = {natural, m.group(1) if m else base}
+    if year:
+        variants.add(f"{natural} {year.group(0)}")
+    return sorted((v for v in variants if len(v) >= 2), key=len, reverse=True)
+
+
+def strip_titles(reason: str, titles: Iterable[str]) -> str:
+    text = reason
+    for title in titles:
+        for v in title_variants(title):
+            text = re.sub(re.escape(v), " ", text, flags=re.IGNORECASE)
+    return text
+
+
+def genre_claims(text: str, vocabulary: Iterable[str]) -> set[str]:
+    """Canonical (lower-case) genres the text names."""
+    low = text.lower()
+    found = set()
+    for genre in vocabulary:
+        g = genre.lower()
+        patterns = GENRE_WORDS.get(g, (re.escape(g),))
+        if any(re.search(rf"(?<![\w-]){p}(?![\w-])", low) for p in patterns):
+            found.add(g)
+    return found
+
+
+def year_claims(text: str) -> tuple[set[int], set[int]]:
+    """(years, decade starts) the text names: "1995" -> year; "90s", "1990s", "'90s" -> decade 1990."""
+    years = {int(y) for y in _YEAR.findall(text)}
+    decades = set()
+    for century, digit in _DECADE.findall(text):
+        if century:
+            decades.add(int(century) * 100 + int(digit) * 10)
+        else:
+            decades.add((2000 if digit in "012" else 1900) + int(digit) * 10)
+    no_decade_years = {y for y in years if not re.search(rf"{y}'?s\b", text)}
+    return no_decade_years, decades
+
+
+def is_empty(reason: str) -> bool:
+    words = _WORD.findall(reason.lower())
+    return len(reason.strip()) < 10 or sum(any(ch.isalpha() for ch in w) for w in words) < 3
+
+
+def repetition(reason: str) -> str | None:
+    """A description of the repetition, or None."""
+    words = _WORD.findall(reason.lower())
+    for a, b, c in zip(words, words[1:], words[2:], strict=False):
+        if a == b == c:
+            return f"word '{a}' three times in a row"
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
+    seen: set[tuple[str, ...]] = set()
+    for t in trigrams:
+        if t in seen:
+            return f"phrase '{' '.join(t)}' repeated"
+        seen.add(t)
+    if len(words) >= 8 and len(set(words)) / len(words) < 0.5:
+        return f"only {len(set(words))} distinct words out of {len(words)}"
+    return None
+
+
+def check_explanation(history: Sequence[str], item_id: str, reason: str | None, evidence: Sequence[str],
+                      facts: Mapping[str, ItemFacts], genre_vocabulary: Iterable[str] | None = None
+                      ) -> list[Violation]:
+    """Every violation of one explanation (empty list when it passes)."""
+    reason = reason or ""
+    out: list[Violation] = []
+    hist = set(history)
+    if item_id not in facts:
+        out.append(Violation(check="unknown_item", detail=f"item '{item_id}' is not in the catalogue"))
+    unknown_history = [h for h in history if h not in facts]
+    if unknown_history:
+        out.append(Violation(check="unknown_history_item",
+                             detail=f"history ids {unknown_history[:5]} are not in the catalogue"))
+    if item_id in hist:
+        out.append(Violation(check="already_seen", detail=f"item '{item_id}' is in the history"))
+    outside = [e for e in evidence if e not in hist]
+    if outside:
+        out.append(Violation(check="evidence_not_in_history", detail=f"evidence {outside} not in the history"))
+    if is_empty(reason):
+        out.append(Violation(check="empty", detail=f"reason {reason!r} says nothing"))
+        return out
+    rep = repetition(reason)
+    if rep:
+        out.append(Violation(check="repetition", detail=rep))
+    item = facts.get(item_id)
+    if item is not None:
+        cited = [facts[i] for i in ([e for e in evidence if e in hist] or list(history)) if i in facts]
+        others = [f.title for i, f in facts.items() if i != item_id]
+        wrong_genres: set[str] = set()
+        wrong_years: list[str] = []
+        vocabulary = list(dict.fromkeys([*GENRE_WORDS, *(g.lower() for g in genre_vocabulary or ())]))
+        for clause, names_other in clauses(reason, item.title, others):
+            support = [item, *cited] if names_other else [item]
+            true_genres = {g.lower() for f in support for g in f.genres}
+            wrong_genres |= genre_claims(clause, vocabulary) - true_genres
+            true_years = {y for f in support for y in f.years}
+            years, decades = year_claims(clause)
+            wrong_years += [str(y) for y in sorted(years) if y not in true_years]
+            wrong_years += [f"{d}s" for d in sorted(decades) if not any(d <= y < d + 10 for y in true_years)]
+        if wrong_genres:
+            out.append(Violation(check="genre_claim", detail=f"claims {sorted(wrong_genres)}; item genres "
+                                 f"{list(item.genres)}"))
+        if wrong_years:
+            out.append(Violation(check="year_claim", detail=f"claims {wrong_years}; item years {list(item.years)}"))
+    return out
+
+
+def clauses(reason: str, item_title: str, other_titles: Sequence[str]) -> list[tuple[str, bool]]:
+    """Clauses of the reason with titles removed, each flagged when it names another (history) item: claims in
+    such a clause may be about that item; claims elsewhere must hold for the recommended item."""
+    text = reason
+    for title in sorted(other_titles, key=len, reverse=True):
+        for v in title_variants(title):
+            text = re.sub(rf"(?<!\w){re.escape(v)}(?!\w)", " \x01 ", text, flags=re.IGNORECASE)
+    text = strip_titles(text, [item_title])
+    parts = re.split(r"[,;:.!?]|\s-\s|\bbut\b|\bwhile\b", text)
+    return [(p.replace("\x01", " "), "\x01" in p) for p in parts if p.strip()]
+
+
+def list_checks(ranked: Sequence[str], history: Sequence[str], allowed: Iterable[str] | None = None
+                ) -> dict[str, int]:
+    """Counts over one recommendation list: ids outside ``allowed``, duplicates, already-seen items."""
+    allowed_set = set(allowed) if allowed is not None else None
+    hist = set(history)
+    return {
+        "items": len(ranked),
+        "invalid": sum(1 for i in ranked if allowed_set is not None and i not in allowed_set),
+        "duplicates": len(ranked) - len(set(ranked)),
+        "already_seen": sum(1 for i in ranked if i in hist),
+    }
+
+
+def violation_rates(results: Sequence[Sequence[Violation]]) -> dict[str, float]:
+    """Share of explanations failing each check, and failing any."""
+    n = len(results)
+    if n == 0:
+        return {c: float("nan") for c in (*CHECKS, "any")}
+    rates = {c: sum(any(v.check == c for v in r) for r in results) / n for c in CHECKS}
+    rates["any"] = sum(bool(r) for r in results) / n
+    return rates
+
+
+def list_rates(counts: Sequence[Mapping[str, int]], degraded: Sequence[bool] = ()) -> dict[str, float]:
+    """Invalid, duplicate and already-seen rates over all listed items; invalid-output rate over lists."""
+    items = sum(c["items"] for c in counts) or 1
+    out = {name + "_rate": sum(c[name] for c in counts) / items for name in ("invalid", "duplicates", "already_seen")}
+    out["invalid_output_rate"] = (sum(degraded) / len(degraded)) if degraded else 0.0
+    return out

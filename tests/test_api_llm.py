@@ -1,0 +1,92 @@
+"""Routes with the real embedded LLM (SmolLM2-135M in-process) and the micro-batching wrapper around it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from agent.llm.base import LLMBackend
+from agent.rerank import Reranker
+from agent.runtime import BatchingBackend, Metrics
+from agent.service import RecommenderService
+from agent.settings import Settings
+from retrieval.index import Index
+from serve import create_app
+
+pytestmark = pytest.mark.llm
+
+
+@pytest.fixture(scope="module")
+def real_backend(recagent_test_home: Any) -> Iterator[LLMBackend]:
+    from agent.llm.config import LLMConfig
+    from agent.llm.registry import make_backend
+
+    backend = make_backend(LLMConfig(backend="transformers"))
+    yield backend
+    backend.close()
+
+
+def test_recommend_and_rerank_with_the_real_model(tiny_index: Index, real_backend: LLMBackend) -> None:
+    from fastapi.testclient import TestClient
+
+    app = create_app(Settings(llm="transformers", deadline_s=300, micro_batch=False),
+                     service=RecommenderService(tiny_index, backend=real_backend))
+    with TestClient(app) as c:
+        assert c.get("/readyz").json()["llm"] is True
+        r = c.post("/v1/recommendations", json={"user_id": "u2", "k": 3, "mode": "score"})
+        body = r.json()
+        assert r.status_code == 200 and not body["degraded"], body
+        assert body["model"] and all(i["llm_score"] is not None for i in body["items"])
+        free = {"id": "ext-1", "title": "Moon Base Alpha", "text": "Astronauts defend a lunar space station."}
+        r = c.post("/v1/rerank", json={"history": ["s1", "s2"], "candidates": ["s3", free, "a1"], "k": 2,
+                                       "explain": True})
+        body = r.json()
+        assert r.status_code == 200 and not body["degraded"], body
+        assert len(body["items"]) == 2 and all(i["reason"] for i in body["items"])
+        assert body["timings"]["llm_ms"] > 0
+        assert 'recagent_llm_tokens_total{kind="prompt"}' in c.get("/metrics").text
+
+
+def test_batched_scores_match_single_scores(tiny_index: Index, real_backend: LLMBackend) -> None:
+    batching = BatchingBackend(real_backend, window_ms=1)
+    reranker = Reranker(real_backend)
+    service = RecommenderService(tiny_index, backend=None)
+    requests = []
+    for user in ("u2", "u5", "u7"):
+        history = service.history_inputs(tiny_index.catalog.user_history(user)[:2])
+        candidates = [service.rank_input(c) for c in service.retriever.retrieve(history=[h.item_id for h in history],
+                                                                              k=6)]
+        requests.append(reranker.score_request(history, candidates))
+    single = [real_backend.score_labels(r) for r in requests]
+    batched = batching.forward(requests)
+    for a, b in zip(single, batched, strict=True):
+        assert len(a) == len(b)
+        # bf16 with padding differs slightly from one unpadded pass; the preferences must agree
+        assert np.max(np.abs(np.array(a) - np.array(b))) < 0.35
+        assert int(np.argmax(a)) == int(np.argmax(b))
+
+
+def test_concurrent_requests_share_forward_passes(tiny_index: Index, real_backend: LLMBackend) -> None:
+    metrics = Metrics()
+    batching = BatchingBackend(real_backend, window_ms=50, max_batch=8, on_batch=metrics.batch_size.observe)
+    service = RecommenderService(tiny_index, backend=batching)
+    app = create_app(Settings(llm="transformers", workers=4, deadline_s=300), service=service)
+    app.state.holder["runtime"].metrics.batch_size = metrics.batch_size
+    batching.on_batch = metrics.batch_size.observe
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     timeout=300) as c:
+            return list(await asyncio.gather(*[
+                c.post("/v1/recommendations", json={"user_id": u, "k": 3}) for u in ("u1", "u2", "u5", "u7")]))
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 and not r.json()["degraded"] for r in responses), [r.text for r in responses]
+    sizes = metrics.registry.get_sample_value("recagent_llm_score_batch_size_sum")
+    count = metrics.registry.get_sample_value("recagent_llm_score_batch_size_count")
+    assert sizes is not None and count is not None and sizes / count > 1.0, (sizes, count)

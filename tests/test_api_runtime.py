@@ -1,0 +1,69 @@
+"""The runtime's micro-batcher: concurrent score requests share a forward pass; stale work is dropped."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from agent.llm.base import LLMError, ScoreRequest
+from agent.runtime import BatchingBackend, deadline_var
+
+
+class _Inner:
+    """Just enough of the transformers backend's surface for BatchingBackend to accept it."""
+
+    name = "inner"
+    model = tokenizer = render = label_id = torch = None
+
+    def __init__(self) -> None:
+        from agent.llm.base import Usage
+
+        self._lock = threading.Lock()
+        self.usage = Usage()
+        self.model_name = "inner-model"
+
+    def close(self) -> None:
+        pass
+
+
+class _Recording(BatchingBackend):
+    def __init__(self, window_ms: float) -> None:
+        super().__init__(_Inner(), window_ms=window_ms, max_batch=8)  # type: ignore[arg-type]
+        self.batches: list[int] = []
+
+    def forward(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        self.batches.append(len(requests))
+        time.sleep(0.05)
+        return [[float(i)] * len(r.labels) for i, r in enumerate(requests)]
+
+
+def _request() -> ScoreRequest:
+    return ScoreRequest(messages=[], answer_prefix="", labels=["A", "B"])
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order() -> None:
+    batcher = _Recording(window_ms=100)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: batcher.score_labels(_request()), range(4)))
+    assert sorted(batcher.batches, reverse=True)[0] > 1, batcher.batches
+    assert sum(batcher.batches) == 4
+    assert all(len(r) == 2 for r in results)
+    assert batcher.score_labels_batch([_request(), _request()]) == [[0.0, 0.0], [1.0, 1.0]]
+    batcher.close()
+
+
+def test_expired_work_is_dropped_before_the_forward_pass() -> None:
+    batcher = _Recording(window_ms=1)
+    token = deadline_var.set(time.monotonic() - 1)
+    try:
+        with pytest.raises(LLMError, match="deadline"):
+            batcher.score_labels(_request())
+    finally:
+        deadline_var.reset(token)
+    assert batcher.batches == []
+    assert batcher.score_labels(_request()) == [0.0, 0.0]
+    batcher.close()

@@ -1,0 +1,30 @@
+"""The simulated-user evaluation on the tiny catalogue (retrieval-only agent, so it is fast)."""
+
+from __future__ import annotations
+
+from agent.service import RecommenderService
+from eval.chat_sim import evaluate_chat, markdown, sample_users
+from retrieval.catalog import Catalog
+from retrieval.index import Index
+
+
+def test_simulator_never_reveals_the_target(tiny_catalog: Catalog) -> None:
+    users = sample_users(tiny_catalog, 8, seed=1)
+    assert users
+    for user in users:
+        title = str(tiny_catalog.item(user.target)["title"]).lower()
+        for message in [user.opening(), *(user.answer(t) for t in range(2, 7))]:
+            assert title not in message.lower() and user.target not in message.split()
+        assert user.hints and any(g in user.hints[0] for g in tiny_catalog.item(user.target)["genres"])  # type: ignore[attr-defined]
+
+
+def test_evaluate_chat_report(tiny_index: Index) -> None:
+    payload = evaluate_chat(RecommenderService(tiny_index), n_users=6, max_turns=3, n_boot=50, k=2)
+    assert set(payload["results"]) == {"retrieval_only"}  # no backend: the LLM agent is left out
+    result = payload["results"]["retrieval_only"]
+    assert 0.0 <= result["success@3"]["mean"] <= 1.0
+    curve = result["success_by_turn"]
+    assert len(curve) == 3 and curve == sorted(curve) and curve[-1] == result["success@3"]["mean"]
+    assert len(payload["episodes"]["retrieval_only"]) == payload["users"] == 6
+    text = markdown(payload, ["note"])
+    assert "success@3" in text and "retrieval_only" in text

@@ -57,10 +57,17 @@ class ModeConfig(BaseModel):
     tuned: bool = False
 
 
+class TunedRerank(BaseModel):
+    """What tuning stores with the index (everything else keeps the code's defaults)."""
+
+    calibrate: bool = True
+    modes: dict[str, ModeConfig] = Field(default_factory=dict)
+
+
 class RerankConfig(BaseModel):
     prompt_version: str = "v1"
     max_candidates: int = Field(default=20, ge=1, le=len(LABELS))
-    history_token_budget: int = Field(default=160, ge=16, description="history trimmed oldest-first to this")
+    history_token_budget: int = Field(default=120, ge=16, description="history trimmed oldest-first to this")
     text_chars: int = Field(default=90, ge=10, description="item text cut to this many characters in prompts")
     perms: int = Field(default=1, ge=1, description="candidate orders averaged in score mode")
     calibrate: bool = Field(default=True, description="subtract a content-free prompt's label bias")
@@ -71,11 +78,18 @@ class RerankConfig(BaseModel):
 
     @classmethod
     def load(cls, index: Index) -> RerankConfig:
-        """Defaults, overridden by what ``recagent eval rerank --tune`` stored with the index."""
+        """Defaults, with the tuned choices (per-mode alpha, calibration) that ``recagent eval rerank --tune``
+        stored beside the index."""
+        config = cls()
         path = cls.path(index)
         if path is not None and path.exists():
-            return cls.model_validate(json.loads(path.read_text()))
-        return cls()
+            tuned = TunedRerank.model_validate(json.loads(path.read_text()))
+            config.calibrate = tuned.calibrate
+            config.modes.update(tuned.modes)
+        return config
+
+    def tuned(self) -> TunedRerank:
+        return TunedRerank(calibrate=self.calibrate, modes=self.modes)
 
     @staticmethod
     def path(index: Index) -> Path | None:
@@ -147,7 +161,7 @@ class Reranker:
     def _text(self, item: RankInput) -> str:
         """Compact item text for prompts: title with its first genres, or the given text for free items."""
         if item.genres:
-            return prompts.clean_text(f"{item.title} ({', '.join(item.genres[:2])})", self.config.text_chars)
+            return prompts.clean_text(f"{item.title} [{item.genres[0]}]", self.config.text_chars)
         return prompts.clean_text(item.text or item.title, self.config.text_chars)
 
     def trim_history(self, history: Sequence[RankInput]) -> list[RankInput]:

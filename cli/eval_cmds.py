@@ -134,7 +134,7 @@ def eval_rerank(
         config.modes[mode] = ModeConfig(alpha=alpha, tuned=True)
         path = RerankConfig.path(index)
         assert path is not None
-        atomic_write_json(path, config.model_dump(mode="json"))
+        atomic_write_json(path, config.tuned().model_dump(mode="json"))
         console.print(f"[green]tuned[/] {mode}: alpha={alpha}, calibrate={config.calibrate}; stored in {path}")
     report["alpha"] = alpha
     for part, res in results.items():

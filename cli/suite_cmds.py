@@ -25,7 +25,7 @@ def eval_all(
     generate_users: int = typer.Option(10, "--generate-users", min=0, help="users for generate mode"),
     explain_users: int = typer.Option(15, "--explain-users", min=0, help="users for score mode + explanations"),
     perms_users: int = typer.Option(40, "--perms-users", min=0, help="users for the 2-permutation ablation"),
-    bias_users: int = typer.Option(4, "--bias-users", min=0, help="users for the position-bias curve"),
+    bias_users: int = typer.Option(16, "--bias-users", min=0, help="validation users for the position-bias curve"),
     judge_items: int = typer.Option(16, "--judge-items", min=0, help="explanations scored by the judge"),
     pairwise_items: int = typer.Option(8, "--pairwise-items", min=0, help="pairs judged in both orders"),
     chat_users: int = typer.Option(8, "--chat-users", min=0, help="simulated chat users (0: skip)"),

@@ -44,6 +44,13 @@ from retrieval.index import Index
 logger = logging.getLogger(__name__)
 STAGES = ("retrieval", "score", "bias", "generate", "explain", "chat", "judge", "validity")
 ROW_METRICS = ("ndcg@10", "recall@10")
+_EXPLANATIONS = ("generate_users", "generate_k", "explain_users", "explain_k")
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "retrieval": (), "score": ("perms_users",), "bias": ("bias_users", "bias_positions"),
+    "generate": ("generate_users", "generate_k"), "explain": ("explain_users", "explain_k"),
+    "chat": ("chat_users", "chat_turns", "n_boot"), "judge": ("judge_items", "pairwise_items", *_EXPLANATIONS),
+    "validity": ("validity",),
+}
 
 
 class SuiteConfig(BaseModel):
@@ -53,7 +60,7 @@ class SuiteConfig(BaseModel):
     n_boot: int = Field(default=1000, ge=10)
     n_candidates: int = Field(default=20, ge=2)
     perms_users: int = Field(default=40, ge=0, description="subset for the 2-permutation ablation")
-    bias_users: int = Field(default=4, ge=0)
+    bias_users: int = Field(default=16, ge=0, description="validation users sampled (retrieved targets count)")
     bias_positions: list[int] = Field(default_factory=lambda: [0, 4, 9, 14, 19])
     generate_users: int = Field(default=10, ge=0)
     generate_k: int = Field(default=5, ge=1, description="items the LLM lists; the rest keep retrieval order")
@@ -69,7 +76,10 @@ class SuiteConfig(BaseModel):
         return min(n, self.users)
 
     def key(self, stage: str) -> str:
-        return hashlib.sha256(f"{stage}:{self.model_dump_json()}".encode()).hexdigest()[:16]
+        """Cache key of a stage: the configuration fields that stage depends on (not the code version: use
+        ``--fresh`` or another ``--run-id`` after changing code)."""
+        fields = {f: getattr(self, f) for f in ("catalog", "users", "seed", "n_candidates", *STAGE_FIELDS[stage])}
+        return hashlib.sha256(f"{stage}:{json.dumps(fields, sort_keys=True)}".encode()).hexdigest()[:16]
 
 
 class RecordingBackend(LLMBackend):

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,15 +74,17 @@ class Embedder:
         self.batch_size = batch_size
         self.name = self.model_dir.name
         self._model: Any = None
+        self._lock = threading.Lock()
         self.cache = EmbeddingCache(recagent_home() / "cache" / f"embeddings-{self.name}.sqlite") if cache else None
         self.model_calls = 0  # texts actually sent to the model (for tests and logs)
 
     @property
     def model(self) -> Any:
-        if self._model is None:
-            from sentence_transformers import SentenceTransformer
+        with self._lock:  # loaded once even when several threads ask at the same time
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(self.model_dir), device="cpu", local_files_only=True)
+                self._model = SentenceTransformer(str(self.model_dir), device="cpu", local_files_only=True)
         return self._model
 
     @property

@@ -263,3 +263,23 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings()
     assert s.port == 9123 and s.cors_origins == ["http://a", "http://b"] and not s.use_llm
     assert s.api_key is not None and "zq-secret-99" not in repr(s)
+
+
+def test_stopped_llm_server_degrades_every_route(tiny_index: Index) -> None:
+    """The OpenAI-compatible backend pointed at a port where no server listens (a stopped vLLM)."""
+    from test_api_fakes import free_port
+
+    from agent.llm.config import LLMConfig
+    from agent.llm.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend(LLMConfig(backend="openai", url=f"http://127.0.0.1:{free_port()}/v1", timeout_s=0.5,
+                                      served_model="m"))
+    with make_client(tiny_index, backend=backend) as c:
+        for path, payload in [("/v1/recommendations", {"user_id": "u2", "k": 3, "explain": True}),
+                              ("/v1/rerank", {"history": ["s1"], "candidates": ["s2", "a1"]})]:
+            r = c.post(path, json=payload)
+            assert r.status_code == 200 and r.json()["degraded"] and r.json()["items"], r.text
+        chat = c.post("/v1/chat", json={"message": "recommend a space movie"})
+        assert chat.status_code == 200 and chat.json()["reply"]
+        assert c.get("/v1/items/s1").status_code == 200
+        assert c.get("/readyz").status_code == 200

@@ -45,6 +45,9 @@ def test_likes_and_genre_exclusion_with_synonym() -> None:
     ("Something from the 1990s.", "year_min", 1990),
     ("a film from the 80s", "year_max", 1989),
     ("J'ai adoré Toy Story, pas de horreur", "liked", ["Toy Story"]),
+    ("I liked E.T. the Extra-Terrestrial and Mr. Holland's Opus. Next?", "liked",
+     ["E.T. the Extra-Terrestrial and Mr. Holland's Opus"]),
+    ("None of those. Something else, please.", "more", True),
     ("J'ai adoré Toy Story, pas de horreur", "exclude_genres", ["Horror"]),
 ])
 def test_rules(message: str, field: str, value: object) -> None:

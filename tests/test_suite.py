@@ -61,6 +61,8 @@ def test_suite_writes_report_caches_stages_and_repeats_itself(tiny_index: Index,
 
     again, _ = run(tiny_index, tmp_path / "a")
     assert set(again["_cached"]) == set(suite.STAGES)
+    partly, _ = run(tiny_index, tmp_path / "a", judge_items=3)  # only the stage that depends on it reruns
+    assert set(partly["_cached"]) == set(suite.STAGES) - {"judge"}
 
     _, other = run(tiny_index, tmp_path / "b", fresh=True)
     assert rp.stable(other) == rp.stable(metrics)

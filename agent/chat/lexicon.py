@@ -74,6 +74,8 @@ MULTI_GENRE: dict[str, tuple[str, ...]] = {
     "dark": ("Horror", "Film-Noir"),
 }
 
+# title text runs to the end of the sentence; initials ("E.T.") and "Mr." do not end it
+_TITLE_CHARS = r"(?:[^.;!?\n]|(?<=\b[A-Z])\.|(?<=Mr)\.|(?<=Mrs)\.|(?<=Dr)\.|(?<=St)\.|(?<=Jr)\.|(?<=vs)\.)+"
 NEGATION = re.compile(
     r"\b(no|nothing|not|without|avoid|skip|hate|hated|dislike|never|none|less|fewer|except|anything but|"
     r"don't want|dont want|do not want|no more|not into|nada|sin|sans|pas de|kein|keine|ohne)\b",
@@ -81,14 +83,14 @@ NEGATION = re.compile(
 )
 DISLIKE_CUE = re.compile(
     r"\b(?:i\s+)?(?:really\s+)?(?:hated|hate|disliked|dislike|didn't like|didnt like|did not like|don't like|"
-    r"dont like|do not like|can't stand|cannot stand|couldn't stand|was bored by)\s+(?P<body>[^.;!?\n]+)",
+    r"dont like|do not like|can't stand|cannot stand|couldn't stand|was bored by)\s+(?P<body>" + _TITLE_CHARS + r")",
     re.I,
 )
 LIKE_CUE = re.compile(
     r"(?<!would )(?<!'d )\b(?:i\s+)?(?:really\s+|absolutely\s+|also\s+|totally\s+)?"
     r"(?:loved|love|liked|like|enjoyed|enjoy|adored|adore|adoré|aimé|encantó|encanta|mochte|liebe|"
     r"big fan of|fan of|more like|something like|anything like|similar to|movies like|films like|"
-    r"more films like|more movies like)\s+(?P<body>[^.;!?\n]+)",
+    r"more films like|more movies like)\s+(?P<body>" + _TITLE_CHARS + r")",
     re.I,
 )
 # bodies of a like-cue that are not titles ("I'd like something ...", "like to watch ...")

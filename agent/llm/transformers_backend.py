@@ -91,7 +91,8 @@ class TransformersBackend(LLMBackend):
             cache = DynamicCache(config=self.model.config)
             reused = 0
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids[reused:]]), cache=cache, use_cache=True)
+            out = self.model(input_ids=torch.tensor([ids[reused:]]), cache=cache, use_cache=True,
+                             logits_to_keep=1)
         self._cache = out.cache
         self._cached_ids = list(ids)
         self.usage.add("score", len(ids), 0, cached=reused)

@@ -28,7 +28,7 @@ def eval_all(
     bias_users: int = typer.Option(16, "--bias-users", min=0, help="validation users for the position-bias curve"),
     judge_items: int = typer.Option(16, "--judge-items", min=0, help="explanations scored by the judge"),
     pairwise_items: int = typer.Option(8, "--pairwise-items", min=0, help="pairs judged in both orders"),
-    chat_users: int = typer.Option(8, "--chat-users", min=0, help="simulated chat users (0: skip)"),
+    chat_users: int = typer.Option(30, "--chat-users", min=0, help="simulated chat users (0: skip)"),
     no_validity: bool = typer.Option(False, "--no-validity", help="skip judging the human-labelled set"),
     as_json: bool = typer.Option(False, "--json", help="print metrics.json"),
 ) -> None:

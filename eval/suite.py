@@ -68,8 +68,8 @@ class SuiteConfig(BaseModel):
     explain_k: int = Field(default=2, ge=1)
     judge_items: int = Field(default=16, ge=0, description="explanations scored with the rubric")
     pairwise_items: int = Field(default=8, ge=0, description="pairs judged, each in both orders")
-    chat_users: int = Field(default=8, ge=0)
-    chat_turns: int = Field(default=3, ge=1)
+    chat_users: int = Field(default=30, ge=0)
+    chat_turns: int = Field(default=5, ge=1)
     validity: bool = True
 
     def cap(self, n: int) -> int:

@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before anything imports torch (see retrieval/home.py)
+
 from retrieval.catalog import Catalog, catalog_root, load_catalog
 from retrieval.embeddings import Embedder
 from retrieval.home import configure_offline_environment

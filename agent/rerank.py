@@ -65,9 +65,11 @@ class TunedRerank(BaseModel):
 
 
 class RerankConfig(BaseModel):
-    prompt_version: str = "v1"
+    score_prompt: str = Field(default="v2", description="version of prompts/rerank_score.*.jinja")
+    generate_prompt: str = Field(default="v1", description="version of prompts/rerank_generate.*.jinja")
+    explain_prompt: str = Field(default="v1", description="version of prompts/explain.*.jinja")
     max_candidates: int = Field(default=20, ge=1, le=len(LABELS))
-    history_token_budget: int = Field(default=120, ge=16, description="history trimmed oldest-first to this")
+    history_token_budget: int = Field(default=100, ge=16, description="history trimmed oldest-first to this")
     text_chars: int = Field(default=90, ge=10, description="item text cut to this many characters in prompts")
     perms: int = Field(default=1, ge=1, description="candidate orders averaged in score mode")
     calibrate: bool = Field(default=True, description="subtract a content-free prompt's label bias")
@@ -158,11 +160,12 @@ class Reranker:
         self.dropped_evidence_total = 0
 
     # --- prompt pieces -------------------------------------------------------------------------------------
-    def _text(self, item: RankInput) -> str:
-        """Compact item text for prompts: title with its first genres, or the given text for free items."""
-        if item.genres:
-            return prompts.clean_text(f"{item.title} [{item.genres[0]}]", self.config.text_chars)
-        return prompts.clean_text(item.text or item.title, self.config.text_chars)
+    def _text(self, item: RankInput, detailed: bool = False) -> str:
+        """Item text for prompts: the title (with its year) for the compact score prompt; with ``detailed`` the
+        genres too, so written reasons can refer to them. Free items without a title use their text."""
+        if detailed and item.genres:
+            return prompts.clean_text(f"{item.title} ({', '.join(item.genres[:3])})", self.config.text_chars)
+        return prompts.clean_text(item.title or item.text, self.config.text_chars)
 
     def trim_history(self, history: Sequence[RankInput]) -> list[RankInput]:
         """Newest items that fit the token budget, returned oldest first."""
@@ -195,7 +198,7 @@ class Reranker:
         return list(reversed(kept))
 
     def score_request(self, history: Sequence[RankInput], ordered: Sequence[RankInput]) -> ScoreRequest:
-        tpl = prompts.load("rerank_score", self.config.prompt_version)
+        tpl = prompts.load("rerank_score", self.config.score_prompt)
         rendered = tpl.render(
             history=[{"text": self._text(h)} for h in history],
             candidates=[{"label": LABELS[i], "text": self._text(c)} for i, c in enumerate(ordered)],
@@ -250,9 +253,10 @@ class Reranker:
 
     def _structured(self, prompt: str, key: str, history: Sequence[RankInput], items: Sequence[RankInput],
                     k: int) -> list[_Entry]:
-        tpl = prompts.load(prompt, self.config.prompt_version)
-        rendered = tpl.render(history=[{"item_id": h.item_id, "text": self._text(h)} for h in history],
-                              candidates=[{"item_id": c.item_id, "text": self._text(c)} for c in items], k=k)
+        version = self.config.generate_prompt if prompt == "rerank_generate" else self.config.explain_prompt
+        tpl = prompts.load(prompt, version)
+        rendered = tpl.render(history=[{"item_id": h.item_id, "text": self._text(h, True)} for h in history],
+                              candidates=[{"item_id": c.item_id, "text": self._text(c, True)} for c in items], k=k)
         schema = self._schema(key, [c.item_id for c in items], [h.item_id for h in history], k)
         max_tokens = k * (self.config.reason_chars // 2 + 24 + 6 * self.config.evidence_max) + 32
         raw = self.backend.generate_json(rendered.messages, schema, max_tokens=max_tokens)  # type: ignore[arg-type]

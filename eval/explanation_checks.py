@@ -81,15 +81,16 @@ def facts_for(catalog: object, ids: Iterable[str]) -> dict[str, ItemFacts]:
 
 
 def title_variants(title: str) -> list[str]:
-    """``"Godfather, The (1972)"`` -> "The Godfather (1972)", "The Godfather", "Godfather" (longest first; the
-    catalogue's comma form is left out: it would swallow the next sentence's article)."""
+    """``"Godfather, The (1972)"`` -> "Godfather, The (1972)", "The Godfather (1972)", "The Godfather",
+    "Godfather" (longest first). The catalogue's comma form counts only with its year: without it, it would
+    swallow the article of a following sentence ("... Sound of Music, The Blues Brothers is ...")."""
     year = _TITLE_YEAR.search(title)
     base = _TITLE_YEAR.sub("", title).strip()
     m = re.match(r"^(.*), (The|A|An|Les|La|Le|Il|El|Das|Der|Die)$", base)
     natural = f"{m.group(2)} {m.group(1)}" if m else base
     variants = {natural, m.group(1) if m else base}
     if year:
-        variants.add(f"{natural} {year.group(0)}")
+        variants |= {f"{natural} {year.group(0)}", f"{base} {year.group(0)}"}
     return sorted((v for v in variants if len(v) >= 2), key=len, reverse=True)
 
 

@@ -154,7 +154,8 @@ class RerankEvaluator:
                 if mode == "score":
                     llm = self.reranker.llm_scores(trimmed, cands).tolist()
                 else:
-                    answer = self.reranker.rerank(history, cands, k=len(cands), mode="generate", alpha=1.0)
+                    # the model writes the top 10 (what NDCG@10 reads); the rest follow in retrieval order
+                    answer = self.reranker.rerank(history, cands, k=min(10, len(cands)), mode="generate", alpha=1.0)
                     degraded = answer.degraded
                     invalid = degraded
                     dropped = answer.dropped_evidence

@@ -98,3 +98,13 @@ def test_the_human_labelled_set_is_well_formed() -> None:
         assert isinstance(r["history"], list) and r["history"] and isinstance(r["item_id"], str)
     for criterion in ("relevance", "faithfulness", "specificity", "persuasiveness"):
         assert len({r["labels"][criterion] for r in rows}) >= 3  # the set spans good and bad cases
+
+
+def test_catalogue_style_titles_with_colons_and_articles_are_removed_before_checking() -> None:
+    facts = dict(FACTS)
+    lost = xc.make_facts({"item_id": "252", "title": "Lost World: Jurassic Park, The (1997)", "year": 1997,
+                          "genres": ["Action", "Adventure", "Sci-Fi", "Thriller"]})
+    facts["252"] = lost
+    found = xc.check_explanation(["252"], "183", "Because you liked Lost World: Jurassic Park, The (1997): it is "
+                                 "also Action, Sci-Fi, Thriller.", ["252"], facts)
+    assert found == []

@@ -23,7 +23,7 @@ def render(name: str, version: str) -> str:
                       ensure_ascii=False) + "\n"
 
 
-@pytest.mark.parametrize("name", ["rerank_score.v1", "rerank_generate.v1", "explain.v1"])
+@pytest.mark.parametrize("name", ["rerank_score.v1", "rerank_score.v2", "rerank_generate.v1", "explain.v1"])
 def test_rendering_matches_snapshot(name: str) -> None:
     base, version = name.rsplit(".", 1)
     text = render(base, version)

@@ -79,8 +79,10 @@ def eval_all(
                   judge_config.same_backend_as(llm_config), "temperature": judge_config.temperature},
         "data": {"catalog_hash": cat.content_hash(), "index_hash": index.manifest.content_hash,
                  "embed_model": index.manifest.embed_model, "fusion": index.manifest.fusion.model_dump()},
+        "rerank": results["score"].get("rerank") or suite.rerank_provenance(index),  # as the stage ran
         "machine": suite.machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_seconds": round(time.perf_counter() - t0, 1), "cached_stages": results["_cached"],
+        "stage_seconds_total": round(sum(results["_seconds"].values()), 1),
     }
     path = rp.write_report(run_dir, metrics, results)
     if as_json:

@@ -49,8 +49,9 @@ def time_retrieve(catalog: Catalog, users: int = 200, k: int = 50, seed: int = 0
         t0 = time.perf_counter()
         retriever.retrieve(histories[user], k=k, filters=filters)
         lat.append((time.perf_counter() - t0) * 1000)
+    mean_history = float(np.mean([len(histories[u]) for u in chosen]))
     return {"users": len(chosen), "k": k, "filter": genre, "p50_ms": statistics.median(lat),
-            "p95_ms": float(np.quantile(lat, 0.95)), "mean_history": float(np.mean([len(histories[u]) for u in chosen]))}
+            "p95_ms": float(np.quantile(lat, 0.95)), "mean_history": mean_history}
 
 
 def manifest_build_seconds(catalog: Catalog) -> float | None:

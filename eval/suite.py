@@ -222,7 +222,7 @@ def stage_score(ctx: Context) -> dict[str, Any]:
     ablations["alpha_sensitivity_test"] = grid
     return {"rows": rows, "alpha": alpha, "ablations": ablations, "rates": rx.rates(part),
             "latency_s": [u.latency_s for u in users], "latency": rx.latency_summary(part),
-            "perms": ev.config.perms, "calibrate": ev.config.calibrate,
+            "perms": ev.config.perms, "calibrate": ev.config.calibrate, "rerank": rerank_provenance(ctx.index),
             "users": [dataclasses.asdict(u) for u in users]}
 
 
@@ -574,3 +574,22 @@ def machine() -> dict[str, Any]:
 
 def default_run_id(config: SuiteConfig, commit: str) -> str:
     return f"{config.catalog}-u{config.users}-s{config.seed}-{commit[:8]}"
+
+
+def rerank_provenance(index: Index) -> dict[str, Any]:
+    """The reranker configuration in use and the hashes of every prompt template the suite renders."""
+    import prompts
+
+    config = RerankConfig.load(index)
+    dump = config.model_dump()
+    versions = {name: dump.get(f"{key}_prompt", dump.get("prompt_version", "v1"))
+                for name, key in (("rerank_score", "score"), ("rerank_generate", "generate"), ("explain", "explain"))}
+    versions.update({"judge_rubric": "v1", "judge_pairwise": "v1"})
+    hashes = {}
+    for name, version in versions.items():
+        try:
+            t = prompts.load(name, str(version))
+            hashes[t.id] = t.sha256
+        except ValueError:
+            hashes[f"{name}.{version}"] = "missing"
+    return {"config": dump, "prompts": hashes}

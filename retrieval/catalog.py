@@ -115,7 +115,7 @@ class Catalog:
     def content_hash(self) -> str:
         digest = hashlib.sha256()
         for frame in (self.items, self.interactions):
-            digest.update(pd.util.hash_pandas_object(frame.astype(str), index=False).values.tobytes())
+            digest.update(pd.util.hash_pandas_object(frame.astype(str), index=False).to_numpy().tobytes())
         return digest.hexdigest()[:16]
 
 

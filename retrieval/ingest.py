@@ -251,10 +251,10 @@ def _parse_timestamps(table: Table, values: pd.Series) -> pd.Series:
         except ValueError:
             pass
         try:
-            stamp = pd.Timestamp(text)
+            stamp: pd.Timestamp | None = pd.Timestamp(text)
         except (ValueError, TypeError):
-            stamp = pd.NaT
-        if pd.isna(stamp):
+            stamp = None
+        if stamp is None or pd.isna(stamp):
             raise table.error(index, "timestamp", f"cannot parse timestamp {text[:40]!r} "
                                                   "(use epoch seconds or an ISO 8601 date)")
         if stamp.tzinfo is None:

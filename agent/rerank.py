@@ -206,6 +206,11 @@ class Reranker:
         return ScoreRequest(messages=rendered.messages, answer_prefix=rendered.answer_prefix,  # type: ignore[arg-type]
                             labels=list(LABELS[: len(ordered)]))
 
+    @property
+    def biases(self) -> dict[int, np.ndarray]:
+        """Content-free label biases computed so far, by number of candidates."""
+        return self._bias
+
     def label_bias(self, n: int) -> np.ndarray:
         """Label log-probs for a content-free prompt with ``n`` candidates (calibration)."""
         if n not in self._bias:

@@ -121,15 +121,26 @@ def eval_rerank(
         report["position_bias"] = bias
         rx.plot_position_bias(bias, str(REPORTS / f"{stem}-bias.png"))
         report["position_bias_plot"] = f"{stem}-bias.png"
-        if tune:  # one forward pass per user keeps the latency target; pick the flatter single-pass setting
-            config.calibrate = bias["calibrated"]["spread_top1"] <= bias["raw"]["spread_top1"]
     results = {}
     for part in ("validation", "test"):
         cases = rx.sample_cases(split.cases(part), users, seed)
         results[part] = evaluator.run_part(split, part, cases, mode=mode)
     alpha = config.alpha(mode)
     if tune:
-        alpha, grid = rx.tune_alpha(results["validation"], seed)
+        choices = {}
+        if mode == "score" and config.perms == 1:  # calibration on/off from the same pass, chosen on validation
+            for cal in (True, False):
+                variant = rx.with_calibration(results["validation"], evaluator.reranker.biases, cal)
+                choices[cal] = (*rx.tune_alpha(variant, seed), variant)
+        else:
+            choices[config.calibrate] = (*rx.tune_alpha(results["validation"], seed), results["validation"])
+        chosen = max(choices, key=lambda c: (max(choices[c][1].values()), c))
+        config.calibrate = chosen
+        alpha, grid, _ = choices[chosen]
+        if mode == "score" and config.perms == 1:
+            biases = evaluator.reranker.biases
+            results = {part: rx.with_calibration(res, biases, chosen) for part, res in results.items()}
+        report["calibration_choice"] = {str(c): round(max(v[1].values()), 6) for c, v in choices.items()}
         report["alpha_grid"] = {str(a): v for a, v in grid.items()}
         config.modes[mode] = ModeConfig(alpha=alpha, tuned=True)
         path = RerankConfig.path(index)

@@ -131,11 +131,16 @@ def analyse(results: Mapping[str, Any], config: Any, catalog: Any) -> dict[str, 
     chat = results.get("chat", {})
     out["chat"] = {"skipped": chat["skipped"]} if "skipped" in chat else {
         k: chat.get(k) for k in ("users", "max_turns", "k", "results", "success_diff_llm_minus_retrieval")}
+    chat_ms = {}  # measured times go to the latency section, so the chat metrics repeat exactly
+    for agent, r in (out["chat"].get("results") or {}).items():
+        r = dict(r)
+        chat_ms[agent] = r.pop("ms_per_turn", None)
+        out["chat"]["results"][agent] = r
     out["latency"] = {"score_per_user": _latency(score.get("latency_s", [])),
                       "generate_per_user": _latency(results["generate"].get("latency_s", [])),
                       "explain_per_user": _latency(results["explain"].get("latency_s", [])),
                       "judge_per_call": _latency(results["judge"].get("latency_s", [])),
-                      "stage_seconds": results.get("_seconds", {})}
+                      "chat_ms_per_turn": chat_ms, "stage_seconds": results.get("_seconds", {})}
     return out
 
 
@@ -472,7 +477,9 @@ def markdown(m: Mapping[str, Any], plots: Sequence[str]) -> str:
         lines += ["## Chat simulation", "", "```", json.dumps(chat, indent=1, default=str)[:3000], "```", ""]
     lines += ["## Latency", ""]
     for k, v in m["latency"].items():
-        if k != "stage_seconds":
+        if k == "chat_ms_per_turn":
+            lines.append("- chat ms per turn: " + json.dumps(v))
+        elif k != "stage_seconds":
             lines.append(f"- {k}: " + ", ".join(f"{a} {b:.2f}" if isinstance(b, float) else f"{a} {b}"
                                                for a, b in v.items()))
     lines.append("- stage seconds: " + json.dumps(m["latency"]["stage_seconds"]))

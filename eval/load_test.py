@@ -325,6 +325,7 @@ def write_reports(result: dict[str, Any], name: str, folder: Path = Path("report
         f"{' --explain' if cfg['explain'] else ''} --name {name}"
     )
     server = result.get("server") or {}
+    settings = ", ".join(f"{k}={v}" for k, v in (server.get("serving") or {}).items())
     md.write_text(
         "\n".join(
             [
@@ -333,6 +334,7 @@ def write_reports(result: dict[str, Any], name: str, folder: Path = Path("report
                 f"- command: `{command}`",
                 f"- server: catalogue {server.get('catalog')}, model {server.get('model')}, "
                 f"llm {server.get('llm')}",
+                f"- server settings: {settings or 'n/a'}",
                 f"- machine: {result['machine']}; load average before {result['load_average_before']}, "
                 f"after {result['load_average_after']}",
                 "- every request distinct (recommendations cycle through users; reranks draw random "

@@ -36,10 +36,12 @@ def configure_offline_environment(home: Path | None = None) -> Path:
         "VLLM_CACHE_ROOT": str(home / "vllm-cache"),
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
-        # OpenMP threads that spin while waiting make every torch op crawl (7 s instead of 0.4 s for a 600-token
-        # forward pass here) as soon as another process or thread holds a core; sleeping waits avoid that.
-        # Read when torch is first imported, so this must run before any torch import.
-        "OMP_WAIT_POLICY": "PASSIVE",
+        # OpenMP waits (read when torch is first imported, so this must run before any torch import). libgomp's
+        # default spins so long that every torch op crawls once another process holds a core (7 s instead of
+        # 0.4 s for a 600-token forward pass here); never spinning makes each hand-off to a second thread cost
+        # more than it saves on short prompts. A short spin keeps hand-offs fast on an idle machine, and the
+        # LLM's thread governor (agent/llm/threads.py) falls back to one thread when the machine is busy.
+        "GOMP_SPINCOUNT": "30000",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

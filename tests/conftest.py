@@ -25,7 +25,9 @@ from typing import Any
 
 import pytest
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before anything imports torch (see retrieval/home.py)
+# before anything imports torch (see retrieval/home.py): the suite runs servers beside the test process, so its
+# OpenMP threads never spin
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from retrieval.catalog import Catalog, catalog_root, load_catalog
 from retrieval.embeddings import Embedder

@@ -37,7 +37,8 @@ def test_recommend_and_rerank_with_the_real_model(tiny_index: Index, real_backen
     app = create_app(Settings(llm="transformers", deadline_s=300, micro_batch=False),
                      service=RecommenderService(tiny_index, backend=real_backend))
     with TestClient(app) as c:
-        assert c.get("/readyz").json()["llm"] is True
+        ready = c.get("/readyz").json()
+        assert ready["llm"] is True and ready["serving"]["llm_threads"] >= 1 and not ready["serving"]["micro_batch"]
         r = c.post("/v1/recommendations", json={"user_id": "u2", "k": 3, "mode": "score"})
         body = r.json()
         assert r.status_code == 200 and not body["degraded"], body

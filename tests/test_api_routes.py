@@ -44,6 +44,8 @@ def test_health_ready_docs_and_page(client: Any) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] and ready.json()["index"]
+    serving = ready.json()["serving"]
+    assert serving["workers"] >= 1 and "max_batch" in serving and not any("key" in k for k in serving)
     assert "/v1/recommendations" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
     page = client.get("/")

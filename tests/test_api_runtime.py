@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,7 +17,7 @@ class _Inner:
     """Just enough of the transformers backend's surface for BatchingBackend to accept it."""
 
     name = "inner"
-    model = tokenizer = render = label_id = torch = None
+    model = tokenizer = render = label_id = torch = threads_for = None
 
     def __init__(self) -> None:
         from agent.llm.base import Usage
@@ -31,8 +31,8 @@ class _Inner:
 
 
 class _Recording(BatchingBackend):
-    def __init__(self, window_ms: float) -> None:
-        super().__init__(_Inner(), window_ms=window_ms, max_batch=8)  # type: ignore[arg-type]
+    def __init__(self, window_ms: float, in_flight: Callable[[], int] | None = None) -> None:
+        super().__init__(_Inner(), window_ms=window_ms, max_batch=8, in_flight=in_flight)  # type: ignore[arg-type]
         self.batches: list[int] = []
 
     def forward(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
@@ -66,4 +66,24 @@ def test_expired_work_is_dropped_before_the_forward_pass() -> None:
         deadline_var.reset(token)
     assert batcher.batches == []
     assert batcher.score_labels(_request()) == [0.0, 0.0]
+    batcher.close()
+
+
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    batcher = _Recording(window_ms=5000, in_flight=lambda: 1)
+    t0 = time.monotonic()
+    assert batcher.score_labels(_request()) == [0.0, 0.0]
+    assert time.monotonic() - t0 < 2.5  # far below the 5 s window (and its 25 s cap)
+    assert batcher.batches == [1]
+    batcher.close()
+
+
+def test_the_window_closes_once_every_running_job_has_arrived() -> None:
+    batcher = _Recording(window_ms=5000, in_flight=lambda: 3)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: batcher.score_labels(_request()), range(3)))
+    assert time.monotonic() - t0 < 2.5
+    assert batcher.batches == [3]
+    assert sorted(r[0] for r in results) == [0.0, 1.0, 2.0]
     batcher.close()

@@ -27,6 +27,23 @@ class TestTransformersBackend(LLMBackendContract, RerankerContract):
         return transformers_backend
 
 
+@pytest.mark.llm
+def test_forward_passes_run_on_the_governors_thread_count(transformers_backend: Any) -> None:
+    import torch
+
+    from agent.llm.base import ScoreRequest
+
+    backend = transformers_backend
+    request = ScoreRequest(messages=[{"role": "user", "content": "Pick A or B."}], answer_prefix="", labels=["A", "B"])
+    for _ in range(6):
+        backend._cached_ids = []  # a full pass each time
+        with backend.threads_for(10) as step:
+            assert torch.get_num_threads() == step.threads
+        backend.score_labels(request)
+    measured = backend.governor.snapshot()["small"]
+    assert set(measured) == {1, backend.config.threads} and all(v > 0 for v in measured.values())
+
+
 @pytest.mark.vllm
 class TestVLLMBackend(LLMBackendContract, RerankerContract):
     @pytest.fixture

@@ -23,7 +23,8 @@ def render(name: str, version: str) -> str:
                       ensure_ascii=False) + "\n"
 
 
-@pytest.mark.parametrize("name", ["rerank_score.v1", "rerank_score.v2", "rerank_generate.v1", "explain.v1"])
+@pytest.mark.parametrize(
+    "name", ["rerank_score.v1", "rerank_score.v2", "rerank_score.v3", "rerank_generate.v1", "explain.v1"])
 def test_rendering_matches_snapshot(name: str) -> None:
     base, version = name.rsplit(".", 1)
     text = render(base, version)
@@ -55,3 +56,14 @@ def test_quote_strips_control_characters_and_bounds_length() -> None:
 
 def test_prompt_hash_is_stable() -> None:
     assert prompts.load("rerank_score").sha256 == prompts.load("rerank_score").sha256
+
+
+@pytest.mark.parametrize(("title", "bare"), [
+    ("Heat (1995)", "Heat"),
+    ("Seven (Se7en) (1995)", "Seven (Se7en)"),
+    ("Blade Runner", "Blade Runner"),
+    ("2001 (A Space Odyssey)", "2001 (A Space Odyssey)"),
+    ("Love (1999) Story", "Love (1999) Story"),
+])
+def test_without_year_strips_only_a_trailing_year(title: str, bare: str) -> None:
+    assert prompts.without_year(title) == bare

@@ -117,6 +117,16 @@ def test_item_text_is_quoted_data_in_the_prompt() -> None:
     assert "Ignore all rules" not in request.messages[0]["content"]
 
 
+def test_score_prompts_drop_release_years_unless_asked() -> None:
+    heat = RankInput("9", "Heat (1995)", "Heat (1995)", genres=["Action"])
+    compact = Reranker(ScriptedBackend()).score_request([heat], [heat]).messages[-1]["content"]
+    assert '"Heat"' in compact and "1995" not in compact
+    full = Reranker(ScriptedBackend(), RerankConfig(score_years=True)).score_request([heat], [heat])
+    assert '"Heat (1995)"' in full.messages[-1]["content"]
+    # written reasons still see the year and the genres
+    assert Reranker(ScriptedBackend())._text(heat, detailed=True) == "Heat (1995) (Action)"
+
+
 def test_retrieval_answer_keeps_order_and_flags() -> None:
     answer = retrieval_answer(CANDIDATES, 3, degraded=True, reason="LLM failed: x", mode="score")
     assert [i.item_id for i in answer.items] == ["95", "6", "7"]

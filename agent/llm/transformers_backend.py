@@ -1,6 +1,8 @@
 """In-process chat model with transformers (the embedded default).
 
-* bf16 on CPU with a fixed thread count;
+* bf16 on CPU; each forward pass runs on one thread or on ``threads`` threads, whichever
+  :class:`~agent.llm.threads.ThreadGovernor` measures faster for that kind of pass (short prompt, micro-batch,
+  decoding step);
 * ``score_labels`` runs one forward pass and reuses the KV cache of the longest prefix shared with the previous
   prompt (the static instructions at least; the history too when the same user is scored again);
 * ``generate_json`` decodes under an xgrammar JSON-schema grammar, so its output always parses and validates.
@@ -11,11 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest
 from agent.llm.config import LLMConfig
+from agent.llm.threads import ForwardPass, ThreadGovernor, pass_kind
 
 logger = logging.getLogger(__name__)
 MIN_REUSE = 8  # reuse a cached prefix only when at least this many tokens match
@@ -44,6 +49,7 @@ class TransformersBackend(LLMBackend):
         self._grammars: dict[str, Any] = {}
         self._compiler: Any = None
         self._label_ids: dict[str, int] = {}
+        self.governor = ThreadGovernor(self.config.threads)
 
     @property
     def model_name(self) -> str:
@@ -69,6 +75,19 @@ class TransformersBackend(LLMBackend):
             self._label_ids[label] = ids[0]
         return self._label_ids[label]
 
+    @contextmanager
+    def threads_for(self, new_tokens: int, kind: str | None = None) -> Iterator[ForwardPass]:
+        """Run the enclosed forward pass(es) on the thread count chosen for their kind, and time them per token
+        (set ``.tokens`` inside when the count is known only at the end, as for decoding)."""
+        kind = kind or pass_kind(new_tokens)
+        n = self.governor.choose(kind) if self.config.thread_policy == "adaptive" else self.config.threads
+        if self.torch.get_num_threads() != n:
+            self.torch.set_num_threads(n)
+        step = ForwardPass(kind=kind, threads=n, tokens=new_tokens)
+        t0 = time.perf_counter()
+        yield step
+        self.governor.record(kind, n, step.tokens, time.perf_counter() - t0)
+
     # --- scoring -------------------------------------------------------------------------------------------
     def _last_logits(self, ids: list[int]) -> Any:
         """Logits after ``ids``, reusing the cached KV of the longest shared prefix."""
@@ -90,7 +109,7 @@ class TransformersBackend(LLMBackend):
         else:
             cache = DynamicCache(config=self.model.config)
             reused = 0
-        with torch.inference_mode():
+        with self.threads_for(len(ids) - reused), torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids[reused:]]), cache=cache, use_cache=True,
                              logits_to_keep=1)
         self._cache = out.cache
@@ -133,10 +152,11 @@ class TransformersBackend(LLMBackend):
             kwargs["streamer"] = streamer
         if repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = repetition_penalty
-        with torch.inference_mode():
+        with self.threads_for(max_tokens, kind="decode") as step, torch.inference_mode():
             out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                       **kwargs)
-        new = out[0, len(ids):].tolist()
+            new = out[0, len(ids):].tolist()
+            step.tokens = max(len(new), 1)
         self.usage.add("generate", len(ids), len(new))
         return list(new)
 

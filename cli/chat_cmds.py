@@ -111,8 +111,8 @@ def eval_chat(
     """Simulated users with hidden targets: success@turns and turns to success, LLM agent vs retrieval only."""
     setup()
     from agent.service import build_service
-    from cli.eval_cmds import machine
     from eval.chat_sim import evaluate_chat, markdown
+    from eval.machine import machine_line
 
     service = guarded(lambda: build_service(catalog, use_llm=not no_llm))
     t0 = time.perf_counter()
@@ -129,7 +129,7 @@ def eval_chat(
         "simulator: opens with two items of the user's visible history, then answers misses with the hidden "
         "target's genres, decade and a description keyword (never its title or id)",
         "protocol: leave-last-out test targets; CF models fitted without them; no user id is passed to the agent",
-        f"LLM: {payload['model'] or 'none'}; {seconds:.0f}s in all; machine: {machine()}",
+        f"LLM: {payload['model'] or 'none'}; {seconds:.0f}s in all; machine: {machine_line()}",
     ]
     payload["notes"] = notes
     REPORTS.mkdir(exist_ok=True)

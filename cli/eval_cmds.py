@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
 import typer
 
 from cli.main import console, eval_app, guarded, out, print_json, setup
+from eval.machine import machine_line
 from retrieval.catalog import DEFAULT_CATALOG
 
 REPORTS = Path("reports")
-
-
-def machine() -> str:
-    import os
-
-    return f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 @eval_app.command("retrieval")
@@ -54,7 +48,7 @@ def eval_retrieval(
              "full ranking over all items minus the history; CF fitted only on what each part may see",
              f"fused weights: {json.dumps(fusion.weights, sort_keys=True)} (tuned: {fusion.tuned})",
              f"command: recagent eval retrieval --catalog {catalog}{' --tune' if tune else ''}",
-             f"machine: {machine()}"]
+             f"machine: {machine_line()}"]
     (REPORTS / f"retrieval-{catalog}.md").write_text(markdown(results, f"Retrieval evaluation: {catalog}", notes))
     (REPORTS / f"retrieval-{catalog}.json").write_text(json.dumps(
         {"catalog": catalog, "fusion": fusion.model_dump(), "results": results, "notes": notes}, indent=2))
@@ -95,6 +89,7 @@ def eval_rerank(
     from agent.llm.registry import make_backend
     from agent.rerank import ModeConfig, RerankConfig
     from eval import rerank_eval as rx
+    from eval.plots import plot_position_bias
     from eval.splits import leave_last_out
     from retrieval.catalog import atomic_write_json
     from retrieval.catalog_store import ensure_catalog
@@ -119,7 +114,7 @@ def eval_rerank(
                     "calibrated, 2 perms": {"calibrate": True, "perms": 2}}
         bias = evaluator.position_bias(split, bias_cases, settings, positions=[0, 4, 9, 14, 19])
         report["position_bias"] = bias
-        rx.plot_position_bias(bias, str(REPORTS / f"{stem}-bias.png"))
+        plot_position_bias(bias, REPORTS / f"{stem}-bias.png")
         report["position_bias_plot"] = f"{stem}-bias.png"
     results = {}
     for part in ("validation", "test"):
@@ -158,7 +153,7 @@ def eval_rerank(
         "prompt": f"rerank_score.{config.score_prompt}" if mode == "score"
                   else f"rerank_generate.{config.generate_prompt}",
         "perms": config.perms, "calibrate": config.calibrate, "history_token_budget": config.history_token_budget,
-        "llm_threads": _threads_note(backend), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+        "llm_threads": _threads_note(backend), "machine": machine_line(), "date": time.strftime("%Y-%m-%d"),
     }
     (REPORTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     (REPORTS / f"{stem}.md").write_text(rx.markdown(report))
@@ -198,7 +193,7 @@ def eval_speed(
     with console.status("building an index from nothing"):
         build = time_build(cat)
     ret = guarded(lambda: time_retrieve(cat, users=users, k=k, genre=genre))
-    result = {"catalog": catalog, **build, **ret, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+    result = {"catalog": catalog, **build, **ret, "machine": machine_line(), "date": time.strftime("%Y-%m-%d"),
               "command": f"recagent eval speed --catalog {catalog} --users {users} -k {k}"}
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / f"speed-{catalog}.json").write_text(json.dumps(result, indent=2))

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from cli.main import console, eval_app, fail, guarded, out, print_json, setup
+from eval.machine import machine_info
 from retrieval.catalog import DEFAULT_CATALOG
 
 
@@ -80,7 +81,7 @@ def eval_all(
         "data": {"catalog_hash": cat.content_hash(), "index_hash": index.manifest.content_hash,
                  "embed_model": index.manifest.embed_model, "fusion": index.manifest.fusion.model_dump()},
         "rerank": results["score"].get("rerank") or suite.rerank_provenance(index),  # as the stage ran
-        "machine": suite.machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_seconds": round(time.perf_counter() - t0, 1), "cached_stages": results["_cached"],
         "stage_seconds_total": round(sum(results["_seconds"].values()), 1),
     }

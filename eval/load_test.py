@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import time
@@ -19,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from eval.machine import machine_line
 
 ROUTES = ("recommend", "rerank", "item", "search", "chat")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -282,7 +283,7 @@ def summarise(
         "healthy_after": healthy_after,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": machine_line(),
     }
     result["summary_text"] = text_summary(result)
     return result

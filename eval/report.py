@@ -19,6 +19,7 @@ import numpy as np
 from eval import explanation_checks as xc
 from eval.judge import CRITERIA, pairwise_summary, rubric_summary, validity
 from eval.metrics import bootstrap_ci, paired_bootstrap_diff
+from eval.plots import plot_position_bias, pyplot, save
 from eval.suite import pairwise_results, template_reason
 
 logger = logging.getLogger(__name__)
@@ -191,20 +192,11 @@ def _fmt(ci: Mapping[str, float] | None, signed: bool = False, digits: int = 3) 
     return f"{ci['mean']:{s}.{digits}f} [{ci['lo']:{s}.{digits}f}, {ci['hi']:{s}.{digits}f}]"
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 COLORS = {"baseline": "#7f7f7f", "llm": "#1f77b4", "ablation": "#ff7f0e"}
 
 
 def plot_metrics(rows: Mapping[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     names = list(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.38 * len(names) + 1.5), sharey=True)
     for ax, m in zip(axes, METRICS, strict=True):
@@ -216,13 +208,11 @@ def plot_metrics(rows: Mapping[str, Any], path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(names)), [f"{n} (n={rows[n]['n']})" for n in names])
     axes[0].invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_diffs(rows: Mapping[str, Any], best: str, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     names = [n for n in rows if "diff_vs_retrieval" in rows[n] and rows[n]["group"] != "baseline"]
     if not names:
         return
@@ -238,28 +228,11 @@ def plot_diffs(rows: Mapping[str, Any], best: str, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("paired difference in NDCG@10 (95% CI)")
     ax.set_title(f"vs retrieval order (blue) and vs best baseline '{best}' (red)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_bias(curves: Mapping[str, Any], path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, c in curves.items():
-        ax.plot(c["positions"], c["top1_rate"], marker="o", label=f"{name} (n={c['users']})")
-    ax.set_xlabel("slot of the held-out item in the prompt")
-    ax.set_ylabel("LLM top-1 rate")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title("Position bias: a flat curve means the slot does not matter")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_latency(results: Mapping[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     series = {"score mode, per user": results["score"].get("latency_s", []),
               "generate mode, per user": results["generate"].get("latency_s", []),
               "explanations, per user": results["explain"].get("latency_s", []),
@@ -274,13 +247,11 @@ def plot_latency(results: Mapping[str, Any], path: Path) -> None:
         ax.set_title(name)
         ax.set_xlabel("seconds")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_checks(checks: Mapping[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     if not checks:
         return
     names = [*xc.CHECKS, "any"]
@@ -293,13 +264,11 @@ def plot_checks(checks: Mapping[str, Any], path: Path) -> None:
     ax.set_ylabel("share of explanations failing")
     ax.set_title("Code checks of explanations")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_judge(judge: Mapping[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     val = judge.get("validity", {})
     has_val = "skipped" not in val
     if "rubric" not in judge and not has_val:
@@ -325,22 +294,18 @@ def plot_judge(judge: Mapping[str, Any], path: Path) -> None:
         axes[1].set_ylim(-1, 1)
         axes[1].set_title("Judge agreement with human labels (NaN drawn as 0)")
         axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_alpha(grid: Mapping[str, float], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     xs = [float(a) for a in grid]
     ax.plot(xs, list(grid.values()), marker="o")
     ax.set_xlabel("alpha (weight of the LLM)")
     ax.set_ylabel("NDCG@10")
     ax.set_title("Score mode: sensitivity to alpha (test users; not used for tuning)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def write_plots(run_dir: Path, metrics: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
@@ -351,7 +316,7 @@ def write_plots(run_dir: Path, metrics: Mapping[str, Any], results: Mapping[str,
             ("checks.png", lambda p: plot_checks(metrics["explanation_checks"], p)),
             ("judge.png", lambda p: plot_judge(metrics["judge"], p))]
     if "skipped" not in metrics["position_bias"]:
-        jobs.append(("position_bias.png", lambda p: plot_bias(metrics["position_bias"], p)))
+        jobs.append(("position_bias.png", lambda p: plot_position_bias(metrics["position_bias"], p)))
     if metrics["score"].get("alpha_sensitivity_test"):
         jobs.append(("alpha.png", lambda p: plot_alpha(metrics["score"]["alpha_sensitivity_test"], p)))
     for name, fn in jobs:

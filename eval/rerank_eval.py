@@ -285,21 +285,3 @@ def markdown(report: dict[str, Any]) -> str:
         if report.get("position_bias_plot"):
             lines += [f"![position bias]({report['position_bias_plot']})", ""]
     return "\n".join(lines) + "\n"
-
-
-def plot_position_bias(bias: dict[str, dict[str, Any]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, pb in bias.items():
-        ax.plot(pb["positions"], pb["top1_rate"], marker="o", label=name)
-    ax.set_xlabel("slot of the target in the prompt")
-    ax.set_ylabel("top-1 rate")
-    ax.set_title("LLM position bias")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from agent.llm.base import LLMBackend
-from agent.rerank import RankInput, RerankConfig, Reranker
+from agent.rerank import RankInput, RerankConfig, Reranker, fallback_reason
 from eval import explanation_checks as xc
 from eval import rerank_eval as rx
 from eval.judge import ExplanationInput, Judge, JudgeConfig, PairwiseResult, load_labels
@@ -334,18 +334,14 @@ def stage_chat(ctx: Context) -> dict[str, Any]:
 
 
 def template_reason(history: Sequence[str], item_id: str, catalog: Any) -> tuple[str, list[str]]:
-    """The code-only baseline explanation: the most recent history item sharing most genres."""
-    genres = set(catalog.item(item_id)["genres"])
-    best, overlap = None, 0
-    for h in history:
-        if catalog.has_item(h):
-            o = len(genres & set(catalog.item(h)["genres"]))
-            if o >= overlap and o > 0:
-                best, overlap = h, o
-    if best is None:
-        return "A popular pick among viewers with tastes like yours.", []
-    shared = sorted(genres & set(catalog.item(best)["genres"]))
-    return f"Because you liked {catalog.item(best)['title']}: it is also {', '.join(shared)}.", [best]
+    """The code-only baseline explanation: the reranker's metadata-only reason (the most recent history item
+    sharing most genres), from catalogue ids."""
+
+    def rank_input(i: str) -> RankInput:
+        item = catalog.item(i)
+        return RankInput(item_id=i, title=str(item["title"]), text="", genres=list(item["genres"]))
+
+    return fallback_reason(rank_input(item_id), [rank_input(h) for h in history if catalog.has_item(h)])
 
 
 def stage_judge(ctx: Context, explanations: list[dict[str, Any]]) -> dict[str, Any]:
@@ -549,27 +545,6 @@ def model_fingerprint(backend: LLMBackend | None, llm_config: Any) -> dict[str, 
     elif llm_config.backend == "openai":
         out.update(url=llm_config.url, served_model=llm_config.served_model)
     return out
-
-
-def machine() -> dict[str, Any]:
-    import os
-    import platform
-
-    info: dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                            "platform": platform.platform()}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        with open("/proc/meminfo") as fh:
-            info["mem_gb"] = round(int(fh.readline().split()[1]) / 1e6, 1)
-    except OSError:
-        pass
-    return info
 
 
 def default_run_id(config: SuiteConfig, commit: str) -> str:

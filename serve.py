@@ -375,12 +375,14 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
     )
     async def chat_completions(req: ChatCompletionRequest, rt: Runtime = Depends(get_runtime)) -> Any:
         """OpenAI-compatible chat completions over the chat agent (model ``recagent``; ``stream`` supported).
-        The recommendations also come as ``recommendations``; ``session_id`` continues a conversation."""
+        The recommendations also come as ``recommendations``, and the session as ``session_id``: send it back
+        to continue that session; without it the conversation is rebuilt by replaying the earlier user
+        messages in a new session (see ``Runtime.completion_turn``)."""
         if not req.stream:
             return JSONResponse((await rt.completion(req)).model_dump(mode="json"))
-        turn, convo = rt.completion_turn(req)
-        stream = await primed(rt.chat_stream(turn))
-        return sse_response(completion_events(stream, rt, req.model or "recagent", convo, turn.message))
+        turn, replay = rt.completion_turn(req)
+        stream = await primed(rt.chat_stream(turn, replay))
+        return sse_response(completion_events(stream, rt, req.model or "recagent", turn.message))
 
     @app.get(
         "/v1/models",
@@ -467,7 +469,6 @@ async def completion_events(
     stream: AsyncIterator[str | ChatResponse],
     rt: Runtime,
     model: str,
-    convo: list[tuple[str, str]],
     message: str,
 ) -> AsyncIterator[str]:
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -491,7 +492,6 @@ async def completion_events(
                 yield chunk({"content": piece})
             else:
                 full = rt.completion_response(piece, model, message)
-                rt.remember(convo, piece.reply, piece.session_id)
                 yield chunk(
                     {},
                     "stop",

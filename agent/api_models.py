@@ -161,8 +161,8 @@ class OpenAIMessage(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI ``chat.completions`` request; the last user message is the turn. Sampling fields are
-    accepted and ignored. ``session_id`` (an extension) continues a conversation; without it the
-    conversation is recognised from the messages the client sends back."""
+    accepted and ignored. ``session_id`` (an extension, returned by every answer) continues that
+    conversation; without it a new one is rebuilt by replaying the earlier user messages."""
 
     model_config = ConfigDict(extra="allow")
 

@@ -71,7 +71,7 @@ def test_chat_streams_tokens_then_items(client: Any) -> None:
     assert json.loads(events[-2][1])["items"] == done["items"] and done["items"]
 
 
-def test_openai_completion_and_session_recognition(client: Any) -> None:
+def test_openai_completion(client: Any) -> None:
     first = [{"role": "system", "content": "be brief"},
              {"role": "user", "content": "I want a courtroom drama"}]
     r = client.post("/v1/chat/completions", json={"model": "recagent", "messages": first})
@@ -82,7 +82,8 @@ def test_openai_completion_and_session_recognition(client: Any) -> None:
     assert reply and body["recommendations"] and body["usage"]["total_tokens"] > 0
     convo = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "another one"}]
     again = client.post("/v1/chat/completions", json={"model": "recagent", "messages": convo}).json()
-    assert again["session_id"] == body["session_id"]
+    assert again["choices"][0]["message"]["content"]
+    assert again["session_id"] not in ("", body["session_id"])  # rebuilt in a new session, never looked up
     assert client.get("/v1/models").json()["data"][0]["id"] == "recagent"
     err = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
     assert err.status_code == 422 and err.json()["error"]["field"] == "messages"

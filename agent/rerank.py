@@ -1,8 +1,12 @@
 """LLM reranking and explanations over any candidate list.
 
 Modes:
-* ``score``: one forward pass per permutation; the label letters' log-probabilities rank every candidate.
-  Position bias is reduced by averaging over permutations and by calibrating against a content-free prompt.
+* ``score``: one forward pass per permutation. With the zero-shot model (scorer ``labels``) the label letters'
+  log-probabilities rank every candidate; position bias is reduced by averaging over permutations and by
+  calibrating against a content-free prompt. With a trained ranker (scorer ``markers``, ``recagent train
+  ranker``) each candidate line carries its retrieval rank and ends in a marker token, and the log-odds of the
+  marker after each line is that candidate's score (the same computation as in training); one pass scores the
+  whole window (up to 100 candidates), presented in a seeded shuffled order.
 * ``generate``: listwise JSON under a schema whose ids are an enum of the candidates.
 
 The final score blends per-user min-max normalised LLM and retrieval scores:
@@ -21,13 +25,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 import prompts
-from agent.llm.base import LLMBackend, LLMError, ScoreRequest
+from agent.llm.base import LLMBackend, LLMError, MarkerRequest, ScoreRequest
 from agent.schemas import Mode, RecommendationAnswer, RecommendedItem
 from retrieval.candidates import SourceHit
 
@@ -65,10 +69,18 @@ class TunedRerank(BaseModel):
 
 
 class RerankConfig(BaseModel):
+    scorer: Literal["labels", "markers"] = Field(default="labels", description="labels: the zero-shot model "
+                                                 "picks a letter; markers: a trained ranker scores each line")
+    ranker: str = Field(default="zero-shot", description="which ranker scores (reported in answers)")
+    adapter: str | None = Field(default=None, description="folder of the trained ranker's LoRA adapter")
+    trained_prompt: str = Field(default="v1", description="version of prompts/rerank_trained.*.jinja")
+    marker: str = Field(default=" §", description="single token closing each candidate line (markers scorer)")
     score_prompt: str = Field(default="v3", description="version of prompts/rerank_score.*.jinja")
     generate_prompt: str = Field(default="v1", description="version of prompts/rerank_generate.*.jinja")
     explain_prompt: str = Field(default="v1", description="version of prompts/explain.*.jinja")
-    max_candidates: int = Field(default=20, ge=1, le=len(LABELS))
+    max_candidates: int = Field(default=20, ge=1, le=100, description="the rerank window: candidates past it "
+                                "keep their retrieval order (the labels scorer takes at most 26)")
+    generate_window: int = Field(default=20, ge=1, le=50, description="candidates a listwise JSON prompt holds")
     history_token_budget: int = Field(default=40, ge=16, description="history trimmed oldest-first to this")
     text_chars: int = Field(default=90, ge=10, description="item text cut to this many characters in prompts")
     score_years: bool = Field(default=False, description="keep the release year in score-prompt titles "
@@ -81,27 +93,64 @@ class RerankConfig(BaseModel):
     modes: dict[str, ModeConfig] = Field(default_factory=lambda: {"score": ModeConfig(), "generate": ModeConfig()})
 
     @classmethod
-    def load(cls, index: Index) -> RerankConfig:
+    def load(cls, index: Index, ranker: str | None = None) -> RerankConfig:
         """Defaults, with the tuned choices (per-mode alpha, calibration) that ``recagent eval rerank --tune``
-        stored beside the index."""
+        stored for the catalogue, then the catalogue's trained ranker when there is one (``ranker``: ``auto``,
+        ``zero-shot`` or a folder; default ``RECAGENT_RANKER``, else ``auto``)."""
+        from agent.ranker.artifact import resolve_ranker
+
         config = cls()
         path = cls.path(index)
         if path is not None and path.exists():
             tuned = TunedRerank.model_validate(json.loads(path.read_text()))
             config.calibrate = tuned.calibrate
             config.modes.update(tuned.modes)
+        artifact = resolve_ranker(index.catalog.name, index.manifest.content_hash, ranker)
+        if artifact is not None:
+            config.use_trained(str(artifact.folder), artifact.name, artifact.provenance.prompt,
+                               artifact.provenance.marker, artifact.provenance.choices.alpha,
+                               artifact.provenance.choices.window)
         return config
+
+    def use_trained(self, adapter: str | None, name: str, prompt: str, marker: str, alpha: float,
+                    window: int) -> None:
+        """Score with a trained ranker: its prompt, marker and adapter, with the alpha and window chosen for it
+        on validation (no content-free calibration: the ranker was trained on these prompts)."""
+        self.scorer = "markers"
+        self.adapter = adapter
+        self.ranker = name
+        self.trained_prompt = prompt.rsplit(".", 1)[-1]
+        self.marker = marker
+        self.calibrate = False
+        self.max_candidates = window
+        self.modes["score"] = ModeConfig(alpha=alpha, tuned=True)
 
     def tuned(self) -> TunedRerank:
         return TunedRerank(calibrate=self.calibrate, modes=self.modes)
 
     @staticmethod
     def path(index: Index) -> Path | None:
-        root = index.catalog.root
-        return None if root is None else root / "index" / RERANK_FILE
+        """Where ``eval rerank --tune`` keeps the zero-shot choices: beside the catalogue's trained rankers under
+        ``RECAGENT_HOME/rankers/``, outside the index folder, so that a re-index or an ingest keeps them."""
+        from agent.ranker.artifact import rankers_dir
+
+        return None if index.catalog.root is None else rankers_dir(index.catalog.name).with_name(
+            f"{index.catalog.name}.{RERANK_FILE}")
 
     def alpha(self, mode: str) -> float:
         return self.modes.get(mode, ModeConfig()).alpha
+
+
+def log_odds(logp: Any) -> Any:
+    """A trained ranker's score from a marker's log-probability: its log-odds, ``log p - log(1 - p)``. Ranking by
+    log p would be the same, but training on it saturates: once every line's marker is near-certain, log p sits at
+    0 for all candidates and the gradient vanishes (the loss stalls at ln n); the log-odds has no ceiling. Works on
+    numpy arrays and torch tensors alike."""
+    if hasattr(logp, "clamp"):  # a torch tensor
+        lp = logp.clamp(max=-1e-6)
+        return lp - (-lp.expm1()).log()
+    arr = np.minimum(np.asarray(logp, dtype=np.float64), -1e-12)
+    return arr - np.log(-np.expm1(arr))
 
 
 def minmax(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -169,8 +218,10 @@ class Reranker:
         if detailed and item.genres:
             return prompts.clean_text(f"{item.title} ({', '.join(item.genres[:3])})", self.config.text_chars)
         if item.title and not detailed and not self.config.score_years:
-            return prompts.clean_text(prompts.without_year(item.title), self.config.text_chars)
-        return prompts.clean_text(item.title or item.text, self.config.text_chars)
+            text = prompts.clean_text(prompts.without_year(item.title), self.config.text_chars)
+        else:
+            text = prompts.clean_text(item.title or item.text, self.config.text_chars)
+        return text.replace(self.config.marker.strip(), "") if self.config.scorer == "markers" else text
 
     def _tokens(self, text: str) -> int:
         """Prompt tokens of one history line (cached); an estimate when the backend cannot count."""
@@ -203,6 +254,29 @@ class Reranker:
         return ScoreRequest(messages=rendered.messages, answer_prefix=rendered.answer_prefix,  # type: ignore[arg-type]
                             labels=list(LABELS[: len(ordered)]))
 
+    def marker_request(self, history: Sequence[RankInput], candidates: Sequence[RankInput],
+                       order: Sequence[int]) -> MarkerRequest:
+        """The trained ranker's prompt: candidates (given in retrieval order) presented in ``order``, each line
+        with its retrieval rank, bare title and two-digit year, closed by the marker token."""
+        tpl = prompts.load("rerank_trained", self.config.trained_prompt)
+        lines = [{"rank": i + 1, "text": self._text(candidates[i]), "year": _two_digit_year(candidates[i].year)}
+                 for i in order]
+        rendered = tpl.render(history=[{"text": self._text(h)} for h in history], candidates=lines,
+                              marker=self.config.marker)
+        return MarkerRequest(messages=rendered.messages, marker=self.config.marker,  # type: ignore[arg-type]
+                             expected=len(order), adapter=self.config.adapter)
+
+    def warm_up(self) -> None:
+        """Load the trained ranker now (one tiny pass) rather than on the first request; failures are logged and
+        requests then degrade as usual."""
+        if self.config.scorer != "markers":
+            return
+        probe = RankInput(item_id="", title="N/A", text="N/A")
+        try:
+            self.marker_scores([probe], [probe, probe])
+        except Exception as exc:
+            logger.warning("trained ranker warm-up failed adapter=%s error=%s", self.config.adapter, exc)
+
     @property
     def biases(self) -> dict[int, np.ndarray]:
         """Content-free label biases computed so far, by number of candidates."""
@@ -221,8 +295,12 @@ class Reranker:
                    perms: int | None = None, calibrate: bool | None = None) -> np.ndarray:
         """Mean (calibrated) label log-probability of each candidate over ``perms`` orders."""
         perms = perms or self.config.perms
-        calibrate = self.config.calibrate if calibrate is None else calibrate
         n = len(candidates)
+        if self.config.scorer == "markers":
+            return self.marker_scores(history, candidates, perms)
+        if n > len(LABELS):
+            raise ValueError(f"the label scorer takes at most {len(LABELS)} candidates, got {n}")
+        calibrate = self.config.calibrate if calibrate is None else calibrate
         bias = self.label_bias(n) if calibrate else np.zeros(n)
         orders = permutations(n, perms, _seed(history, candidates))
         requests = [self.score_request(history, [candidates[i] for i in order]) for order in orders]
@@ -234,6 +312,33 @@ class Reranker:
             for slot, cand in enumerate(order):
                 total[cand] += logps[slot] - bias[slot]
         return total / len(orders)
+
+    def marker_scores(self, history: Sequence[RankInput], candidates: Sequence[RankInput],
+                      perms: int = 1) -> np.ndarray:
+        """The trained ranker's mean marker log-odds per candidate over ``perms`` seeded shuffles."""
+        n = len(candidates)
+        orders = self.marker_orders(history, candidates, perms)
+        results = self.backend.score_markers_batch([self.marker_request(history, candidates, o) for o in orders])
+        total = np.zeros(n)
+        for order, logps in zip(orders, results, strict=True):
+            if len(logps) != n or not np.all(np.isfinite(logps)):
+                raise LLMError(f"backend returned {len(logps)} marker scores for {n} candidates")
+            odds = log_odds(logps)
+            for slot, cand in enumerate(order):
+                total[cand] += odds[slot]
+        return total / len(orders)
+
+    @staticmethod
+    def marker_orders(history: Sequence[RankInput], candidates: Sequence[RankInput], perms: int) -> list[list[int]]:
+        """Presentation orders of the trained ranker's prompt: seeded shuffles (the ranker was trained on
+        shuffled candidates, each line naming its retrieval rank)."""
+        rng = random.Random(_seed(history, candidates))
+        orders = []
+        for _ in range(perms):
+            order = list(range(len(candidates)))
+            rng.shuffle(order)
+            orders.append(order)
+        return orders
 
     def _schema(self, key: str, ids: Sequence[str], history_ids: Sequence[str], k: int) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -273,10 +378,28 @@ class Reranker:
                mode: Mode = "score", explain: bool = False, deadline: float | None = None,
                alpha: float | None = None) -> RecommendationAnswer:
         t0 = time.perf_counter()
-        candidates = list(candidates)[: self.config.max_candidates]
-        k = min(k, len(candidates))
         seen = {h.item_id for h in history}
-        candidates = [c for c in candidates if c.item_id not in seen]
+        everything = [c for c in candidates if c.item_id not in seen]
+        window = self.config.max_candidates if mode == "score" else min(self.config.max_candidates,
+                                                                         self.config.generate_window)
+        candidates = everything[:window]
+        tail = everything[len(candidates): max(k, len(candidates))]
+        k = min(k, len(candidates))
+        answer = self._rerank_window(history, candidates, k, mode, explain, deadline, alpha, t0)
+        answer.ranker = self.config.ranker if mode == "score" else "zero-shot"
+        answer.reranked = 0 if answer.degraded else len(candidates)
+        if tail:
+            _append_tail(answer, tail, history, explain)
+        if len(everything) > len(candidates):
+            shown = f"; ranks {len(candidates) + 1}-{len(answer.items)} here" if tail else ""
+            answer.note = (f"the LLM ranked the first {len(candidates)} of {len(everything)} candidates; the other "
+                           f"{len(everything) - len(candidates)} follow them in retrieval order, without an LLM "
+                           f"score{shown}")
+        return answer
+
+    def _rerank_window(self, history: Sequence[RankInput], candidates: list[RankInput], k: int, mode: Mode,
+                       explain: bool, deadline: float | None, alpha: float | None,
+                       t0: float) -> RecommendationAnswer:
         trimmed = self.trim_history(history)
         alpha = self.config.alpha(mode) if alpha is None else alpha
         attempts = self.config.retries + 1
@@ -373,6 +496,22 @@ class Reranker:
                 item.reason, item.evidence = fallback_reason(by_id[item.item_id], trimmed)
         self.dropped_evidence_total += answer.dropped_evidence
         answer.timings.explain_ms = round((time.perf_counter() - t0) * 1000, 2)
+
+
+def _two_digit_year(year: int | None) -> str:
+    return "" if year is None else f" {year % 100:02d}"
+
+
+def _append_tail(answer: RecommendationAnswer, tail: Sequence[RankInput], history: Sequence[RankInput],
+                 explain: bool) -> None:
+    """Candidates past the rerank window follow the ranked ones in their retrieval order, unscored by the LLM
+    (with metadata reasons when explanations were asked for): never a silent cut."""
+    start = len(answer.items)
+    for rank, c in enumerate(tail, start + 1):
+        item = _item(c, rank, 0.0, None, 0.0)
+        if explain:
+            item.reason, item.evidence = fallback_reason(c, history)
+        answer.items.append(item)
 
 
 class _Entry(BaseModel):

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
-import json
 import logging
 import math
 import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,7 +46,7 @@ from agent.api_models import (
     SearchHit,
     SearchResponse,
 )
-from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest
+from agent.llm.base import ChatMessage, LLMBackend, LLMError, MarkerRequest, ScoreRequest
 from agent.schemas import RecommendationAnswer
 from agent.service import FreeItem, RecommenderService
 from agent.settings import Settings
@@ -65,6 +62,9 @@ T = TypeVar("T")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 #: The monotonic deadline of the LLM job running in this thread (read by the batcher to drop stale work).
 deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+#: At most this many earlier user messages (the latest) are replayed to rebuild a /v1/chat/completions
+#: conversation sent without ``session_id``.
+MAX_REPLAYED_TURNS = 20
 
 
 # --- errors the edge turns into HTTP answers ----------------------------------------------------------------
@@ -220,6 +220,11 @@ class BatchingBackend(LLMBackend):
         pending = _Pending(list(requests), deadline=deadline_var.get())
         self._queue.put(pending)
         return pending.future.result()
+
+    def score_markers(self, request: MarkerRequest) -> list[float]:
+        """A trained ranker's pass (one prompt scores the whole window): not micro-batched, the backend's own
+        path with its prefix cache."""
+        return list(self.inner.score_markers(request))
 
     def generate_json(
         self,
@@ -408,19 +413,20 @@ class Runtime:
             service.backend.in_flight = lambda: self.queue.running
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="io")
         self.chat_agent = chat
-        self._conversations: OrderedDict[str, str] = OrderedDict()
-        self._conv_lock = threading.Lock()
         self.metrics.watch_usage(lambda: self.service.backend)
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Load the query embedder now: its lazy load is not thread-safe, and the io threads would race."""
+        """Load the query embedder now (its lazy load is not thread-safe, and the io threads would race) and the
+        trained ranker, if one is in use."""
         embedder = getattr(self.service.index, "embedder", None)
         if embedder is not None:
             try:
                 _ = embedder.model
             except Exception as exc:  # search degrades later with a clear error; serving still starts
                 logger.warning("embedder warm-up failed error=%s", exc)
+        if self.service.reranker is not None:
+            self.service.reranker.warm_up()
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -627,9 +633,20 @@ class Runtime:
             decided_by="server",
         )
 
-    async def chat(self, req: ChatRequest) -> ChatResponse:
+    @staticmethod
+    def _session(agent: ChatAgent, req: ChatRequest, replay: Sequence[str]) -> str | None:
+        """The session ``req`` continues: its own, or a new one that has answered ``replay`` (replies dropped)."""
+        session = req.session_id
+        for message in replay:
+            session = agent.respond(session, message, user_id=req.user_id).session_id
+        return session
+
+    async def chat(self, req: ChatRequest, replay: Sequence[str] = ()) -> ChatResponse:
+        """One chat turn; ``replay`` (user messages, oldest first) is sent to a new session first."""
         agent = self._agent()
-        future = self.queue.submit(lambda: agent.respond(req.session_id, req.message, user_id=req.user_id))
+        future = self.queue.submit(
+            lambda: agent.respond(self._session(agent, req, replay), req.message, user_id=req.user_id)
+        )
         try:
             turn = await asyncio.wait_for(asyncio.shield(future), timeout=self.settings.chat_deadline_s)
         except TimeoutError:
@@ -643,16 +660,20 @@ class Runtime:
             self.metrics.degraded.labels(route="chat", cause="agent").inc()
         return response
 
-    async def chat_stream(self, req: ChatRequest) -> AsyncIterator[str | ChatResponse]:
-        """Reply pieces, then the final :class:`ChatResponse`. Errors before the first piece propagate (so the
-        edge can answer 404/429); the caller should ``await anext()`` once before starting a response."""
+    async def chat_stream(
+        self, req: ChatRequest, replay: Sequence[str] = ()
+    ) -> AsyncIterator[str | ChatResponse]:
+        """Reply pieces, then the final :class:`ChatResponse` (``replay`` as in :meth:`chat`). Errors before the
+        first piece propagate (so the edge can answer 404/429); the caller should ``await anext()`` once before
+        starting a response."""
         agent = self._agent()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def work() -> None:
             try:
-                for piece in agent.respond_stream(req.session_id, req.message, user_id=req.user_id):
+                session = self._session(agent, req, replay)
+                for piece in agent.respond_stream(session, req.message, user_id=req.user_id):
                     loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
             except BaseException as exc:
                 loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
@@ -685,13 +706,16 @@ class Runtime:
                 yield response
 
     # -- OpenAI-compatible facade ----------------------------------------------------------------------------
-    @staticmethod
-    def _conversation_key(messages: Sequence[tuple[str, str]]) -> str:
-        payload = json.dumps([[r, c] for r, c in messages if r in ("user", "assistant")], ensure_ascii=False)
-        return hashlib.sha256(payload.encode()).hexdigest()
+    def completion_turn(self, req: ChatCompletionRequest) -> tuple[ChatRequest, list[str]]:
+        """The chat turn a completion request asks for (its last user message), and the user messages to replay
+        before it.
 
-    def completion_turn(self, req: ChatCompletionRequest) -> tuple[ChatRequest, list[tuple[str, str]]]:
-        """The chat turn a completion request asks for, and the conversation so far (to find sessions)."""
+        Conversation state is never looked up by message content. With ``session_id`` the turn continues that
+        session, as ``/v1/chat`` does, and nothing is replayed. Without it the state is rebuilt from the request
+        alone: a new session (a fresh random id, returned as ``session_id``) is sent the earlier user messages
+        in order, at most the last :data:`MAX_REPLAYED_TURNS`, their replies discarded, and then the turn.
+        Assistant messages are ignored: the client's copy of the replies is not state.
+        """
         convo: list[tuple[str, str]] = [(m.role, m.text()) for m in req.messages]
         last_user = max((i for i, (role, _) in enumerate(convo) if role == "user"), default=None)
         if last_user is None:
@@ -703,19 +727,11 @@ class Runtime:
             raise PayloadTooLargeError(
                 "the last user message is longer than 4000 characters", field=f"messages.{last_user}.content"
             )
-        session = req.session_id
-        if session is None:
-            with self._conv_lock:
-                session = self._conversations.get(self._conversation_key(convo[:last_user]))
-        return ChatRequest(session_id=session, user_id=req.user, message=message), convo[: last_user + 1]
-
-    def remember(self, convo: list[tuple[str, str]], reply: str, session_id: str) -> None:
-        if not session_id:
-            return
-        with self._conv_lock:
-            self._conversations[self._conversation_key([*convo, ("assistant", reply)])] = session_id
-            while len(self._conversations) > 10000:
-                self._conversations.popitem(last=False)
+        replay: list[str] = []
+        if req.session_id is None:
+            earlier = [text.strip() for role, text in convo[:last_user] if role == "user"]
+            replay = [text for text in earlier if text][-MAX_REPLAYED_TURNS:]
+        return ChatRequest(session_id=req.session_id, user_id=req.user, message=message), replay
 
     def completion_response(self, resp: ChatResponse, model: str, message: str) -> ChatCompletionResponse:
         backend = self.service.backend
@@ -738,9 +754,8 @@ class Runtime:
         )
 
     async def completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        turn, convo = self.completion_turn(req)
-        resp = await self.chat(turn)
-        self.remember(convo, resp.reply, resp.session_id)
+        turn, replay = self.completion_turn(req)
+        resp = await self.chat(turn, replay)
         return self.completion_response(resp, req.model or "recagent", turn.message)
 
     # -- health ----------------------------------------------------------------------------------------------

@@ -41,3 +41,6 @@ class RecommendationAnswer(BaseModel):
     timings: Timings = Field(default_factory=Timings)
     dropped_evidence: int = Field(default=0, description="evidence ids removed because not in the history")
     tokens: dict[str, int] = Field(default_factory=dict)
+    ranker: str | None = Field(default=None, description="which LLM ranker scored: 'zero-shot' or 'trained:<catalog>'")
+    reranked: int = Field(default=0, description="how many candidates the LLM ranked (the rerank window)")
+    note: str | None = Field(default=None, description="what the answer holds beyond the LLM's window, if anything")

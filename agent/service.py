@@ -42,12 +42,13 @@ class FreeItem:
 
 class RecommenderService:
     def __init__(self, index: Index, backend: LLMBackend | None = None, config: RerankConfig | None = None,
-                 n_candidates: int = 20) -> None:
+                 n_candidates: int | None = None) -> None:
+        """``n_candidates``: how many candidates retrieval passes on (default: the reranker's window, else 20)."""
         self.index = index
         self.catalog: Catalog = index.catalog
         self.backend = backend
         self.reranker = Reranker(backend, config or RerankConfig.load(index)) if backend is not None else None
-        self.n_candidates = n_candidates
+        self.n_candidates = n_candidates or (self.reranker.config.max_candidates if self.reranker else 20)
         self.retriever = index.retriever("fused")
 
     # --- lookups -------------------------------------------------------------------------------------------

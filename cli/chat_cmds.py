@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from cli.main import app, console, eval_app, guarded, out, print_json, setup
+from cli.main import app, console, eval_app, guarded, out, print_json, setup, split_spec, ties_option
 from retrieval.catalog import DEFAULT_CATALOG
 
 REPORTS = Path("reports")
@@ -103,13 +103,15 @@ def eval_chat(
     users: int = typer.Option(30, "--users", min=1, help="simulated users (test cases sampled with --seed)"),
     turns: int = typer.Option(5, "--turns", min=1, max=20),
     k: int = typer.Option(5, "-k", "--k", min=1, max=20),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seeds the user sample and the random tie order"),
+    ties: str = ties_option(),
     no_llm: bool = typer.Option(False, "--no-llm", help="only the retrieval-only agent"),
     as_json: bool = typer.Option(False, "--json"),
     n_boot: int = typer.Option(1000, "--bootstrap"),
 ) -> None:
     """Simulated users with hidden targets: success@turns and turns to success, LLM agent vs retrieval only."""
     setup()
+    spec = split_spec(ties, seed)
     from agent.service import build_service
     from eval.chat_sim import evaluate_chat, markdown
     from eval.machine import machine_line
@@ -121,14 +123,16 @@ def eval_chat(
         if not as_json and (done % 5 == 0 or done == total):
             console.print(f"{name}: {done}/{total} users", highlight=False)
 
-    payload = evaluate_chat(service, n_users=users, max_turns=turns, seed=seed, n_boot=n_boot, k=k, progress=progress)
+    payload = evaluate_chat(service, n_users=users, max_turns=turns, seed=seed, n_boot=n_boot, k=k, progress=progress,
+                            spec=spec)
     seconds = time.perf_counter() - t0
     notes = [
-        f"command: recagent eval chat --catalog {catalog} --users {users} --turns {turns} -k {k} --seed {seed}"
-        f"{' --no-llm' if no_llm else ''}",
+        f"command: recagent eval chat --catalog {catalog} --users {users} --turns {turns} -k {k} --seed {seed} "
+        f"--ties {spec.ties}{' --no-llm' if no_llm else ''}",
         "simulator: opens with two items of the user's visible history, then answers misses with the hidden "
         "target's genres, decade and a description keyword (never its title or id)",
-        "protocol: leave-last-out test targets; CF models fitted without them; no user id is passed to the agent",
+        f"protocol: test targets of the split ({spec.describe()}); CF models fitted without them; no user id is "
+        "passed to the agent",
         f"LLM: {payload['model'] or 'none'}; {seconds:.0f}s in all; machine: {machine_line()}",
     ]
     payload["notes"] = notes

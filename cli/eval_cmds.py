@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from cli.main import console, eval_app, guarded, out, print_json, setup
+from cli.main import console, eval_app, guarded, out, print_json, setup, split_spec, ties_option
 from eval.machine import machine_line
 from retrieval.catalog import DEFAULT_CATALOG
 
@@ -18,52 +20,69 @@ REPORTS = Path("reports")
 @eval_app.command("retrieval")
 def eval_retrieval(
     catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
-    tune: bool = typer.Option(False, "--tune", help="grid-search fusion weights on validation and store them"),
+    tune: bool = typer.Option(False, "--tune", help="choose fusion weights and EASE's lambda on validation and "
+                              "store them with the index"),
+    ties: str = ties_option(),
+    seed: int = typer.Option(0, "--seed", help="seeds the random tie order and the bootstrap"),
     as_json: bool = typer.Option(False, "--json"),
     n_boot: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the 95% intervals"),
 ) -> None:
     """Retrieval baselines and the fused retriever: Recall/NDCG/MRR with bootstrap intervals."""
     setup()
-    from eval.retrieval_eval import collect_lists, evaluate, flat, markdown, tune_weights
-    from eval.splits import leave_last_out
+    spec = split_spec(ties, seed)
+    from eval import retrieval_eval as rv
     from retrieval.catalog_store import ensure_catalog
-    from retrieval.index import load_index, save_fusion
+    from retrieval.index import load_index, save_cf, save_fusion
+    from retrieval.splits import split_catalog
 
     cat = guarded(lambda: ensure_catalog(catalog))
     index = guarded(lambda: load_index(cat))
-    split = leave_last_out(cat.histories())
-    lists = {part: collect_lists(index, split, part) for part in ("validation", "test")}
-    fusion = index.manifest.fusion
+    split = split_catalog(cat, spec)
+    fusion, cf_config = index.manifest.fusion, index.manifest.cf
+    lists = {"validation": rv.collect_lists(index, split, "validation")}
+    tuning = None
     if tune:
-        weights, best = tune_weights(lists["validation"])
-        fusion = fusion.model_copy(update={"weights": weights, "tuned": True, "tuned_on": "validation ndcg@10"})
+        tuning = rv.tune(index, split, lists["validation"])
+        lists["validation"], cf_config = tuning.lists, tuning.cf
+        fusion = fusion.model_copy(update={"weights": tuning.weights, "tuned": True,
+                                           "tuned_on": f"validation ndcg@10, ties {spec.ties}, seed {spec.seed}"})
         assert cat.root is not None
         save_fusion(cat.root / "index", fusion)
-        console.print(f"[green]tuned[/] weights {weights} (validation NDCG@10 {best:.4f}); stored with the index")
+        save_cf(cat.root / "index", cat, cf_config)
+        console.print(f"[green]tuned[/] weights {tuning.weights}, EASE lambda {cf_config.ease_lambda:g} "
+                      f"(validation NDCG@10 {tuning.score:.4f}); stored with the index")
+    lists["test"] = rv.collect_lists(index, split, "test", cf_config=cf_config)
     t0 = time.perf_counter()
-    results = evaluate(index, split, fusion, n_boot=n_boot, lists=lists)
+    results = rv.evaluate(lists, fusion.weights, n_boot=n_boot, seed=seed)
+    sensitivity = rv.tie_sensitivity(index, cat, spec, results, fusion.weights, cf_config, n_boot=n_boot)
     REPORTS.mkdir(exist_ok=True)
+    command = (f"recagent eval retrieval --catalog {catalog} --ties {spec.ties} --seed {spec.seed}"
+               f"{' --tune' if tune else ''}")
     notes = [f"catalogue: {catalog} ({cat.n_items} items, {len(split.test)} evaluated users)",
-             "protocol: per user by time (ties by item id), last = test, second-last = validation; "
-             "full ranking over all items minus the history; CF fitted only on what each part may see",
-             f"fused weights: {json.dumps(fusion.weights, sort_keys=True)} (tuned: {fusion.tuned})",
-             f"command: recagent eval retrieval --catalog {catalog}{' --tune' if tune else ''}",
-             f"machine: {machine_line()}"]
-    (REPORTS / f"retrieval-{catalog}.md").write_text(markdown(results, f"Retrieval evaluation: {catalog}", notes))
-    (REPORTS / f"retrieval-{catalog}.json").write_text(json.dumps(
-        {"catalog": catalog, "fusion": fusion.model_dump(), "results": results, "notes": notes}, indent=2))
+             f"protocol: {spec.describe()}; full ranking over all items minus the history; "
+             "CF fitted only on what each part may see",
+             f"fused weights: {json.dumps(fusion.weights, sort_keys=True)} (tuned: {fusion.tuned}); "
+             f"EASE lambda {cf_config.ease_lambda:g}{' (tuned on validation)' if tuning else ''}",
+             f"command: {command}", f"machine: {machine_line()}"]
+    (REPORTS / f"retrieval-{catalog}.md").write_text(
+        rv.markdown(results, f"Retrieval evaluation: {catalog}", notes, sensitivity, tuning))
+    report = {"catalog": catalog, "split": spec.provenance(), "fusion": fusion.model_dump(),
+              "cf": cf_config.model_dump(), "results": results, "sensitivity": sensitivity, "notes": notes}
+    if tuning:
+        report["tuning"] = {f"{lam:g}": dataclasses.asdict(p) for lam, p in tuning.by_lambda.items()}
+    (REPORTS / f"retrieval-{catalog}.json").write_text(json.dumps(report, indent=2))
     if as_json:
-        print_json(flat(results))
+        print_json(rv.flat({part: {**results[part], **sensitivity[part]} for part in results}))
         return
     from rich.table import Table
 
     for part, methods in results.items():
-        table = Table(title=f"{catalog} {part}")
+        table = Table(title=f"{catalog} {part} ({spec.describe()})")
         table.add_column("method")
         metrics = list(next(iter(methods.values())))
         for m in metrics:
             table.add_column(m, justify="right")
-        for method, vals in methods.items():
+        for method, vals in {**methods, **sensitivity[part]}.items():
             table.add_row(method, *[f"{vals[m]['mean']:.4f}" for m in metrics])
         out.print(table)
     console.print(f"report: {REPORTS / f'retrieval-{catalog}.md'} ({time.perf_counter() - t0:.1f}s)")
@@ -77,38 +96,50 @@ def eval_rerank(
     users: int = typer.Option(200, "--users", min=1, help="users sampled per split part"),
     bias_users: int = typer.Option(12, "--bias-users", min=0, help="users for the position-bias curve (0: skip)"),
     tune: bool = typer.Option(False, "--tune", help="choose calibration and alpha on validation and store them"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seeds the user sample and the random tie order"),
+    ties: str = ties_option(),
+    ranker: str | None = typer.Option(None, "--ranker", help="auto (the catalogue's trained ranker if any) | "
+                                      "zero-shot | a ranker folder (default: RECAGENT_RANKER, else auto)"),
+    window: int | None = typer.Option(None, "--window", min=2, max=100, help="candidates reranked per user "
+                                      "(default: the trained ranker's window, else 20)"),
+    compare_zero_shot: bool = typer.Option(False, "--compare-zero-shot", help="also run the zero-shot model "
+                                           "(label scoring, 20 candidates) on the same users, in the same run"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """LLM reranking of the retrieved top-20: final, LLM-only, retrieval and random orders, bias, latency."""
+    """LLM reranking of each user's retrieved window: final, LLM-only, retrieval and random orders, bias, latency."""
     setup()
     if mode not in ("score", "generate"):
         from cli.main import fail
 
         fail(f"--mode '{mode}': choose score or generate")
+    spec = split_spec(ties, seed)
     from agent.llm.registry import make_backend
     from agent.rerank import ModeConfig, RerankConfig
     from eval import rerank_eval as rx
     from eval.plots import plot_position_bias
-    from eval.splits import leave_last_out
     from retrieval.catalog import atomic_write_json
     from retrieval.catalog_store import ensure_catalog
     from retrieval.index import load_index
+    from retrieval.splits import split_catalog
 
     cat = guarded(lambda: ensure_catalog(catalog))
     index = guarded(lambda: load_index(cat))
     with console.status("loading the LLM"):
         backend = guarded(make_backend)
-    config = RerankConfig.load(index)
+    config = guarded(lambda: RerankConfig.load(index, ranker))
     if perms is not None:
         config.perms = perms
-    split = leave_last_out(cat.histories())
+    if window is not None:
+        if config.scorer == "labels" and window > 26:
+            fail(f"--window {window}: the zero-shot label scorer takes at most 26 candidates")
+        config.max_candidates = window
+    split = split_catalog(cat, spec)
     evaluator = rx.RerankEvaluator(index, backend, config)
-    report: dict[str, object] = {"catalog": catalog, "mode": mode, "parts": {}}
+    report: dict[str, object] = {"catalog": catalog, "mode": mode, "split": spec.provenance(), "parts": {}}
     bias = None
     REPORTS.mkdir(exist_ok=True)
-    stem = f"rerank-{catalog}-{mode}"
-    if mode == "score" and bias_users:
+    stem = f"rerank-{catalog}-{mode}" + (f"-w{window}" if window else "")
+    if mode == "score" and bias_users and config.scorer == "labels":  # the trained ranker sees shuffled slots
         bias_cases = rx.sample_cases(split.validation, bias_users, seed + 1)
         settings = {"raw": {"calibrate": False, "perms": 1}, "calibrated": {"calibrate": True, "perms": 1},
                     "calibrated, 2 perms": {"calibrate": True, "perms": 2}}
@@ -121,7 +152,16 @@ def eval_rerank(
         cases = rx.sample_cases(split.cases(part), users, seed)
         results[part] = evaluator.run_part(split, part, cases, mode=mode)
     alpha = config.alpha(mode)
-    if tune:
+    if tune and config.scorer == "markers":  # a trained ranker: alpha only (no calibration), kept with the ranker
+        from agent.ranker.artifact import store_alpha
+
+        alpha, grid = rx.tune_alpha(results["validation"], seed)
+        report["alpha_grid"] = {str(a): v for a, v in grid.items()}
+        config.modes[mode] = ModeConfig(alpha=alpha, tuned=True)
+        stored = store_alpha(config.adapter, alpha, f"recagent eval rerank --tune ({users} validation users)")
+        console.print(f"[green]tuned[/] trained ranker: alpha={alpha}" + (f"; stored in {stored}" if stored else
+                                                                          " (shipped ranker: not stored)"))
+    elif tune:
         choices = {}
         if mode == "score" and config.perms == 1:  # calibration on/off from the same pass, chosen on validation
             for cal in (True, False):
@@ -143,14 +183,27 @@ def eval_rerank(
         atomic_write_json(path, config.tuned().model_dump(mode="json"))
         console.print(f"[green]tuned[/] {mode}: alpha={alpha}, calibrate={config.calibrate}; stored in {path}")
     report["alpha"] = alpha
+    if compare_zero_shot:
+        report["zero_shot"] = _zero_shot_baseline(index, backend, split, evaluator, users, seed, mode)
     for part, res in results.items():
         report["parts"][part] = {  # type: ignore[index]
             "metrics": rx.table(res, alpha, seed), "rates": rx.rates(res), "latency": rx.latency_summary(res)}
+    if compare_zero_shot:
+        for part, zs in report["zero_shot"].items():  # type: ignore[attr-defined]
+            if isinstance(zs, dict) and "latency" in zs:
+                mine = report["parts"][part]["latency"]["p50_s"]  # type: ignore[index]
+                zs["p50_ratio_this_over_zero_shot"] = round(mine / max(zs["latency"]["p50_s"], 1e-9), 3)
     report["notes"] = {
         "command": f"recagent eval rerank --catalog {catalog} --mode {mode} --users {users} --bias-users "
-                   f"{bias_users}{' --tune' if tune else ''}{f' --perms {perms}' if perms else ''} --seed {seed}",
+                   f"{bias_users}{' --tune' if tune else ''}{f' --perms {perms}' if perms else ''} --seed {seed} "
+                   f"--ties {spec.ties}{f' --ranker {ranker}' if ranker else ''}"
+                   f"{f' --window {window}' if window else ''}{' --compare-zero-shot' if compare_zero_shot else ''}",
+        "split": spec.describe(),
         "model": backend.model_name, "backend": backend.name, "candidates": evaluator.n_candidates,
-        "prompt": f"rerank_score.{config.score_prompt}" if mode == "score"
+        "ranker": config.ranker if mode == "score" else "zero-shot",
+        "ranker_folder": config.adapter or "none",
+        "prompt": (f"rerank_trained.{config.trained_prompt}" if config.scorer == "markers"
+                   else f"rerank_score.{config.score_prompt}") if mode == "score"
                   else f"rerank_generate.{config.generate_prompt}",
         "perms": config.perms, "calibrate": config.calibrate, "history_token_budget": config.history_token_budget,
         "llm_threads": _threads_note(backend), "machine": machine_line(), "date": time.strftime("%Y-%m-%d"),
@@ -162,6 +215,27 @@ def eval_rerank(
         return
     out.print(rx.markdown(report), markup=False, highlight=False)
     console.print(f"report: {REPORTS / f'{stem}.md'}")
+
+
+def _zero_shot_baseline(index: Any, backend: Any, split: Any, evaluator: Any, users: int, seed: int,
+                        mode: str) -> dict[str, Any]:
+    """The zero-shot model (label scoring over the top 20, its stored alpha and calibration) on the same users,
+    in the same run: NDCG@10 of its final and LLM-only orders and its latency per user, for the comparison."""
+    from agent.rerank import RerankConfig
+    from eval import rerank_eval as rx
+
+    config = RerankConfig.load(index, "zero-shot")
+    baseline = rx.RerankEvaluator(index, backend, config, n_candidates=20)
+    out: dict[str, Any] = {"alpha": config.alpha(mode), "calibrate": config.calibrate,
+                           "prompt": f"rerank_score.{config.score_prompt}", "candidates": 20}
+    for part in ("validation", "test"):
+        cases = rx.sample_cases(split.cases(part), users, seed)
+        res = baseline.run_part(split, part, cases, mode="score")
+        table = rx.table(res, config.alpha(mode), seed)
+        out[part] = {"final_ndcg@10": table["all"]["final"]["ndcg@10"], "llm_ndcg@10": table["all"]["llm"]["ndcg@10"],
+                     "retrieval_ndcg@10": table["all"]["retrieval"]["ndcg@10"], "latency": rx.latency_summary(res),
+                     }
+    return out
 
 
 def _threads_note(backend: object) -> str:
@@ -180,11 +254,15 @@ def eval_speed(
     users: int = typer.Option(200, "--users", min=1),
     k: int = typer.Option(50, "-k", "--k", min=1),
     genre: str | None = typer.Option(None, "--genre", help="filter used while timing (default: Drama if known)"),
+    ties: str = ties_option(),
+    seed: int = typer.Option(0, "--seed", help="seeds the timed users and the random tie order of their histories"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Index build time from nothing and retrieve latency (p50/p95) with a filter."""
     setup()
+    spec = split_spec(ties, seed)
     from eval.speed import time_build, time_retrieve
+    from retrieval.catalog import describe_order
     from retrieval.catalog_store import ensure_catalog
 
     cat = guarded(lambda: ensure_catalog(catalog))
@@ -192,9 +270,12 @@ def eval_speed(
         genre = "Drama"
     with console.status("building an index from nothing"):
         build = time_build(cat)
-    ret = guarded(lambda: time_retrieve(cat, users=users, k=k, genre=genre))
-    result = {"catalog": catalog, **build, **ret, "machine": machine_line(), "date": time.strftime("%Y-%m-%d"),
-              "command": f"recagent eval speed --catalog {catalog} --users {users} -k {k}"}
+    ret = guarded(lambda: time_retrieve(cat, users=users, k=k, seed=spec.seed, genre=genre, ties=spec.ties))
+    result = {"catalog": catalog, **build, **ret, "ties": spec.ties, "seed": spec.seed,
+              "histories": describe_order(spec.ties, spec.seed),
+              "machine": machine_line(), "date": time.strftime("%Y-%m-%d"),
+              "command": f"recagent eval speed --catalog {catalog} --users {users} -k {k} --ties {spec.ties} "
+                         f"--seed {spec.seed}"}
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / f"speed-{catalog}.json").write_text(json.dumps(result, indent=2))
     md = [f"# Retrieval speed: {catalog}", "", "| measure | value |", "|---|---|",
@@ -202,7 +283,8 @@ def eval_speed(
           f"| retrieve p50 (k={k}, filter genre={genre}) | {ret['p50_ms']:.1f} ms |",
           f"| retrieve p95 | {ret['p95_ms']:.1f} ms |",
           f"| users timed (mean history length) | {ret['users']} ({ret['mean_history']:.0f}) |", "",
-          f"- command: `{result['command']}`", f"- machine: {result['machine']}"]
+          f"- command: `{result['command']}`", f"- histories timed: {result['histories']}",
+          f"- machine: {result['machine']}"]
     (REPORTS / f"speed-{catalog}.md").write_text("\n".join(md) + "\n")
     if as_json:
         print_json(result)

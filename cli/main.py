@@ -8,21 +8,26 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from retrieval.catalog import DEFAULT_CATALOG
+from retrieval.catalog import DEFAULT_CATALOG, TIE_RULES
+
+if TYPE_CHECKING:
+    from retrieval.splits import SplitSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Generative LLM recommender agent.")
 data_app = typer.Typer(no_args_is_help=True, help="Fetch built-in data sets.")
 eval_app = typer.Typer(no_args_is_help=True, help="Offline evaluation (writes reports/).")
 llm_app = typer.Typer(no_args_is_help=True, help="LLM model files and serving.")
+train_app = typer.Typer(no_args_is_help=True, help="Train models on a catalogue's behaviour data.")
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 app.add_typer(llm_app, name="llm")
+app.add_typer(train_app, name="train")
 
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
@@ -60,6 +65,21 @@ def guarded(fn: Callable[[], T]) -> T:
     except WheelError as exc:
         fail(str(exc), code=1)
     raise AssertionError("unreachable")
+
+
+def ties_option() -> Any:
+    """The ``--ties`` option of every eval command that builds a split (the seed is the command's ``--seed``)."""
+    return typer.Option("random", "--ties", help=f"how a user's events with equal timestamps are ordered: "
+                        f"{' | '.join(TIE_RULES)} (random: seeded by --seed; id: catalogue order)")
+
+
+def split_spec(ties: str, seed: int) -> SplitSpec:
+    """The split an eval command makes; an unknown ``--ties`` exits with code 2 naming the choices."""
+    from retrieval.splits import SplitSpec
+
+    if ties not in TIE_RULES:
+        fail(f"--ties '{ties}': choose one of {', '.join(TIE_RULES)}")
+    return SplitSpec(ties=ties, seed=seed)
 
 
 def print_json(payload: Any) -> None:
@@ -218,4 +238,4 @@ def main() -> None:  # pragma: no cover
 
 
 # Subcommands defined in sibling modules register themselves on import.
-from cli import chat_cmds, eval_cmds, llm_cmds, serve_cmds, suite_cmds  # noqa: E402,F401
+from cli import chat_cmds, eval_cmds, llm_cmds, serve_cmds, suite_cmds, train_cmds  # noqa: E402,F401

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from cli.main import console, eval_app, fail, guarded, out, print_json, setup
+from cli.main import console, eval_app, fail, guarded, out, print_json, setup, split_spec, ties_option
 from eval.machine import machine_info
 from retrieval.catalog import DEFAULT_CATALOG
 
@@ -18,7 +18,8 @@ from retrieval.catalog import DEFAULT_CATALOG
 def eval_all(
     catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
     users: int = typer.Option(200, "--users", min=1, help="test users sampled (seeded) for every stage"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seeds the user sample and the random tie order"),
+    ties: str = ties_option(),
     run_id: str | None = typer.Option(None, "--run-id", help="default: <catalog>-u<users>-s<seed>-<commit>"),
     fresh: bool = typer.Option(False, "--fresh", help="ignore the stage cache of this run id"),
     reports: Path = typer.Option(Path("reports"), "--reports", help="folder for reports/<run-id>/"),
@@ -35,6 +36,7 @@ def eval_all(
 ) -> None:
     """Every offline evaluation on one seeded user sample: report.md, metrics.json and plots in reports/<run-id>/."""
     setup()
+    spec = split_spec(ties, seed)
     from agent.llm.config import LLMConfig
     from agent.llm.registry import make_backend
     from eval import report as rp
@@ -43,10 +45,10 @@ def eval_all(
     from retrieval.catalog_store import ensure_catalog
     from retrieval.index import load_index
 
-    config = suite.SuiteConfig(catalog=catalog, users=users, seed=seed, n_boot=n_boot, generate_users=generate_users,
-                               explain_users=explain_users, perms_users=perms_users, bias_users=bias_users,
-                               judge_items=judge_items, pairwise_items=pairwise_items, chat_users=chat_users,
-                               validity=not no_validity)
+    config = suite.SuiteConfig(catalog=catalog, users=users, seed=seed, ties=spec.ties, n_boot=n_boot,
+                               generate_users=generate_users, explain_users=explain_users, perms_users=perms_users,
+                               bias_users=bias_users, judge_items=judge_items, pairwise_items=pairwise_items,
+                               chat_users=chat_users, validity=not no_validity)
     git = suite.git_info()
     rid = run_id or suite.default_run_id(config, git["commit"])
     run_dir = reports / rid
@@ -70,10 +72,12 @@ def eval_all(
     backend = made[0] if made else None
     command = (f"recagent eval all --catalog {catalog} --users {users} --seed {seed}"
                + "".join(f" --{k.replace('_', '-')} {v}" for k, v in config.model_dump().items()
-                         if k in ("generate_users", "explain_users", "perms_users", "bias_users", "judge_items",
-                                  "pairwise_items", "chat_users") and v != suite.SuiteConfig.model_fields[k].default))
+                         if k in ("ties", "generate_users", "explain_users", "perms_users", "bias_users",
+                                  "judge_items", "pairwise_items", "chat_users")
+                         and v != suite.SuiteConfig.model_fields[k].default))
     metrics["provenance"] = {
-        "catalog": catalog, "seed": seed, "run_id": rid, "command": command, "config": config.model_dump(),
+        "catalog": catalog, "seed": seed, "split": spec.provenance(), "run_id": rid, "command": command,
+        "config": config.model_dump(),
         "git": git, "model": suite.model_fingerprint(backend, llm_config),  # type: ignore[arg-type]
         "judge": {"backend": judge_config.llm.backend, "model_path": judge_config.llm.model_path,
                   "served_model": judge_config.llm.served_model, "same_as_recommender":

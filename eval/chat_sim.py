@@ -26,8 +26,8 @@ from agent.chat.config import ChatConfig
 from agent.chat.state import SessionStore
 from agent.service import RecommenderService
 from eval.metrics import bootstrap_ci, paired_bootstrap_diff
-from eval.splits import Case, leave_last_out
 from retrieval.catalog import Catalog
+from retrieval.splits import Case, SplitSpec, split_catalog
 
 logger = logging.getLogger(__name__)
 _STOP = {
@@ -129,8 +129,9 @@ def run_episode(agent: ChatAgent, user: SimulatedUser, max_turns: int) -> Episod
     return Episode(user.user_id, None, max_turns, ms, decided, degraded)
 
 
-def sample_users(catalog: Catalog, n_users: int, seed: int = 0) -> list[SimulatedUser]:
-    split = leave_last_out(catalog.histories())
+def sample_users(catalog: Catalog, n_users: int, seed: int = 0, spec: SplitSpec | None = None) -> list[SimulatedUser]:
+    """Seeded test users of the split ``spec`` makes (default: ties in time by a random order seeded by ``seed``)."""
+    split = split_catalog(catalog, spec or SplitSpec(seed=seed))
     cases = [c for c in split.test if len({i for i in c.history if i != c.target}) >= 2]
     rng = random.Random(seed)
     chosen = rng.sample(cases, min(n_users, len(cases)))
@@ -169,12 +170,15 @@ def evaluate_chat(
     n_boot: int = 1000,
     k: int = 5,
     progress: Any = None,
+    spec: SplitSpec | None = None,
 ) -> dict[str, Any]:
-    """Both agents over the same simulated users; returns the report payload."""
+    """Both agents over the same simulated users; returns the report payload. ``spec``: the split (default: ties
+    in time by a random order seeded by ``seed``)."""
     catalog = service.catalog
-    split = leave_last_out(catalog.histories())
+    spec = spec or SplitSpec(seed=seed)
+    split = split_catalog(catalog, spec)
     service.retriever = service.index.retriever("fused", cf=service.index.fit_cf(split.fit_histories("test")))
-    users = sample_users(catalog, n_users, seed=seed)
+    users = sample_users(catalog, n_users, seed=seed, spec=spec)
     agents: dict[str, ChatConfig] = {
         "llm_agent": ChatConfig(k=k, use_llm=True),
         "retrieval_only": ChatConfig(k=k, use_llm=False),
@@ -197,6 +201,7 @@ def evaluate_chat(
         "max_turns": max_turns,
         "k": k,
         "seed": seed,
+        "split": spec.provenance(),
         "model": service.backend.model_name if service.backend else None,
         "results": results,
     }

@@ -36,3 +36,19 @@ def plot_position_bias(curves: Mapping[str, Any], path: Path | str) -> None:
     ax.set_title("Position bias: a flat curve means the slot does not matter")
     ax.legend()
     save(fig, path)
+
+
+def plot_training(log: list[dict[str, Any]], path: Path | str) -> None:
+    """A ranker's training curve: validation NDCG@10 (retrieval order, ranker alone, best blend) and the training
+    loss, by optimiser step (the rows of ``provenance.train.log``)."""
+    steps = [r["step"] for r in log]
+    fig, (top, bottom) = pyplot().subplots(2, 1, figsize=(7, 5), sharex=True)
+    for key, label in (("retrieval", "retrieval order"), ("ranker", "ranker alone"), ("best_fused", "best blend")):
+        top.plot(steps, [r[key] for r in log], marker="o", label=label)
+    top.set_ylabel("validation NDCG@10")
+    top.legend()
+    top.set_title("Trained ranker: validation sample, window of the training examples")
+    bottom.plot(steps, [r["loss"] for r in log], marker="o", color="grey")
+    bottom.set_xlabel("optimiser step")
+    bottom.set_ylabel("training loss")
+    save(fig, path)

@@ -349,6 +349,7 @@ def markdown(m: Mapping[str, Any], plots: Sequence[str]) -> str:
     val = judge["validity"]
     lines = [f"# Offline evaluation: {prov.get('catalog', '')}, {m['users']} test users, seed {prov.get('seed')}",
              "", f"Command: `{prov.get('command', '')}`", "",
+             f"Split: {prov.get('split', {}).get('description', 'not recorded')}.", "",
              "| system | users | NDCG@10 [95% CI] | Recall@10 [95% CI] | Δ NDCG@10 vs retrieval order | "
              f"Δ NDCG@10 vs best baseline ({m['best_baseline']}) |", "|---|---|---|---|---|---|"]
     lines += [_row_line(n, r) for n, r in m["rows"].items() if r["group"] != "ablation"]

@@ -24,8 +24,8 @@ from agent.llm.base import LLMBackend
 from agent.rerank import RankInput, RerankConfig, Reranker, fuse
 from agent.service import RecommenderService
 from eval.metrics import bootstrap_ci, paired_bootstrap_diff
-from eval.splits import Case, Split
 from retrieval.index import Index
+from retrieval.splits import Case, Split
 
 logger = logging.getLogger(__name__)
 ALPHAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -135,10 +135,12 @@ def sample_cases(cases: Sequence[Case], users: int | None, seed: int) -> list[Ca
 
 class RerankEvaluator:
     def __init__(self, index: Index, backend: LLMBackend, config: RerankConfig | None = None,
-                 n_candidates: int = 20) -> None:
+                 n_candidates: int | None = None) -> None:
+        """``n_candidates``: the retrieved window reranked per user (default: the config's window)."""
         self.index = index
         self.backend = backend
         self.config = config or RerankConfig.load(index)
+        n_candidates = n_candidates or self.config.max_candidates
         self.service = RecommenderService(index, backend=backend, config=self.config, n_candidates=n_candidates)
         self.reranker: Reranker = self.service.reranker  # type: ignore[assignment]
         self.n_candidates = n_candidates
@@ -166,7 +168,9 @@ class RerankEvaluator:
             dropped = total_evidence = 0
             trimmed = self.reranker.trim_history(history)
             try:
-                if mode == "score" and self.config.perms == 1:
+                if mode == "score" and self.config.scorer == "markers":  # a trained ranker: no calibration
+                    llm = self.reranker.llm_scores(trimmed, cands).tolist()
+                elif mode == "score" and self.config.perms == 1:
                     # one pass without calibration; the calibrated scores subtract the content-free prompt's
                     # label bias slot by slot, so both variants come from the same forward pass
                     uncal = self.reranker.llm_scores(trimmed, cands, calibrate=False)
@@ -262,11 +266,27 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{p['metrics'][scope][kind][m]['hi']:.3f}]" for m in ("ndcg@10", "recall@10")]
                 lines.append(f"| {kind} | " + " | ".join(cells) + " |")
             lines.append("")
-        lines += ["Paired bootstrap differences (NDCG@10):", ""]
+        lines += ["Paired bootstrap differences (NDCG@10; relative to the retrieval order in parentheses):", ""]
+        base = p["metrics"]["all"]["retrieval"]["ndcg@10"]["mean"]
         for name, d in p["metrics"]["paired_diff"].items():
-            lines.append(f"- {name}: {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]")
+            rel = f" ({d['mean'] / base:+.1%})" if base > 0 else ""
+            lines.append(f"- {name}: {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]{rel}")
         lines += ["", f"Rates: {json.dumps({k: round(v, 4) for k, v in p['rates'].items()})}",
                   f"Latency per user: {json.dumps({k: round(v, 3) for k, v in p['latency'].items()})}", ""]
+    if report.get("zero_shot"):
+        zs = report["zero_shot"]
+        lines += ["## The zero-shot model on the same users, same run", "",
+                  f"Label scoring ({zs['prompt']}, {zs['candidates']} candidates, calibrate {zs['calibrate']}, "
+                  f"alpha {zs['alpha']}).", "",
+                  "| part | final NDCG@10 | LLM-only NDCG@10 | retrieval NDCG@10 | p50 s per user | "
+                  "this run's p50 / zero-shot p50 |", "|---|---|---|---|---|---|"]
+        for part in ("validation", "test"):
+            if part in zs:
+                z = zs[part]
+                lines.append(f"| {part} | {z['final_ndcg@10']['mean']:.4f} | {z['llm_ndcg@10']['mean']:.4f} | "
+                             f"{z['retrieval_ndcg@10']['mean']:.4f} | {z['latency']['p50_s']:.3f} | "
+                             f"{z.get('p50_ratio_this_over_zero_shot', float('nan')):.2f} |")
+        lines.append("")
     if report.get("calibration_choice"):
         lines += ["## Calibration chosen on validation", "",
                   "Best validation NDCG@10 of the final list (over alpha) with and without content-free "

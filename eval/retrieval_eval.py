@@ -2,23 +2,28 @@
 
 Each user's source lists are computed once per split part with CF models fitted only on what that part may
 see; every method (single sources and blends, including the weight grid of ``--tune``) is then ranked from
-those lists with the same rule as ``BlendRetriever.retrieve`` (a test checks they agree).
+those lists with the same rule as ``BlendRetriever.retrieve`` (a test checks they agree). ``--tune`` chooses
+the fusion weights and EASE's lambda jointly on validation: per lambda only the EASE lists are recomputed.
+The fused retriever is also reported under the other tie rule of the split (a sensitivity row).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from eval.metrics import METRICS, summarise
-from eval.splits import Split
-from retrieval.index import FusionConfig, Index
+from retrieval.catalog import Catalog
+from retrieval.cf import CFConfig
+from retrieval.index import Index
 from retrieval.retriever import normalise
+from retrieval.splits import Split, SplitSpec, split_catalog
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +35,10 @@ TUNE_GRID = {
     "content": (0.0, 0.1, 0.2, 0.4),
     "mostpop": (0.0, 0.1, 0.2, 0.4),
 }
+EASE_LAMBDAS = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+PARTS = ("validation", "test")
+Metrics = dict[str, dict[str, float]]  # {metric: {mean, lo, hi}}
+Results = dict[str, dict[str, Metrics]]  # {part: {method: metrics}}
 
 
 @dataclass
@@ -71,9 +80,12 @@ class PartLists:
         return out
 
 
-def collect_lists(index: Index, split: Split, part: str, progress: bool = True) -> PartLists:
-    cf = index.fit_cf(split.fit_histories(part))
-    retriever = index.retriever("fused", cf=cf, weights={s: 1.0 for s in SOURCE_NAMES})
+def collect_lists(index: Index, split: Split, part: str, progress: bool = True, cf_config: CFConfig | None = None,
+                  weights: Mapping[str, float] | None = None) -> PartLists:
+    """The source lists of every case of ``part``: the sources of ``weights`` (default: all), with CF fitted
+    under ``cf_config`` (default: the index's) on what ``part`` may see."""
+    cf = index.fit_cf(split.fit_histories(part), cf_config)
+    retriever = index.retriever("fused", cf=cf, weights=weights or {s: 1.0 for s in SOURCE_NAMES})
     cases = split.cases(part)
     n_items = index.catalog.n_items
     norm = {s: np.full((len(cases), n_items), np.nan, dtype=np.float64) for s in retriever.sources}
@@ -90,35 +102,97 @@ def collect_lists(index: Index, split: Split, part: str, progress: bool = True) 
     return PartLists(norm=norm, allowed=allowed, targets=targets, popularity=cf.popularity.astype(np.float64))
 
 
-def tune_weights(lists: PartLists, metric: str = "ndcg@10") -> tuple[dict[str, float], float]:
-    best: tuple[float, float, dict[str, float]] | None = None
+def with_cf_config(lists: PartLists, index: Index, split: Split, part: str, cf_config: CFConfig,
+                   progress: bool = True) -> PartLists:
+    """``lists`` with the EASE lists recomputed under ``cf_config``; the other sources do not depend on EASE's
+    lambda, the only setting tuned here."""
+    ease = collect_lists(index, split, part, progress, cf_config=cf_config, weights={"ease": 1.0})
+    return dataclasses.replace(lists, norm={**lists.norm, **ease.norm})
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    weights: dict[str, float]
+    score: float  # the tuned metric on validation
+    recall50: float  # the tie-break
+
+    @property
+    def key(self) -> tuple[float, float]:
+        return (self.score, self.recall50)
+
+
+def tune_weights(lists: PartLists, metric: str = "ndcg@10") -> GridPoint:
+    """The best point of the weight grid on ``lists`` (validation): ``metric``, then Recall@50."""
+    best: GridPoint | None = None
     names = list(TUNE_GRID)
     for combo in itertools.product(*(TUNE_GRID[n] for n in names)):
         weights = dict(zip(names, combo, strict=True))
-        ranks = lists.ranks(weights)
-        table = summarise(ranks, n_boot=1)
-        score = table[metric]["mean"]
-        tiebreak = table["recall@50"]["mean"]
-        if best is None or (score, tiebreak) > (best[0], best[1]):
-            best = (score, tiebreak, weights)
+        table = summarise(lists.ranks(weights), n_boot=1)
+        point = GridPoint(weights, table[metric]["mean"], table["recall@50"]["mean"])
+        if best is None or point.key > best.key:
+            best = point
     assert best is not None
-    return best[2], best[0]
+    return best
 
 
-def evaluate(index: Index, split: Split, fusion: FusionConfig, parts: tuple[str, ...] = ("validation", "test"),
-             n_boot: int = 1000, seed: int = 0, progress: bool = True,
-             lists: dict[str, PartLists] | None = None) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """``{part: {method: {metric: {mean, lo, hi}}}}``."""
-    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    for part in parts:
-        pl = lists[part] if lists and part in lists else collect_lists(index, split, part, progress)
-        methods = {b: {b: 1.0} for b in BASELINES if b in pl.norm}
-        methods["fused"] = fusion.weights
+@dataclass
+class Tuning:
+    weights: dict[str, float]
+    cf: CFConfig
+    score: float  # validation metric of the choice
+    by_lambda: dict[float, GridPoint]  # the best weights per EASE lambda
+    lists: PartLists  # validation lists under the chosen CF config
+
+
+def tune(index: Index, split: Split, validation: PartLists, lambdas: Sequence[float] = EASE_LAMBDAS,
+         metric: str = "ndcg@10", progress: bool = True) -> Tuning:
+    """Fusion weights and EASE's lambda chosen jointly on validation (``validation``: lists under the index's CF
+    config). Without EASE (a catalogue too large for it) only the weights are tuned."""
+    base = index.manifest.cf
+    if "ease" not in validation.norm:
+        lambdas = [base.ease_lambda]
+    by_lambda: dict[float, GridPoint] = {}
+    best: tuple[GridPoint, CFConfig, PartLists] | None = None
+    for lam in lambdas:
+        config = base.model_copy(update={"ease_lambda": float(lam)})
+        lists = validation if config == base else with_cf_config(validation, index, split, "validation", config,
+                                                                 progress)
+        point = by_lambda[float(lam)] = tune_weights(lists, metric)
+        logger.info("tuned lambda=%s weights=%s %s=%.4f", lam, point.weights, metric, point.score)
+        if best is None or point.key > best[0].key:
+            best = (point, config, lists)
+    assert best is not None
+    point, config, lists = best
+    return Tuning(weights=point.weights, cf=config, score=point.score, by_lambda=by_lambda, lists=lists)
+
+
+def evaluate(lists: Mapping[str, PartLists], weights: Mapping[str, float], n_boot: int = 1000,
+             seed: int = 0) -> Results:
+    """``{part: {method: {metric: {mean, lo, hi}}}}``: the single sources and the fused retriever."""
+    out: Results = {}
+    for part, pl in lists.items():
+        methods: dict[str, Mapping[str, float]] = {b: {b: 1.0} for b in BASELINES if b in pl.norm}
+        methods["fused"] = weights
         out[part] = {m: summarise(pl.ranks(w), n_boot=n_boot, seed=seed) for m, w in methods.items()}
     return out
 
 
-Results = Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]
+def fused_label(spec: SplitSpec) -> str:
+    return f"fused, ties {spec.ties}" + (f" (seed {spec.seed})" if spec.ties == "random" else "")
+
+
+def tie_sensitivity(index: Index, catalog: Catalog, spec: SplitSpec, results: Results, weights: Mapping[str, float],
+                    cf_config: CFConfig, n_boot: int = 1000, progress: bool = True) -> Results:
+    """The fused retriever (same weights and CF config) under both tie rules: ``{part: {label: metrics}}``.
+    ``results`` holds the fused rows under ``spec``; the other rule's split is made and evaluated here."""
+    other = spec.other_rule()
+    other_split = split_catalog(catalog, other)
+    out: Results = {}
+    for part in results:
+        pl = collect_lists(index, other_split, part, progress, cf_config=cf_config, weights=weights)
+        out[part] = {fused_label(spec): results[part]["fused"],
+                     fused_label(other): summarise(pl.ranks(weights), n_boot=n_boot, seed=spec.seed)}
+    return out
 
 
 def flat(results: Results) -> dict[str, dict[str, dict[str, float]]]:
@@ -127,15 +201,35 @@ def flat(results: Results) -> dict[str, dict[str, dict[str, float]]]:
             for part, methods in results.items()}
 
 
-def markdown(results: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]], title: str,
-             notes: list[str]) -> str:
+def _table(methods: Mapping[str, Metrics], label: str = "method") -> list[str]:
+    lines = [f"| {label} | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for method, metrics in methods.items():
+        cells = [f"{metrics[m]['mean']:.4f} [{metrics[m]['lo']:.3f}, {metrics[m]['hi']:.3f}]" for m in METRICS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def markdown(results: Results, title: str, notes: list[str], sensitivity: Results | None = None,
+             tuning: Tuning | None = None) -> str:
     lines = [f"# {title}", ""] + [f"- {n}" for n in notes] + [""]
     for part, methods in results.items():
-        lines += [f"## {part}", "", "| method | " + " | ".join(METRICS) + " |",
-                  "|---|" + "---|" * len(METRICS)]
-        for method, metrics in methods.items():
-            cells = [f"{metrics[m]['mean']:.4f} [{metrics[m]['lo']:.3f}, {metrics[m]['hi']:.3f}]" for m in METRICS]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += [f"## {part}", "", *_table(methods)]
+    if sensitivity:
+        lines += ["## Tie-rule sensitivity", "",
+                  "The fused retriever (the same weights and EASE lambda) on splits whose ties in time are broken "
+                  "by each rule.", ""]
+        for part, methods in sensitivity.items():
+            lines += [f"### {part}", "", *_table(methods, "retriever, tie rule")]
+    if tuning:
+        lines += ["## Tuning on validation", "",
+                  "Best fusion weights per EASE lambda (validation NDCG@10, then Recall@50 as tie-break).", "",
+                  "| EASE lambda | weights | NDCG@10 | Recall@50 |", "|---|---|---|---|"]
+        lines += [f"| {lam:g}{' (chosen)' if lam == tuning.cf.ease_lambda else ''} | {_weights(p.weights)} | "
+                  f"{p.score:.4f} | {p.recall50:.4f} |" for lam, p in tuning.by_lambda.items()]
         lines.append("")
     lines.append("Cells: mean over users [bootstrap 95% interval].")
     return "\n".join(lines) + "\n"
+
+
+def _weights(weights: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(weights.items()))

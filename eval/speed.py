@@ -35,10 +35,11 @@ def time_build(catalog: Catalog) -> dict[str, float]:
 
 
 def time_retrieve(catalog: Catalog, users: int = 200, k: int = 50, seed: int = 0,
-                  genre: str | None = None) -> dict[str, Any]:
+                  genre: str | None = None, ties: str = "random") -> dict[str, Any]:
+    """Latency of ``retrieve`` over seeded users' full histories (ordered by time, ``ties`` seeded by ``seed``)."""
     index = load_index(catalog)
     retriever = index.retriever("fused")
-    histories = catalog.histories()
+    histories = catalog.histories(ties, seed)
     rng = random.Random(seed)
     chosen = rng.sample(sorted(histories), min(users, len(histories)))
     genre = genre or (catalog.all_genres[0] if catalog.all_genres else None)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from tqdm import tqdm
 
 from agent.llm.base import LLMBackend
@@ -38,8 +38,9 @@ from eval import rerank_eval as rx
 from eval.judge import ExplanationInput, Judge, JudgeConfig, PairwiseResult, load_labels
 from eval.metrics import metric_values
 from eval.retrieval_eval import BASELINES, collect_lists
-from eval.splits import Case, Split, leave_last_out
+from retrieval.catalog import check_ties
 from retrieval.index import Index
+from retrieval.splits import Case, Split, SplitSpec, split_catalog
 
 logger = logging.getLogger(__name__)
 STAGES = ("retrieval", "score", "bias", "generate", "explain", "chat", "judge", "validity")
@@ -56,7 +57,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
 class SuiteConfig(BaseModel):
     catalog: str = "movielens-100k"
     users: int = Field(default=200, ge=1, description="test users sampled (seeded) for every stage")
-    seed: int = 0
+    seed: int = Field(default=0, description="seeds the user sample and the random tie order of the split")
+    ties: str = Field(default="random", description="how ties in time are broken in the split (id | random)")
     n_boot: int = Field(default=1000, ge=10)
     n_candidates: int = Field(default=20, ge=2)
     perms_users: int = Field(default=40, ge=0, description="subset for the 2-permutation ablation")
@@ -72,13 +74,22 @@ class SuiteConfig(BaseModel):
     chat_turns: int = Field(default=5, ge=1)
     validity: bool = True
 
+    @field_validator("ties")
+    @classmethod
+    def _known_rule(cls, ties: str) -> str:
+        return check_ties(ties)
+
+    def split_spec(self) -> SplitSpec:
+        return SplitSpec(ties=self.ties, seed=self.seed)
+
     def cap(self, n: int) -> int:
         return min(n, self.users)
 
     def key(self, stage: str) -> str:
         """Cache key of a stage: the configuration fields that stage depends on (not the code version: use
         ``--fresh`` or another ``--run-id`` after changing code)."""
-        fields = {f: getattr(self, f) for f in ("catalog", "users", "seed", "n_candidates", *STAGE_FIELDS[stage])}
+        fields = {f: getattr(self, f) for f in ("catalog", "users", "seed", "ties", "n_candidates",
+                                                *STAGE_FIELDS[stage])}
         return hashlib.sha256(f"{stage}:{json.dumps(fields, sort_keys=True)}".encode()).hexdigest()[:16]
 
 
@@ -230,7 +241,7 @@ def stage_bias(ctx: Context) -> dict[str, Any]:
     n = ctx.config.bias_users
     if n == 0:
         return {"skipped": "bias_users = 0"}
-    full = leave_last_out(ctx.index.catalog.histories())
+    full = split_catalog(ctx.index.catalog, ctx.config.split_spec())
     cases = rx.sample_cases(full.validation, n, ctx.config.seed + 1)
     positions = [p for p in ctx.config.bias_positions if p < ctx.config.n_candidates]
     settings = {"raw": {"calibrate": False, "perms": 1}, "calibrated": {"calibrate": True, "perms": 1}}
@@ -327,7 +338,8 @@ def stage_chat(ctx: Context) -> dict[str, Any]:
         bar.update(1)
 
     payload = chat_sim.evaluate_chat(service, n_users=ctx.config.chat_users, max_turns=ctx.config.chat_turns,
-                                     seed=ctx.config.seed, n_boot=ctx.config.n_boot, progress=progress)
+                                     seed=ctx.config.seed, n_boot=ctx.config.n_boot, progress=progress,
+                                     spec=ctx.config.split_spec())
     bar.close()
     payload.pop("episodes", None)
     return payload
@@ -450,7 +462,7 @@ def run_suite(index: Index, config: SuiteConfig, run_dir: Path, backend_factory:
               judge_factory: Callable[[LLMBackend], Judge], progress: bool = True, fresh: bool = False,
               on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or reuse) every stage; returns ``{stage: result}`` plus ``_seconds`` and ``_cached``."""
-    full = leave_last_out(index.catalog.histories())
+    full = split_catalog(index.catalog, config.split_spec())
     cases = sample(full, config.users, config.seed)
     split = Split(train=full.train, validation=full.validation, test=cases)
     backend: list[LLMBackend] = []

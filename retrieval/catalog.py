@@ -26,6 +26,29 @@ from retrieval.home import catalogs_dir
 ITEM_COLUMNS = ["item_id", "title", "description", "genres", "year", "metadata"]
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "rating"]
 DEFAULT_CATALOG = "movielens-100k"
+TIE_RULES = ("id", "random")  # how a user's events with equal timestamps are ordered; "random" is the default
+
+
+def check_ties(ties: str) -> str:
+    """``ties`` if it is a known tie rule, else a ValueError naming the choices."""
+    if ties not in TIE_RULES:
+        raise ValueError(f"unknown tie rule '{ties}'; choose one of: {', '.join(TIE_RULES)}")
+    return ties
+
+
+def describe_order(ties: str, seed: int) -> str:
+    """How ``histories(ties, seed)`` orders each user's events, in words for reports."""
+    if check_ties(ties) == "id":
+        return "per user by time, ties in time broken by item id (catalogue order)"
+    return f"per user by time, ties in time broken by seeded random order (seed {seed})"
+
+
+def tie_keys(interactions: pd.DataFrame, seed: int) -> np.ndarray:
+    """A pseudo-random sort key per interaction that depends only on (seed, user_id, item_id): reproducible and
+    independent of file order."""
+    hash_key = hashlib.sha256(f"recagent-ties:{seed}".encode()).hexdigest()[:16]  # pandas wants 16 bytes
+    pairs = interactions[["user_id", "item_id"]].astype(str)
+    return pd.util.hash_pandas_object(pairs, index=False, hash_key=hash_key).to_numpy()
 
 
 class CatalogNotFoundError(LookupError):
@@ -47,7 +70,7 @@ class Catalog:
     interactions: pd.DataFrame
     users: pd.DataFrame | None = None
     root: Path | None = None
-    _histories: dict[str, list[str]] | None = field(default=None, repr=False)
+    _histories: dict[tuple[str, int], dict[str, list[str]]] = field(default_factory=dict, repr=False)
 
     @cached_property
     def item_ids(self) -> list[str]:
@@ -92,19 +115,26 @@ class Catalog:
     def all_genres(self) -> list[str]:
         return sorted({g for gs in self.genres_by_pos for g in gs})
 
-    def sorted_interactions(self) -> pd.DataFrame:
-        """Interactions ordered per user by time, ties broken by the item's catalogue position."""
+    def sorted_interactions(self, ties: str = "random", seed: int = 0) -> pd.DataFrame:
+        """Interactions ordered per user by time. Equal timestamps (MovieLens stores ratings in batches that share
+        one) are ordered by ``ties``: "id" by the item's catalogue position, "random" by a seeded pseudo-random
+        key of (seed, user, item)."""
         df = self.interactions.copy()
-        df["_pos"] = df["item_id"].map(self.item_index)
-        df = df.sort_values(["user_id", "timestamp", "_pos"], kind="mergesort")
-        return df.drop(columns="_pos").reset_index(drop=True)
+        if check_ties(ties) == "id":
+            df["_tie"] = df["item_id"].map(self.item_index)
+        else:
+            df["_tie"] = tie_keys(df, seed)
+        df = df.sort_values(["user_id", "timestamp", "_tie"], kind="mergesort")
+        return df.drop(columns="_tie").reset_index(drop=True)
 
-    def histories(self) -> dict[str, list[str]]:
-        """Each user's item ids in time order."""
-        if self._histories is None:
-            df = self.sorted_interactions()
-            self._histories = {str(u): [str(i) for i in g["item_id"]] for u, g in df.groupby("user_id", sort=False)}
-        return self._histories
+    def histories(self, ties: str = "random", seed: int = 0) -> dict[str, list[str]]:
+        """Each user's item ids in time order, ties in time broken by ``ties`` (see ``sorted_interactions``)."""
+        key = (check_ties(ties), seed)
+        if key not in self._histories:
+            df = self.sorted_interactions(ties, seed)
+            self._histories[key] = {str(u): [str(i) for i in g["item_id"]]
+                                    for u, g in df.groupby("user_id", sort=False)}
+        return self._histories[key]
 
     def user_history(self, user_id: str) -> list[str]:
         hist = self.histories().get(str(user_id))

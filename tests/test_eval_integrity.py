@@ -19,8 +19,8 @@ from agent.llm.base import ScoreRequest
 from eval import suite
 from eval.judge import Judge
 from eval.retrieval_eval import collect_lists
-from eval.splits import Case, Split, leave_last_out
 from retrieval.index import Index
+from retrieval.splits import Case, Split, leave_last_out
 from tests.fakes import ScriptedBackend
 
 pytestmark = pytest.mark.slow

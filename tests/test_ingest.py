@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner, Result
 
@@ -211,7 +212,41 @@ def test_iso_timestamps_are_parsed(tmp_path: Path, good: tuple[Path, Path]) -> N
     stamps = dict(zip(catalog.interactions["item_id"], catalog.interactions["timestamp"], strict=True))
     assert stamps == {"i2": 1704164645, "i1": 1704153600, "i3": 1704164645}
     assert str(catalog.interactions["timestamp"].dtype) == "int64"
-    assert catalog.histories() == {"u1": ["i1", "i2", "i3"]}  # equal times: catalogue order
+    assert catalog.histories(ties="id") == {"u1": ["i1", "i2", "i3"]}  # equal times: catalogue order
+    assert catalog.histories()["u1"][0] == "i1"  # any rule keeps time order
+
+
+def tied_catalog(interactions: pd.DataFrame) -> Catalog:
+    items = sorted(set(interactions["item_id"]))
+    return Catalog(name="tied", items=pd.DataFrame({"item_id": items}), interactions=interactions)
+
+
+def test_tie_rules_order_equal_timestamps() -> None:
+    """MovieLens stores ratings in batches sharing one timestamp: "id" orders a batch by catalogue position,
+    "random" (the default) by a seeded key of (seed, user, item), independent of file order."""
+    batch = [f"b{n:02d}" for n in range(20)]
+    rows = ([("u", "a-first", 1)] + [("u", i, 5) for i in batch] + [("u", "z-last", 9)]
+            + [("v", i, 5) for i in batch])
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    catalog = tied_catalog(frame)
+    by_id = catalog.histories(ties="id")
+    assert by_id["u"] == ["a-first", *batch, "z-last"] and by_id["v"] == batch
+
+    seeded = catalog.histories(ties="random", seed=0)
+    assert seeded["u"][0] == "a-first" and seeded["u"][-1] == "z-last"  # time order kept
+    assert sorted(seeded["u"][1:-1]) == batch and seeded["u"] != by_id["u"]  # the batch is reordered
+    assert seeded["u"][1:-1] != seeded["v"]  # the key depends on the user too
+    assert catalog.histories() is seeded and catalog.user_history("u") == seeded["u"]  # the default, cached
+    shuffled = tied_catalog(frame.sample(frac=1.0, random_state=3).reset_index(drop=True))
+    assert shuffled.histories(ties="random", seed=0) == seeded  # reproducible, whatever the file order
+    assert shuffled.histories(ties="id") == by_id
+    other = catalog.histories(ties="random", seed=1)
+    assert other["u"] != seeded["u"] and other["u"][0] == "a-first" and other["u"][-1] == "z-last"
+    ordered = catalog.sorted_interactions(ties="random", seed=1)
+    assert ordered.groupby("user_id")["timestamp"].apply(lambda t: t.is_monotonic_increasing).all()
+    for bad in ("alpha", "ID"):
+        with pytest.raises(ValueError, match="unknown tie rule .*choose one of: id, random"):
+            catalog.histories(ties=bad)
 
 
 def test_jsonl_numbers_and_missing_timestamps(tmp_path: Path) -> None:

@@ -3,7 +3,10 @@ real vLLM server (vllm)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,7 +39,7 @@ def test_forward_passes_run_on_the_governors_thread_count(transformers_backend: 
     backend = transformers_backend
     request = ScoreRequest(messages=[{"role": "user", "content": "Pick A or B."}], answer_prefix="", labels=["A", "B"])
     for _ in range(6):
-        backend._cached_ids = []  # a full pass each time
+        backend._caches.clear()  # a full pass each time
         with backend.threads_for(10) as step:
             assert torch.get_num_threads() == step.threads
         backend.score_labels(request)
@@ -53,6 +56,41 @@ class TestVLLMBackend(LLMBackendContract, RerankerContract):
         backend = OpenAIBackend(LLMConfig(backend="openai", url=vllm_server.url, timeout_s=120))
         yield backend
         backend.close()
+
+
+@pytest.mark.vllm
+def test_vllm_scores_markers_like_the_in_process_ranker(vllm_server: Any, ranker_adapter: Path,
+                                                        transformers_backend: Any) -> None:
+    """The trained-ranker path end to end: the same marker prompt (5 candidate lines) scored by vLLM with the
+    adapter served as a LoRA model and by the transformers backend with the adapter merged in."""
+    from agent.llm.openai_backend import OpenAIBackend
+    from agent.rerank import RerankConfig, Reranker
+    from tests.conftest import RANKER_MODEL
+    from tests.contracts import CANDIDATES, HISTORY
+
+    config = RerankConfig()
+    config.use_trained(str(ranker_adapter), "trained:test", "rerank_trained.v1", " §", alpha=1.0, window=20)
+    request = Reranker(transformers_backend, config).marker_request(HISTORY, CANDIDATES, list(range(5)))
+    assert request.expected == 5 and request.adapter == str(ranker_adapter)
+    base_request = replace(request, adapter=None)
+    served = OpenAIBackend(LLMConfig(backend="openai", url=vllm_server.url, timeout_s=120,
+                                     ranker_model=RANKER_MODEL))
+    try:
+        remote, remote_base = served.score_markers_batch([request, base_request])
+        local, local_base = (transformers_backend.score_markers(r) for r in (request, base_request))
+        for a, b in ((remote, local), (remote_base, local_base)):
+            assert len(a) == 5 and all(math.isfinite(v) and v <= 0 for v in a)
+            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 0.15, (a, b)
+            assert a.index(max(a)) == b.index(max(b)), (a, b)
+        assert max(abs(x - y) for x, y in zip(remote, remote_base, strict=True)) > 1.0, (remote, remote_base)
+        # the reranker's markers scorer (seeded shuffled order) through either backend
+        through_vllm = Reranker(served, config).llm_scores(HISTORY, CANDIDATES)
+        in_process = Reranker(transformers_backend, config).llm_scores(HISTORY, CANDIDATES)
+        assert max(abs(x - y) for x, y in zip(through_vllm, in_process, strict=True)) < 0.15
+        answer = Reranker(served, config).rerank(HISTORY, CANDIDATES, k=3, mode="score")
+        assert not answer.degraded, answer.reason
+    finally:
+        served.close()
 
 
 def test_unreachable_server_degrades_the_rerank_to_retrieval_order() -> None:

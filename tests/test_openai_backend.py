@@ -13,7 +13,7 @@ import httpx
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.llm.base import LLMError, ScoreRequest
+from agent.llm.base import LLMError, MarkerRequest, ScoreRequest
 from agent.llm.config import LLMConfig
 from agent.llm.openai_backend import MISSING_LOGPROB, OpenAIBackend, log_softmax
 from agent.llm.registry import make_backend
@@ -22,6 +22,7 @@ from agent.llm.vllm_server import (
     VLLMServer,
     VLLMSetupError,
     free_port,
+    lora_args,
     server_command,
     server_env,
     venv_ready,
@@ -257,6 +258,119 @@ def test_count_tokens_uses_tokenize_then_falls_back_when_missing() -> None:
     assert len(seen) == 1  # the missing endpoint is remembered
 
 
+MARKER = " §"
+MARKER_ID = 20850  # as SmolLM2's tokenizer has it
+#: The fake server's rendering of any chat prompt: three candidate lines, each closed by the marker.
+CHAT_IDS = [1, 9, 10, 11, MARKER_ID, 198, 12, 13, MARKER_ID, 198, 14, MARKER_ID, 198, 2, 15]
+
+
+def marker_server(prompt_logprobs: Callable[[list[int]], Any] | None = None,
+                  chat_ids: list[int] = CHAT_IDS) -> Handler:
+    """A fake vLLM for marker scoring: /tokenize (the marker, or chat messages -> ``chat_ids``) and completions
+    whose prompt log-probs give the token at position p the log-probability -p/10 (None at position 0)."""
+
+    def default(ids: list[int]) -> list[Any]:
+        return [None] + [{str(t): {"logprob": -p / 10, "rank": 1, "decoded_token": "x"}}
+                         for p, t in enumerate(ids) if p > 0]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "served-model"},
+                                                                        {"id": "recagent-ranker"}]})
+        if path == "/tokenize":
+            body = body_of(request)
+            tokens = [MARKER_ID] if body.get("prompt") == MARKER else chat_ids if "messages" in body else [7, 8]
+            return httpx.Response(200, json={"count": len(tokens), "max_model_len": 2048, "tokens": tokens})
+        if path == "/v1/completions":
+            ids = body_of(request)["prompt"]
+            entries = (prompt_logprobs or default)(ids)
+            return httpx.Response(200, json={
+                "choices": [{"index": 0, "text": "x", "prompt_logprobs": entries, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": 1}})
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    return handler
+
+
+def marker_request(expected: int = 3, adapter: str | None = "/rankers/movielens-100k") -> MarkerRequest:
+    return MarkerRequest(messages=[{"role": "system", "content": "Rank."}, {"role": "user", "content": "lines"}],
+                         marker=MARKER, expected=expected, adapter=adapter)
+
+
+def test_score_markers_reads_the_prompt_logprobs_at_the_marker_positions() -> None:
+    backend, seen = fake_backend(marker_server())
+    scores = backend.score_markers(marker_request())
+    assert scores == [-0.4, -0.8, -1.1]  # positions 4, 8 and 11 of CHAT_IDS
+    paths = [r.url.path for r in seen]
+    assert paths == ["/v1/models", "/tokenize", "/tokenize", "/v1/completions"]
+    assert body_of(seen[1]) == {"model": "served-model", "prompt": MARKER, "add_special_tokens": False}
+    chat = body_of(seen[2])
+    assert chat == {"model": "served-model", "messages": marker_request().messages, "add_generation_prompt": True}
+    completion = body_of(seen[3])
+    assert completion == {"model": "recagent-ranker", "prompt": CHAT_IDS, "max_tokens": 1, "temperature": 0.0,
+                          "prompt_logprobs": 0}
+    assert backend.usage.by_kind == {"score": 1} and backend.usage.prompt_tokens == len(CHAT_IDS)
+
+
+def test_score_markers_without_adapter_asks_the_base_model_and_the_ranker_name_is_configurable() -> None:
+    backend, seen = fake_backend(marker_server(), served_model="base")
+    backend.score_markers(marker_request(adapter=None))
+    assert body_of(seen[-1])["model"] == "base"
+    named, seen = fake_backend(marker_server(), served_model="base", ranker_model="my-ranker")
+    named.score_markers(marker_request())
+    assert body_of(seen[-1])["model"] == "my-ranker"
+    assert LLMConfig.model_validate({}).ranker_model == "recagent-ranker"
+
+
+def test_ranker_model_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECAGENT_LLM_RANKER_MODEL", "ranker-v2")
+    assert LLMConfig.from_env().ranker_model == "ranker-v2"
+
+
+def test_score_markers_batch_keeps_order() -> None:
+    backend, _ = fake_backend(marker_server(), served_model="m")
+    requests = [marker_request(adapter=a) for a in ("/r", None, "/r", None)]
+    results = backend.score_markers_batch(requests)
+    assert results == [[-0.4, -0.8, -1.1]] * 4
+    assert backend.usage.calls == 4
+    assert backend.score_markers_batch([]) == []
+
+
+def test_wrong_marker_count_is_an_llm_error_before_any_forward_pass() -> None:
+    backend, seen = fake_backend(marker_server(), served_model="m")
+    with pytest.raises(LLMError, match="3 marker tokens ' §', expected 5"):
+        backend.score_markers(marker_request(expected=5))
+    assert "/v1/completions" not in [r.url.path for r in seen]
+
+
+@pytest.mark.parametrize("entries, match", [
+    (lambda ids: None, "no usable prompt log-probs"),
+    (lambda ids: [None] * (len(ids) - 1), "no usable prompt log-probs.*got 14 entries"),
+    (lambda ids: [None] + [{"5": {"logprob": -1.0}}] * (len(ids) - 1), "position 4 do not hold the marker"),
+    (lambda ids: [None] * len(ids), "position 4 do not hold the marker"),
+])
+def test_missing_prompt_logprobs_are_llm_errors(entries: Callable[[list[int]], Any], match: str) -> None:
+    backend, _ = fake_backend(marker_server(entries), served_model="m")
+    with pytest.raises(LLMError, match=match):
+        backend.score_markers(marker_request())
+
+
+def test_score_markers_refusals_become_llm_errors() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/completions":
+            return httpx.Response(404, json={"error": {"message": "The model `recagent-ranker` does not exist."}})
+        return marker_server()(request)
+
+    backend, _ = fake_backend(handler, served_model="m")
+    with pytest.raises(LLMError, match="HTTP 404.*recagent-ranker"):
+        backend.score_markers(marker_request())
+    multi, _ = fake_backend(marker_server(), served_model="m")
+    with pytest.raises(LLMError, match="single-token"):
+        multi.score_markers(MarkerRequest(messages=[{"role": "user", "content": "x"}], marker="two tokens",
+                                          expected=1))
+
+
 def test_server_command_and_environment(tmp_path: Path) -> None:
     cmd = server_command(tmp_path / "venv", tmp_path / "model", port=8123)
     assert cmd[:3] == [str(tmp_path / "venv" / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server"]
@@ -267,6 +381,95 @@ def test_server_command_and_environment(tmp_path: Path) -> None:
     env = server_env(tmp_path, base={"PYTHONPATH": "/x", "PATH": "/bin"})
     assert "PYTHONPATH" not in env and env["PATH"] == "/bin"
     assert env["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache") and env["HF_HUB_OFFLINE"] == "1"
+
+
+def adapter_folder(folder: Path, r: int = 8) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 16, "peft_type": "LORA"}))
+    return folder
+
+
+def test_lora_args_serve_adapters_beside_the_base_model(tmp_path: Path) -> None:
+    assert lora_args({}) == []
+    small, big = adapter_folder(tmp_path / "small"), adapter_folder(tmp_path / "big", r=24)
+    assert lora_args({"recagent-ranker": small}) == [
+        "--enable-lora", "--max-loras", "1", "--max-lora-rank", "16", "--lora-modules", f"recagent-ranker={small}"]
+    args = lora_args({"a": small, "b": big})
+    assert args[args.index("--max-lora-rank") + 1] == "32" and args[-2:] == [f"a={small}", f"b={big}"]
+    cmd = server_command(tmp_path / "venv", tmp_path / "model", extra_args=lora_args({"r": small}))
+    assert cmd[-7:] == lora_args({"r": small})
+    with pytest.raises(VLLMSetupError, match="no readable LoRA adapter"):
+        lora_args({"x": tmp_path / "not-an-adapter"})
+
+
+class FakeServer:
+    """Stands in for :class:`VLLMServer` in the CLI: records its arguments, then a Ctrl-C."""
+
+    made: list[FakeServer] = []
+
+    def __init__(self, port: int, model_dir: Path, served_name: str = "", max_model_len: int = 0,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.extra_args = list(extra_args)
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.log_path = Path("vllm.log")
+        self.stopped = False
+        FakeServer.made.append(self)
+
+    def start(self) -> None: ...
+
+    def wait_ready(self, timeout: float) -> None: ...
+
+    def running(self) -> bool:
+        raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_llm_serve_serves_the_catalogues_trained_ranker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import agent.llm.vllm_server as vllm_server
+    from agent.ranker.artifact import PROVENANCE
+    from cli.main import app
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RECAGENT_HOME", str(home))
+    monkeypatch.delenv("RECAGENT_RANKER", raising=False)
+    monkeypatch.delenv("RECAGENT_LLM_RANKER_MODEL", raising=False)
+    monkeypatch.setattr(vllm_server, "ensure_vllm_venv", lambda home=None: tmp_path / "venv")
+    monkeypatch.setattr(vllm_server, "VLLMServer", FakeServer)
+    manifest = home / "catalogs" / "cat" / "catalog" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"name": "cat", "content_hash": "abc"}))
+    ranker = adapter_folder(home / "rankers" / "cat")
+    (ranker / PROVENANCE).write_text(json.dumps({
+        "catalog": "cat", "content_hash": "abc", "prompt": "rerank_trained.v1", "marker": MARKER,
+        "base_model": "SmolLM2-135M-Instruct", "command": "recagent train ranker", "commit": "x", "seed": 0,
+        "split": {}, "choices": {"alpha": 0.5, "window": 20}, "created": "2026-01-01T00:00:00Z"}))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+
+    def serve(*args: str) -> tuple[str, list[str]]:
+        FakeServer.made.clear()
+        result = CliRunner(env={"COLUMNS": "4000"}).invoke(
+            app, ["llm", "serve", "--port", str(free_port()), "--model", str(model), "--catalog", "cat", *args])
+        assert result.exit_code == 0, result.output
+        assert len(FakeServer.made) == 1 and FakeServer.made[0].stopped
+        return result.output, FakeServer.made[0].extra_args
+
+    output, extra = serve()
+    assert extra == lora_args({"recagent-ranker": ranker})
+    assert "RECAGENT_LLM_RANKER_MODEL=recagent-ranker" in output and "RECAGENT_LLM=openai" in output
+    output, extra = serve("--no-ranker")
+    assert extra == [] and "RECAGENT_LLM_RANKER_MODEL" not in output
+    monkeypatch.setenv("RECAGENT_LLM_RANKER_MODEL", "mine")
+    output, extra = serve()
+    assert f"mine={ranker}" in extra and "RECAGENT_LLM_RANKER_MODEL=mine" in output
+    manifest.write_text(json.dumps({"name": "cat", "content_hash": "changed"}))  # the ranker is out of date
+    output, extra = serve()
+    assert extra == [] and "no trained ranker" in output
 
 
 def test_venv_marker_and_server_refusals(tmp_path: Path) -> None:

@@ -17,14 +17,21 @@ CANDIDATES = [{"item_id": "181", "label": "A", "text": "Return of the Jedi (1983
               {"item_id": "95", "label": "B", "text": "Aladdin (1992) (Animation, Children's)"}]
 
 
+TRAINED_CANDIDATES = [{"rank": 2, "text": "Return of the Jedi", "year": " 83"},
+                      {"rank": 1, "text": "Aladdin", "year": ""}]
+
+
 def render(name: str, version: str) -> str:
-    rendered = prompts.load(name, version).render(history=HISTORY, candidates=CANDIDATES, k=2)
+    variables = ({"history": HISTORY, "candidates": TRAINED_CANDIDATES, "marker": " §"}
+                 if name == "rerank_trained" else {"history": HISTORY, "candidates": CANDIDATES, "k": 2})
+    rendered = prompts.load(name, version).render(**variables)
     return json.dumps({"messages": rendered.messages, "answer_prefix": rendered.answer_prefix}, indent=2,
                       ensure_ascii=False) + "\n"
 
 
 @pytest.mark.parametrize(
-    "name", ["rerank_score.v1", "rerank_score.v2", "rerank_score.v3", "rerank_generate.v1", "explain.v1"])
+    "name", ["rerank_score.v1", "rerank_score.v2", "rerank_score.v3", "rerank_trained.v1", "rerank_generate.v1",
+             "explain.v1"])
 def test_rendering_matches_snapshot(name: str) -> None:
     base, version = name.rsplit(".", 1)
     text = render(base, version)

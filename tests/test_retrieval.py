@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from cli.main import app
 from eval.metrics import METRICS, bootstrap_ci, metric_values, paired_bootstrap_diff, rank_of, summarise
-from eval.retrieval_eval import collect_lists
-from eval.splits import Case, leave_last_out
+from eval.retrieval_eval import EASE_LAMBDAS, collect_lists, evaluate, tie_sensitivity, tune, with_cf_config
 from retrieval.candidates import UnknownItemsError
 from retrieval.catalog import Catalog, load_catalog
 from retrieval.catalog_store import reindex, save_and_index
+from retrieval.cf import CFConfig
 from retrieval.embeddings import Embedder
 from retrieval.filters import Filters
-from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index
+from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, save_cf
 from retrieval.item_text import item_text
 from retrieval.retriever import RETRIEVERS
+from retrieval.splits import Case, SplitSpec, leave_last_out, split_catalog
 
 
 def ids(candidates: list) -> list[str]:
@@ -272,3 +278,117 @@ def test_leave_last_out_on_toy_history() -> None:
         split.cases("train")
     with pytest.raises(ValueError, match="unknown split part"):
         split.fit_histories("nope")
+
+
+def test_split_spec_provenance_and_tie_rules() -> None:
+    spec = SplitSpec()
+    assert (spec.ties, spec.seed, spec.protocol) == ("random", 0, "leave-last-out by time")
+    assert spec.describe() == ("per user by time, ties in time broken by seeded random order (seed 0); "
+                               "last = test, second-last = validation")
+    assert SplitSpec(ties="id").describe().startswith("per user by time, ties in time broken by item id")
+    assert spec.provenance() == {"ties": "random", "seed": 0, "protocol": "leave-last-out by time",
+                                 "description": spec.describe()}
+    assert SplitSpec(seed=4).other_rule() == SplitSpec(ties="id", seed=4)
+    assert SplitSpec(ties="id").other_rule() == SplitSpec()
+    with pytest.raises(ValueError, match="choose one of: id, random"):
+        SplitSpec(ties="time")
+
+
+def test_split_catalog_holds_out_by_the_tie_rule() -> None:
+    """A last batch of equal timestamps: "id" always holds out its highest-position item, "random" a seeded one."""
+    batch = [f"i{n}" for n in range(8)]
+    rows = [(u, "old", 1) for u in ("u", "v")] + [(u, i, 2) for u in ("u", "v") for i in batch]
+    catalog = Catalog(name="tied", items=pd.DataFrame({"item_id": ["old", *batch]}),
+                      interactions=pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]))
+    by_id = split_catalog(catalog, SplitSpec(ties="id"))
+    assert [c.target for c in by_id.test] == ["i7", "i7"] and [c.target for c in by_id.validation] == ["i6", "i6"]
+    seeded = split_catalog(catalog)
+    assert seeded == split_catalog(catalog, SplitSpec(seed=0))
+    assert [c.history[0] for c in seeded.test] == ["old", "old"]
+    targets = {split_catalog(catalog, SplitSpec(seed=s)).test[0].target for s in range(6)}
+    assert len(targets) > 1, "the held-out item depends on the seed"
+
+
+# --- tuning and the tie-rule sensitivity --------------------------------------------------------------------
+
+
+def test_tune_chooses_weights_and_ease_lambda_on_validation(tiny_index: Index) -> None:
+    split = split_catalog(tiny_index.catalog)
+    base = collect_lists(tiny_index, split, "validation", progress=False)
+    tuning = tune(tiny_index, split, base, lambdas=(10.0, 300.0), progress=False)
+    assert set(tuning.by_lambda) == {10.0, 300.0} and tuning.cf.ease_lambda in tuning.by_lambda
+    chosen = tuning.by_lambda[tuning.cf.ease_lambda]
+    assert tuning.weights == chosen.weights and tuning.score == chosen.score
+    assert all(p.key <= chosen.key for p in tuning.by_lambda.values())
+    assert summarise(tuning.lists.ranks(tuning.weights), n_boot=1)["ndcg@10"]["mean"] == tuning.score
+    # only EASE is recomputed per lambda, and it matches a full recomputation under that CF config
+    other = CFConfig(ease_lambda=10.0)
+    swapped = with_cf_config(base, tiny_index, split, "validation", other, progress=False)
+    full = collect_lists(tiny_index, split, "validation", progress=False, cf_config=other)
+    for name in full.norm:
+        np.testing.assert_array_equal(swapped.norm[name], full.norm[name])
+    assert all(swapped.norm[name] is base.norm[name] for name in base.norm if name != "ease")
+
+
+def test_tie_sensitivity_reports_the_fused_retriever_under_both_rules(tiny_index: Index) -> None:
+    spec = SplitSpec()
+    split = split_catalog(tiny_index.catalog, spec)
+    weights = dict(DEFAULT_WEIGHTS)
+    lists = {part: collect_lists(tiny_index, split, part, progress=False) for part in ("validation", "test")}
+    results = evaluate(lists, weights, n_boot=20)
+    sens = tie_sensitivity(tiny_index, tiny_index.catalog, spec, results, weights, tiny_index.manifest.cf, n_boot=20,
+                           progress=False)
+    for part in ("validation", "test"):
+        assert list(sens[part]) == ["fused, ties random (seed 0)", "fused, ties id"]
+        assert sens[part]["fused, ties random (seed 0)"] == results[part]["fused"]
+        # the tiny catalogue has no equal timestamps, so both rules give the same split and numbers
+        assert sens[part]["fused, ties id"] == results[part]["fused"]
+
+
+def test_save_cf_stores_the_tuned_lambda_for_serving_and_rebuilds(tiny_catalog: Catalog, embedder: Embedder,
+                                                                   scratch_catalog_name: str) -> None:
+    copy = Catalog(name=scratch_catalog_name, items=tiny_catalog.items.copy(),
+                   interactions=tiny_catalog.interactions.copy())
+    save_and_index(copy, embedder=embedder, progress=False)
+    stored = load_catalog(scratch_catalog_name)
+    assert stored.root is not None
+    before = load_index(stored, embedder=embedder)
+    config = before.manifest.cf.model_copy(update={"ease_lambda": 10.0})
+    save_cf(stored.root / "index", stored, config)
+    after = load_index(stored, embedder=embedder)
+    assert after.manifest.cf.ease_lambda == 10.0 and after.manifest.fusion == before.manifest.fusion
+    assert after.cf.ease is not None and before.cf.ease is not None
+    np.testing.assert_array_equal(after.cf.ease, after.fit_cf(stored.histories()).ease)  # what serving loads
+    assert not np.allclose(after.cf.ease, before.cf.ease)
+    assert not [p.name for p in (stored.root / "index").iterdir() if p.name.startswith(".")]
+    reindex(scratch_catalog_name, embedder=embedder, progress=False)
+    assert load_index(load_catalog(scratch_catalog_name), embedder=embedder).manifest.cf.ease_lambda == 10.0
+
+
+def test_eval_retrieval_command_tunes_and_reports_both_tie_rules(tiny_catalog: Catalog, embedder: Embedder,
+                                                                 scratch_catalog_name: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    save_and_index(Catalog(name=scratch_catalog_name, items=tiny_catalog.items.copy(),
+                           interactions=tiny_catalog.interactions.copy()), embedder=embedder, progress=False)
+    monkeypatch.chdir(tmp_path)  # reports/ is written to the working directory
+    result = CliRunner().invoke(app, ["eval", "retrieval", "--catalog", scratch_catalog_name, "--tune", "--seed", "2",
+                                      "--bootstrap", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    for part in ("validation", "test"):
+        assert {"fused", "fused, ties random (seed 2)", "fused, ties id"} <= set(payload[part])
+    report = json.loads((tmp_path / "reports" / f"retrieval-{scratch_catalog_name}.json").read_text())
+    assert report["split"]["ties"] == "random" and report["split"]["seed"] == 2
+    assert report["cf"]["ease_lambda"] in EASE_LAMBDAS and set(report["tuning"]) == {f"{x:g}" for x in EASE_LAMBDAS}
+    markdown_text = (tmp_path / "reports" / f"retrieval-{scratch_catalog_name}.md").read_text()
+    assert "ties in time broken by seeded random order (seed 2)" in markdown_text
+    assert "## Tie-rule sensitivity" in markdown_text and "--ties random --seed 2 --tune" in markdown_text
+    manifest = load_index(load_catalog(scratch_catalog_name), embedder=embedder).manifest
+    assert manifest.fusion.tuned and manifest.cf.ease_lambda == report["cf"]["ease_lambda"]
+
+
+@pytest.mark.parametrize("command", [["retrieval"], ["rerank"], ["chat"], ["speed"], ["all"]])
+def test_every_eval_command_rejects_an_unknown_tie_rule(command: list[str]) -> None:
+    result = CliRunner().invoke(app, ["eval", *command, "--ties", "newest"])
+    assert result.exit_code == 2
+    assert "--ties 'newest': choose one of id, random" in " ".join(result.output.split())

@@ -30,6 +30,19 @@ class ScoreRequest:
 
 
 @dataclass
+class MarkerRequest:
+    """Score each occurrence of the single-token ``marker`` in the rendered prompt: the log-probability the model
+    gives the marker at that position (one forward pass scores every occurrence). A trained ranker puts the
+    marker after each candidate line, so the scores rank the candidates. ``adapter`` names the trained weights
+    (a folder for the in-process backend, which the OpenAI backend maps to its served LoRA model)."""
+
+    messages: list[ChatMessage]
+    marker: str
+    expected: int
+    adapter: str | None = None
+
+
+@dataclass
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -64,6 +77,14 @@ class LLMBackend(ABC):
     def score_labels_batch(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         """Several score requests; backends that can batch override this."""
         return [self.score_labels(r) for r in requests]
+
+    def score_markers(self, request: MarkerRequest) -> list[float]:
+        """Log-probability of ``request.marker`` at each of its ``expected`` occurrences, in prompt order."""
+        raise LLMError(f"backend {self.name!r} cannot score marker positions (a trained ranker needs the "
+                       "transformers backend, or an OpenAI-compatible vLLM server with prompt log-probs)")
+
+    def score_markers_batch(self, requests: Sequence[MarkerRequest]) -> list[list[float]]:
+        return [self.score_markers(r) for r in requests]
 
     @abstractmethod
     def generate_json(self, messages: list[ChatMessage], schema: dict[str, Any], max_tokens: int = 512,

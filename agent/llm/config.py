@@ -22,6 +22,8 @@ class LLMConfig(BaseModel):
     api_key: str = Field(default="EMPTY", description="RECAGENT_LLM_API_KEY")
     served_model: str | None = Field(default=None, description="model name on the server (RECAGENT_LLM_SERVED_MODEL);"
                                      " read from /v1/models when unset")
+    ranker_model: str = Field(default="recagent-ranker", description="the trained ranker's LoRA module name on the "
+                              "server (RECAGENT_LLM_RANKER_MODEL; `recagent llm serve` serves it under this name)")
     timeout_s: float = Field(default=30.0, gt=0, description="per-request timeout (RECAGENT_LLM_TIMEOUT)")
 
     @classmethod
@@ -31,7 +33,8 @@ class LLMConfig(BaseModel):
         mapping = {"RECAGENT_LLM": "backend", "RECAGENT_LLM_MODEL": "model_path", "RECAGENT_LLM_THREADS": "threads",
                    "RECAGENT_LLM_THREAD_POLICY": "thread_policy",
                    "RECAGENT_LLM_URL": "url", "RECAGENT_LLM_API_KEY": "api_key",
-                   "RECAGENT_LLM_SERVED_MODEL": "served_model", "RECAGENT_LLM_TIMEOUT": "timeout_s"}
+                   "RECAGENT_LLM_SERVED_MODEL": "served_model", "RECAGENT_LLM_RANKER_MODEL": "ranker_model",
+                   "RECAGENT_LLM_TIMEOUT": "timeout_s"}
         for var, field in mapping.items():
             if env.get(var):
                 values[field] = env[var]

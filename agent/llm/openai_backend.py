@@ -3,7 +3,11 @@
 Label scoring uses vLLM's extensions of ``/v1/chat/completions``: ``allowed_token_ids`` (restrict the first
 token to the labels), ``continue_final_message`` (the answer prefix is the start of the assistant turn) and
 ``return_tokens_as_token_ids`` (match log-probs by token id, not by decoded text). Token ids come from vLLM's
-``POST /tokenize`` at the server root. Plain HTTP (httpx) with no retries: retrying is the caller's decision.
+``POST /tokenize`` at the server root. Marker scoring (a trained ranker) renders the chat prompt to token ids with
+``/tokenize``, sends those ids to ``/v1/completions`` with ``prompt_logprobs`` and reads the marker token's
+log-probability at each marker position; with an adapter it asks for the LoRA module ``LLMConfig.ranker_model``
+(``recagent llm serve`` registers the trained ranker under that name). Plain HTTP (httpx) with no retries:
+retrying is the caller's decision.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest
+from agent.llm.base import ChatMessage, LLMBackend, LLMError, MarkerRequest, ScoreRequest
 from agent.llm.config import LLMConfig
 
 if TYPE_CHECKING:
@@ -150,6 +154,17 @@ class OpenAIBackend(LLMBackend):
             raise LLMError(f"{self.root_url}/tokenize sent no token list: {str(body)[:200]}")
         return tokens
 
+    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Token ids of the chat prompt as the server renders it (its chat template, the assistant turn opened,
+        no special tokens added beyond the template's own)."""
+        body = self._send("POST", f"{self.root_url}/tokenize",
+                          {"model": self.model_name, "messages": [dict(m) for m in messages],
+                           "add_generation_prompt": True})
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+            raise LLMError(f"{self.root_url}/tokenize sent no token list for the chat prompt: {str(body)[:200]}")
+        return tokens
+
     def label_token_id(self, label: str) -> int:
         """The single token id of ``label`` (cached)."""
         cached = self._label_ids.get(label)
@@ -207,6 +222,46 @@ class OpenAIBackend(LLMBackend):
             return [self.score_labels(r) for r in requests]
         with ThreadPoolExecutor(max_workers=min(BATCH_CONCURRENCY, len(requests))) as pool:
             return list(pool.map(self.score_labels, requests))
+
+    def score_markers(self, request: MarkerRequest) -> list[float]:
+        """One ``/tokenize`` and one ``/v1/completions`` call on the token ids with ``prompt_logprobs: 0``, which
+        returns, for each prompt position, the log-probability of the prompt's own token there (log-softmax of
+        the raw logits over the whole vocabulary). vLLM skips its prefix cache for such requests."""
+        marker = self.label_token_id(request.marker)
+        ids = self.tokenize_chat(request.messages)
+        positions = [i for i, t in enumerate(ids) if t == marker]
+        if len(positions) != request.expected:
+            raise LLMError(f"prompt holds {len(positions)} marker tokens {request.marker!r}, expected "
+                           f"{request.expected}")
+        if positions and positions[0] == 0:
+            raise LLMError(f"the prompt starts with the marker {request.marker!r}: nothing predicts it")
+        model = self.config.ranker_model if request.adapter is not None else self.model_name
+        payload: dict[str, Any] = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
+                                   "prompt_logprobs": 0}
+        body = self._send("POST", f"{self.base_url}/completions", payload)
+        self._record("score", body)
+        entries = self._first_choice(body).get("prompt_logprobs")
+        if not isinstance(entries, list) or len(entries) != len(ids):
+            got = f"{len(entries)} entries" if isinstance(entries, list) else repr(entries)[:100]
+            raise LLMError(f"LLM server returned no usable prompt log-probs for {len(ids)} prompt tokens "
+                           f"(got {got}; is it vLLM?)")
+        key = str(marker)
+        scores: list[float] = []
+        for p in positions:
+            entry = entries[p]
+            try:
+                scores.append(float(entry[key]["logprob"]))
+            except (TypeError, KeyError, ValueError) as exc:
+                raise LLMError(f"prompt log-probs at position {p} do not hold the marker token {marker}: "
+                               f"{str(entry)[:200]}") from exc
+        return scores
+
+    def score_markers_batch(self, requests: Sequence[MarkerRequest]) -> list[list[float]]:
+        """Concurrent requests, so the server batches them."""
+        if len(requests) <= 1:
+            return [self.score_markers(r) for r in requests]
+        with ThreadPoolExecutor(max_workers=min(BATCH_CONCURRENCY, len(requests))) as pool:
+            return list(pool.map(self.score_markers, requests))
 
     def generate_json(self, messages: list[ChatMessage], schema: dict[str, Any], max_tokens: int = 512,
                       temperature: float = 0.0) -> str:

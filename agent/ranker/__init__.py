@@ -1,0 +1,1 @@
+"""The trained ranker: training examples, LoRA training, the adapter on disk and its selection."""

@@ -1,0 +1,51 @@
+"""The report of `recagent train ranker`: what was trained, how fast, and what validation measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from eval.machine import machine_line
+from eval.plots import plot_training
+
+
+def write_training_report(provenance: Any, reports: Path) -> Path:
+    """``reports/ranker-<catalog>.md`` (+ ``.json`` and the training-curve PNG) from a ranker's provenance."""
+    reports.mkdir(exist_ok=True)
+    stem = f"ranker-{provenance.catalog}"
+    train, val = provenance.train, provenance.validation
+    plot_training(train["log"], reports / f"{stem}-training.png")
+    recipe = train["recipe"]
+    lines = [f"# Trained ranker: {provenance.catalog}", "",
+             f"- command: `{provenance.command}` (commit {provenance.commit}, seed {provenance.seed})",
+             f"- split: {provenance.split}",
+             f"- base model: {provenance.base_model}; prompt {provenance.prompt}; LoRA r={recipe['lora_r']} on "
+             f"{', '.join(recipe['target_modules'])} of the top {recipe['top_layers']} layers; lr {recipe['lr']}, "
+             f"batch {recipe['batch_size']}, window {recipe['window']}",
+             f"- examples: {train['examples_built']} built from the training part only ({recipe['per_user']} latest "
+             f"steps per user, {recipe['folds']} user folds: each fold's candidates come from CF fitted on the "
+             f"other folds); next item retrieved in the window for {train['target_retrieved_rate']:.1%}, put in "
+             f"for the other {train['inserted']}",
+             f"- trained {train['seconds'] / 60:.1f} min: {train['examples_seen']} examples seen in "
+             f"{train['steps']} steps, {train['examples_per_second']:.2f} examples/s; kept the adapter of step "
+             f"{train['kept_step']} (step 0 = the untrained model)",
+             f"- validation: {val['users']} sampled validation users; chosen on them: alpha "
+             f"{provenance.choices.alpha}, window {provenance.choices.window}",
+             f"- machine: {machine_line()}", "",
+             f"![training curve]({stem}-training.png)", "",
+             "## Validation NDCG@10 during training (window of the training examples)", "",
+             "| step | examples | loss | retrieval | ranker alone | best blend | its alpha |",
+             "|---|---|---|---|---|---|---|"]
+    for r in train["log"]:
+        lines.append(f"| {r['step']} | {r['examples']} | {r['loss']:.3f} | {r['retrieval']:.4f} | {r['ranker']:.4f} | "
+                     f"{r['best_fused']:.4f} | {r['best_alpha']} |")
+    lines += ["", "## Serving windows compared on validation (kept adapter)", "",
+              "| window | retrieval | ranker alone | best blend | its alpha | s per user (training-time scorer) |",
+              "|---|---|---|---|---|---|"]
+    for w, r in val["windows"].items():
+        lines.append(f"| {w} | {r['retrieval']:.4f} | {r['ranker']:.4f} | {r['best_fused']:.4f} | {r['best_alpha']} | "
+                     f"{r['seconds_per_user']:.3f} |")
+    (reports / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (reports / f"{stem}.json").write_text(json.dumps(json.loads(provenance.model_dump_json()), indent=2))
+    return reports / f"{stem}.md"

@@ -48,7 +48,7 @@ def plot_training(log: list[dict[str, Any]], path: Path | str) -> None:
     top.set_ylabel("validation NDCG@10")
     top.legend()
     top.set_title("Trained ranker: validation sample, window of the training examples")
-    bottom.plot(steps, [r["loss"] for r in log], marker="o", color="grey")
+    bottom.plot(steps, [float("nan") if r["loss"] is None else r["loss"] for r in log], marker="o", color="grey")
     bottom.set_xlabel("optimiser step")
     bottom.set_ylabel("training loss")
     save(fig, path)

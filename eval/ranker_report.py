@@ -19,7 +19,7 @@ def write_training_report(provenance: Any, reports: Path) -> Path:
     recipe = train["recipe"]
     lines = [f"# Trained ranker: {provenance.catalog}", "",
              f"- command: `{provenance.command}` (commit {provenance.commit}, seed {provenance.seed})",
-             f"- split: {provenance.split}",
+             f"- split: {provenance.split.get('description', provenance.split)}",
              f"- base model: {provenance.base_model}; prompt {provenance.prompt}; LoRA r={recipe['lora_r']} on "
              f"{', '.join(recipe['target_modules'])} of the top {recipe['top_layers']} layers; lr {recipe['lr']}, "
              f"batch {recipe['batch_size']}, window {recipe['window']}",
@@ -38,7 +38,8 @@ def write_training_report(provenance: Any, reports: Path) -> Path:
              "| step | examples | loss | retrieval | ranker alone | best blend | its alpha |",
              "|---|---|---|---|---|---|---|"]
     for r in train["log"]:
-        lines.append(f"| {r['step']} | {r['examples']} | {r['loss']:.3f} | {r['retrieval']:.4f} | {r['ranker']:.4f} | "
+        loss = "-" if r["loss"] is None or r["loss"] != r["loss"] else f"{r['loss']:.3f}"  # step 0: no loss yet
+        lines.append(f"| {r['step']} | {r['examples']} | {loss} | {r['retrieval']:.4f} | {r['ranker']:.4f} | "
                      f"{r['best_fused']:.4f} | {r['best_alpha']} |")
     lines += ["", "## Serving windows compared on validation (kept adapter)", "",
               "| window | retrieval | ranker alone | best blend | its alpha | s per user (training-time scorer) |",

@@ -5,7 +5,6 @@ selection by ``RECAGENT_RANKER``."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,6 +140,8 @@ def test_train_a_ranker_and_serve_it(tiny_index: Index, transformers_backend: An
 
 
 def test_ranker_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.ranker.artifact import RankerChoices, RankerProvenance
+
     monkeypatch.setenv("RECAGENT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RECAGENT_RANKER", raising=False)
     assert resolve_ranker("nothing-here", "abc") is None
@@ -148,17 +149,15 @@ def test_ranker_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         resolve_ranker("x", "abc", choice=str(tmp_path / "missing"))
     folder = tmp_path / "home" / "rankers" / "cat"
     folder.mkdir(parents=True)
-    shipped = Path(__file__).parent.parent / "agent" / "ranker" / "shipped" / "movielens-100k" / PROVENANCE
-    if not shipped.exists():
-        pytest.skip("no shipped ranker provenance to copy")
-    record = json.loads(shipped.read_text())
-    record.update(catalog="cat", content_hash="abc")
-    (folder / PROVENANCE).write_text(json.dumps(record))
+    record = RankerProvenance(catalog="cat", content_hash="abc", prompt="rerank_trained.v1", marker=" §",
+                              base_model="m", command="recagent train ranker", commit="x", seed=0, split={},
+                              choices=RankerChoices(alpha=0.3, window=30), created="now")
+    (folder / PROVENANCE).write_text(record.model_dump_json())
     found = resolve_ranker("cat", "abc")
-    assert found is not None and found.folder == folder
+    assert found is not None and found.folder == folder and found.provenance.choices.window == 30
     assert resolve_ranker("cat", "other-version") == found  # an ingest since training keeps it (with a warning)
     assert resolve_ranker("cat", "abc", choice="zero-shot") is None
-    shutil.rmtree(folder)
+    assert resolve_ranker("cat", "abc", choice=str(folder)) == found
 
 
 def test_log_odds_has_no_ceiling_and_agrees_across_numpy_and_torch() -> None:

@@ -196,7 +196,7 @@ class RankerTrainer:
         else:  # the untrained scorer is the first candidate: a step must beat it to be kept
             best = baseline["best_fused"]
             model.save_pretrained(str(ckpt / "best"))
-            history_log.append({"step": 0, "examples": 0, "loss": float("nan"), "minutes": 0.0, **baseline})
+            history_log.append({"step": 0, "examples": 0, "loss": None, "minutes": 0.0, **baseline})
         rng = random.Random(f"{cfg.seed}:{step}")
         t0 = time.perf_counter() - elapsed0
         budget = cfg.max_minutes * 60

@@ -78,14 +78,20 @@ def test_vllm_scores_markers_like_the_in_process_ranker(vllm_server: Any, ranker
     try:
         remote, remote_base = served.score_markers_batch([request, base_request])
         local, local_base = (transformers_backend.score_markers(r) for r in (request, base_request))
+        worst = 0.0
         for a, b in ((remote, local), (remote_base, local_base)):
             assert len(a) == 5 and all(math.isfinite(v) and v <= 0 for v in a)
-            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 0.15, (a, b)
+            worst = max(worst, *(abs(x - y) for x, y in zip(a, b, strict=True)))
+            assert worst < 0.15, (a, b)
             assert a.index(max(a)) == b.index(max(b)), (a, b)
-        assert max(abs(x - y) for x, y in zip(remote, remote_base, strict=True)) > 1.0, (remote, remote_base)
+        # the adapter matters, far beyond the gap between the two backends
+        effect = max(abs(x - y) for x, y in zip(remote, remote_base, strict=True))
+        assert effect > max(0.5, 4 * worst), (remote, remote_base, worst)
+        print("MARKERS", remote, local, remote_base, local_base, worst, effect)  # TEMP
         # the reranker's markers scorer (seeded shuffled order) through either backend
         through_vllm = Reranker(served, config).llm_scores(HISTORY, CANDIDATES)
         in_process = Reranker(transformers_backend, config).llm_scores(HISTORY, CANDIDATES)
+        print("SHUFFLED", list(through_vllm), list(in_process))  # TEMP
         assert max(abs(x - y) for x, y in zip(through_vllm, in_process, strict=True)) < 0.15
         answer = Reranker(served, config).rerank(HISTORY, CANDIDATES, k=3, mode="score")
         assert not answer.degraded, answer.reason

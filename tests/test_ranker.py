@@ -94,7 +94,7 @@ def test_train_a_ranker_and_serve_it(tiny_index: Index, transformers_backend: An
     assert (out / "adapter_model.safetensors").exists()
     assert not out.with_name(f".{out.name}-checkpoint").exists()
     assert provenance.validation["users"] == 4
-    assert [r["step"] for r in provenance.train["log"]] == [0, 1, 2, 2]  # untrained, each step, final
+    assert [r["step"] for r in saved["train"]["log"]] == [0, 1, 2, 2]  # untrained, each step, final
 
     from eval.ranker_report import write_training_report
 

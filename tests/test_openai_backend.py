@@ -467,7 +467,7 @@ def test_llm_serve_serves_the_catalogues_trained_ranker(tmp_path: Path, monkeypa
     monkeypatch.setenv("RECAGENT_LLM_RANKER_MODEL", "mine")
     output, extra = serve()
     assert f"mine={ranker}" in extra and "RECAGENT_LLM_RANKER_MODEL=mine" in output
-    manifest.write_text(json.dumps({"name": "cat", "content_hash": "changed"}))  # the ranker is out of date
+    monkeypatch.setenv("RECAGENT_RANKER", "zero-shot")  # the reranker would not use it: neither is it served
     output, extra = serve()
     assert extra == [] and "no trained ranker" in output
 

@@ -70,6 +70,7 @@ class Encoded:
     ids: list[int]
     reads: list[int]  # positions whose hidden state predicts each marker, in presentation order
     target: int | None  # presentation slot of the next item
+    order: list[int]  # candidate (retrieval-order) index at each presentation slot
 
 
 class RankerTrainer:
@@ -92,14 +93,17 @@ class RankerTrainer:
         self.split = split_catalog(index.catalog, spec)
 
     # --- encoding ------------------------------------------------------------------------------------------
-    def encode(self, example: Example, order: Sequence[int]) -> Encoded:
+    def encode(self, example: Example, order: Sequence[int] | None = None) -> Encoded:
+        """The example as the ranker's prompt, its candidates presented in ``order`` (default: the order the
+        reranker uses when serving, one seeded shuffle)."""
         cands = self.service.history_inputs(example.candidates)
         history = self.reranker.trim_history(self.service.history_inputs(example.history))
+        order = list(order) if order is not None else self.reranker.marker_orders(history, cands, 1)[0]
         request = self.reranker.marker_request(history, cands, order)
         ids = self.backend.render(request.messages)
         reads = [p - 1 for p in self.backend.marker_positions(ids, request)]
-        target = None if example.target is None else list(order).index(example.target)
-        return Encoded(ids, reads, target)
+        target = None if example.target is None else order.index(example.target)
+        return Encoded(ids, reads, target, order)
 
     def marker_scores(self, model: Any, batch: Sequence[Encoded]) -> list[Any]:
         """Scores per example (presentation order): the marker's log-odds after each candidate line, from one
@@ -128,18 +132,14 @@ class RankerTrainer:
     def score_examples(self, model: Any, examples: Sequence[Example], batch_size: int = 8) -> list[np.ndarray]:
         """Ranker scores per candidate (retrieval order), each example presented in its serving order."""
         torch = self.torch
-        encoded: list[tuple[list[int], Encoded]] = []
-        for e in examples:
-            history = self.reranker.trim_history(self.service.history_inputs(e.history))
-            order = self.reranker.marker_orders(history, self.service.history_inputs(e.candidates), 1)[0]
-            encoded.append((order, self.encode(e, order)))
+        encoded = [self.encode(e) for e in examples]
         out = []
         with torch.inference_mode():
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start: start + batch_size]
-                for (order, _), logps in zip(chunk, self.marker_scores(model, [c[1] for c in chunk]), strict=True):
-                    scores = np.zeros(len(order))
-                    scores[order] = logps.numpy()
+                for enc, scores_in_order in zip(chunk, self.marker_scores(model, chunk), strict=True):
+                    scores = np.zeros(len(enc.order))
+                    scores[enc.order] = scores_in_order.numpy()
                     out.append(scores)
         return out
 

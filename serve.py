@@ -24,11 +24,14 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
+from agent.answers import Event
 from agent.api_models import (
     ChatCompletionRequest,
     ChatRequest,
@@ -45,7 +48,9 @@ from agent.api_models import (
     RerankResponse,
     SearchResponse,
 )
-from agent.runtime import Metrics, NotReadyError, QueueFullError, Runtime, ServiceError, request_id_var
+from agent.errors import NotReadyError, QueueFullError, ServiceError
+from agent.metrics import Metrics
+from agent.runtime import Runtime, request_id_var
 from agent.settings import Settings
 
 logger = logging.getLogger("recagent.serve")
@@ -72,6 +77,13 @@ ERRORS = {
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": ERRORS[code]} for code in (401, 404, 413, 422, 429, 503)
+}
+SSE_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "JSON, or with `Accept: text/event-stream` an SSE stream",
+    },
+    **ERROR_RESPONSES,
 }
 
 
@@ -307,24 +319,31 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
         response_model=RecommendationResponse,
         tags=["recommend"],
         dependencies=guarded,
-        responses=ERROR_RESPONSES,
+        responses=SSE_DOC,
     )
-    async def recommendations(
-        req: RecommendationRequest, rt: Runtime = Depends(get_runtime)
-    ) -> RecommendationResponse:
-        """Top ``k`` items for a known user or a given history, with reasons when ``explain``."""
-        return await rt.recommend(req)
+    async def recommendations(req: RecommendationRequest, request: Request, rt: Runtime = Depends(get_runtime)) -> Any:
+        """Top ``k`` items for a known user or a given history, with reasons when ``explain``. With ``Accept:
+        text/event-stream``: ``ranked`` (the list), one ``reason`` per item as it is written, ``done`` (the
+        whole answer, with timings)."""
+        if not wants_stream(request):
+            return await rt.recommend(req)
+        events = await primed(rt.recommend_events(req))
+        return event_stream(answer_events(events, lambda a: rt.recommendation_response(req, a)))
 
     @app.post(
         "/v1/rerank",
         response_model=RerankResponse,
         tags=["recommend"],
         dependencies=guarded,
-        responses=ERROR_RESPONSES,
+        responses=SSE_DOC,
     )
-    async def rerank(req: RerankRequest, rt: Runtime = Depends(get_runtime)) -> RerankResponse:
-        """Explainable reranking of caller-given candidates (catalogue ids or free items)."""
-        return await rt.rerank(req)
+    async def rerank(req: RerankRequest, request: Request, rt: Runtime = Depends(get_runtime)) -> Any:
+        """Explainable reranking of caller-given candidates (catalogue ids or free items); streams as
+        ``/v1/recommendations`` does."""
+        if not wants_stream(request):
+            return await rt.rerank(req)
+        events = await primed(rt.rerank_events(req))
+        return event_stream(answer_events(events, rt.rerank_response))
 
     @app.get(
         "/v1/items/{item_id}",
@@ -353,25 +372,17 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
         """Search the catalogue by free text (semantic), optionally keeping some genres."""
         return await rt.search(query, k, genre)
 
-    sse_doc: dict[int | str, dict[str, Any]] = {
-        200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-            "description": "JSON, or with `Accept: text/event-stream` an SSE stream",
-        },
-        **ERROR_RESPONSES,
-    }
-
-    @app.post("/v1/chat", response_model=ChatResponse, tags=["chat"], dependencies=guarded, responses=sse_doc)
+    @app.post("/v1/chat", response_model=ChatResponse, tags=["chat"], dependencies=guarded, responses=SSE_DOC)
     async def chat_route(req: ChatRequest, request: Request, rt: Runtime = Depends(get_runtime)) -> Any:
         """One chat turn. With ``Accept: text/event-stream``: events ``token`` ({"text"}), then ``items``
         ({"session_id", "items"}) and ``done`` (the whole answer)."""
         if not wants_stream(request):
             return await rt.chat(req)
         stream = await primed(rt.chat_stream(req))
-        return sse_response(chat_events(stream))
+        return event_stream(chat_events(stream))
 
     @app.post(
-        "/v1/chat/completions", tags=["openai"], dependencies=guarded, responses=sse_doc, response_model=None
+        "/v1/chat/completions", tags=["openai"], dependencies=guarded, responses=SSE_DOC, response_model=None
     )
     async def chat_completions(req: ChatCompletionRequest, rt: Runtime = Depends(get_runtime)) -> Any:
         """OpenAI-compatible chat completions over the chat agent (model ``recagent``; ``stream`` supported).
@@ -382,7 +393,7 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
             return JSONResponse((await rt.completion(req)).model_dump(mode="json"))
         turn, replay = rt.completion_turn(req)
         stream = await primed(rt.chat_stream(turn, replay))
-        return sse_response(completion_events(stream, rt, req.model or "recagent", turn.message))
+        return event_stream(completion_events(stream, rt, req.model or "recagent", turn.message))
 
     @app.get(
         "/v1/models",
@@ -430,17 +441,14 @@ async def primed(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
     return rest()
 
 
-def sse(data: str, event: str | None = None) -> str:
-    head = f"event: {event}\n" if event else ""
-    return head + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
+def event_stream(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    """An SSE response (sse-starlette frames the events and pings; a client that disconnects cancels the
+    generator, whose ``finally`` blocks stop the work behind it)."""
+    return EventSourceResponse(events, sep="\n", ping=15, headers={"x-accel-buffering": "no"})
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events,
-        media_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
+def sse(data: str, event: str | None = None) -> ServerSentEvent:
+    return ServerSentEvent(data=data, event=event, sep="\n")
 
 
 def _stream_error(exc: Exception) -> str:
@@ -450,7 +458,25 @@ def _stream_error(exc: Exception) -> str:
     return json.dumps({"error": {"type": ERRORS.get(status, "error"), "message": message, "field": None}})
 
 
-async def chat_events(stream: AsyncIterator[str | ChatResponse]) -> AsyncIterator[str]:
+async def answer_events(
+    events: AsyncIterator[Event], response: Callable[[Any], BaseModel]
+) -> AsyncIterator[ServerSentEvent]:
+    """``ranked`` (the list without reasons), ``reason`` ({"item_id", "rank", "reason", "evidence",
+    "reason_source"}) per item, then ``done`` (``response(answer)``: the whole answer)."""
+    try:
+        async for event in events:
+            if event.kind == "reason" and event.reason is not None:
+                r = event.reason
+                body = {"item_id": r.item_id, "rank": event.rank, "reason": r.reason, "evidence": r.evidence,
+                        "reason_source": r.source}
+                yield sse(json.dumps(body, ensure_ascii=False), "reason")
+            elif event.answer is not None:
+                yield sse(response(event.answer).model_dump_json(), event.kind)
+    except Exception as exc:
+        yield sse(_stream_error(exc), "error")
+
+
+async def chat_events(stream: AsyncIterator[str | ChatResponse]) -> AsyncIterator[ServerSentEvent]:
     try:
         async for piece in stream:
             if isinstance(piece, str):
@@ -470,11 +496,11 @@ async def completion_events(
     rt: Runtime,
     model: str,
     message: str,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[ServerSentEvent]:
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> ServerSentEvent:
         body = {
             "id": cid,
             "object": "chat.completion.chunk",

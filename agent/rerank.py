@@ -7,7 +7,10 @@ Modes:
   ranker``) each candidate line carries its retrieval rank and ends in a marker token, and the log-odds of the
   marker after each line is that candidate's score (the same computation as in training); one pass scores the
   whole window (up to 100 candidates), presented in a seeded shuffled order.
-* ``generate``: listwise JSON under a schema whose ids are an enum of the candidates.
+* ``generate``: a listwise JSON list of candidate ids under a schema whose ids are an enum of the candidates
+  (repeated ids are counted in ``raw_duplicates``, dropped, and the list completed in retrieval order).
+
+Reasons are not written here: :mod:`agent.explain` writes them for the final list.
 
 The final score blends per-user min-max normalised LLM and retrieval scores:
 ``alpha * llm + (1 - alpha) * retrieval``; ``alpha = 0`` reproduces the retrieval order exactly.
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 import prompts
 from agent.llm.base import LLMBackend, LLMError, MarkerRequest, ScoreRequest
@@ -76,8 +79,7 @@ class RerankConfig(BaseModel):
     trained_prompt: str = Field(default="v1", description="version of prompts/rerank_trained.*.jinja")
     marker: str = Field(default=" §", description="single token closing each candidate line (markers scorer)")
     score_prompt: str = Field(default="v3", description="version of prompts/rerank_score.*.jinja")
-    generate_prompt: str = Field(default="v1", description="version of prompts/rerank_generate.*.jinja")
-    explain_prompt: str = Field(default="v1", description="version of prompts/explain.*.jinja")
+    generate_prompt: str = Field(default="v2", description="version of prompts/rerank_generate.*.jinja")
     max_candidates: int = Field(default=20, ge=1, le=100, description="the rerank window: candidates past it "
                                 "keep their retrieval order (the labels scorer takes at most 26)")
     generate_window: int = Field(default=20, ge=1, le=50, description="candidates a listwise JSON prompt holds")
@@ -87,8 +89,6 @@ class RerankConfig(BaseModel):
                               "(about 6 tokens each: the digits are single tokens)")
     perms: int = Field(default=1, ge=1, description="candidate orders averaged in score mode")
     calibrate: bool = Field(default=True, description="subtract a content-free prompt's label bias")
-    reason_chars: int = Field(default=120, ge=20)
-    evidence_max: int = Field(default=2, ge=0)
     retries: int = Field(default=1, ge=0)
     modes: dict[str, ModeConfig] = Field(default_factory=lambda: {"score": ModeConfig(), "generate": ModeConfig()})
 
@@ -340,42 +340,9 @@ class Reranker:
             orders.append(order)
         return orders
 
-    def _schema(self, key: str, ids: Sequence[str], history_ids: Sequence[str], k: int) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "type": "object",
-            "properties": {
-                "item_id": {"type": "string", "enum": list(ids)},
-                "reason": {"type": "string", "minLength": 10, "maxLength": self.config.reason_chars},
-                "evidence": {"type": "array", "items": {"type": "string", "enum": list(history_ids)},
-                             "maxItems": self.config.evidence_max},
-            },
-            "required": ["item_id", "reason", "evidence"],
-            "additionalProperties": False,
-        }
-        if not history_ids:
-            entry["properties"]["evidence"] = {"type": "array", "maxItems": 0, "items": {"type": "string"}}
-        return {"type": "object", "properties": {key: {"type": "array", "items": entry, "minItems": k,
-                                                       "maxItems": k}},
-                "required": [key], "additionalProperties": False}
-
-    def _structured(self, prompt: str, key: str, history: Sequence[RankInput], items: Sequence[RankInput],
-                    k: int) -> list[_Entry]:
-        version = self.config.generate_prompt if prompt == "rerank_generate" else self.config.explain_prompt
-        tpl = prompts.load(prompt, version)
-        rendered = tpl.render(history=[{"item_id": h.item_id, "text": self._text(h, True)} for h in history],
-                              candidates=[{"item_id": c.item_id, "text": self._text(c, True)} for c in items], k=k)
-        schema = self._schema(key, [c.item_id for c in items], [h.item_id for h in history], k)
-        max_tokens = k * (self.config.reason_chars // 2 + 24 + 6 * self.config.evidence_max) + 32
-        raw = self.backend.generate_json(rendered.messages, schema, max_tokens=max_tokens)  # type: ignore[arg-type]
-        try:
-            parsed = _Listing.model_validate({"entries": json.loads(raw)[key]})
-        except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
-            raise LLMError(f"invalid JSON from the model: {exc}; output starts {raw[:120]!r}") from exc
-        return parsed.entries
-
     # --- public --------------------------------------------------------------------------------------------
     def rerank(self, history: Sequence[RankInput], candidates: Sequence[RankInput], k: int = 10,
-               mode: Mode = "score", explain: bool = False, deadline: float | None = None,
+               mode: Mode = "score", deadline: float | None = None,
                alpha: float | None = None) -> RecommendationAnswer:
         t0 = time.perf_counter()
         seen = {h.item_id for h in history}
@@ -385,11 +352,11 @@ class Reranker:
         candidates = everything[:window]
         tail = everything[len(candidates): max(k, len(candidates))]
         k = min(k, len(candidates))
-        answer = self._rerank_window(history, candidates, k, mode, explain, deadline, alpha, t0)
+        answer = self._rerank_window(history, candidates, k, mode, deadline, alpha, t0)
         answer.ranker = self.config.ranker if mode == "score" else "zero-shot"
         answer.reranked = 0 if answer.degraded else len(candidates)
         if tail:
-            _append_tail(answer, tail, history, explain)
+            _append_tail(answer, tail)
         if len(everything) > len(candidates):
             shown = f"; ranks {len(candidates) + 1}-{len(answer.items)} here" if tail else ""
             answer.note = (f"the LLM ranked the first {len(candidates)} of {len(everything)} candidates; the other "
@@ -398,8 +365,7 @@ class Reranker:
         return answer
 
     def _rerank_window(self, history: Sequence[RankInput], candidates: list[RankInput], k: int, mode: Mode,
-                       explain: bool, deadline: float | None, alpha: float | None,
-                       t0: float) -> RecommendationAnswer:
+                       deadline: float | None, alpha: float | None, t0: float) -> RecommendationAnswer:
         trimmed = self.trim_history(history)
         alpha = self.config.alpha(mode) if alpha is None else alpha
         attempts = self.config.retries + 1
@@ -416,8 +382,6 @@ class Reranker:
                 else:
                     raise ValueError(f"unknown mode '{mode}' (choose score or generate)")
                 answer.timings.llm_ms = round((time.perf_counter() - t0) * 1000, 2)
-                if explain and mode == "score":
-                    self._explain(trimmed, history, candidates, answer)
                 return answer
             except ValueError:
                 raise
@@ -440,125 +404,53 @@ class Reranker:
 
     def _generate_answer(self, history: Sequence[RankInput], candidates: Sequence[RankInput], k: int,
                          alpha: float) -> RecommendationAnswer:
-        entries = self._structured("rerank_generate", "ranking", history, candidates, k)
+        raw = self._listing(history, candidates, k)
         by_id = {c.item_id: i for i, c in enumerate(candidates)}
-        history_ids = {h.item_id for h in history}
-        order: list[int] = []
-        reasons: dict[int, _Entry] = {}
-        for e in entries:  # guards: unknown, duplicate and seen ids are dropped (the grammar forbids most)
-            i = by_id.get(e.item_id)
-            if i is None or i in reasons:
-                continue
-            order.append(i)
-            reasons[i] = e
-        order += [i for i in range(len(candidates)) if i not in reasons]  # left out: retrieval order
+        known = [by_id[i] for i in raw if i in by_id]  # the grammar forbids unknown ids; repeats it cannot
+        order = list(dict.fromkeys(known))
+        duplicates = len(known) - len(order)
+        order += [i for i in range(len(candidates)) if i not in set(order)]  # left out: retrieval order
         n = len(candidates)
         llm = np.zeros(n)
         for rank, i in enumerate(order):
             llm[i] = (n - rank) / n
         final, fused_order = fuse([c.retrieval_score for c in candidates], llm.tolist(), alpha)
         llm_n, ret_n = minmax(llm), minmax([c.retrieval_score for c in candidates])
-        answer = RecommendationAnswer(items=[], model=self.backend.model_name, mode="generate")
-        for r, i in enumerate(fused_order[:k], 1):
-            item = _item(candidates[i], r, float(final[i]), float(llm_n[i]), float(ret_n[i]))
-            if i in reasons:
-                item.reason, item.evidence, dropped = _clean_entry(reasons[i], history_ids)
-                answer.dropped_evidence += dropped
-                _ground(item, candidates[i], history)
-            else:  # the model left this one out: a metadata-only reason
-                item.reason, item.evidence = fallback_reason(candidates[i], history)
-            answer.items.append(item)
-        self.dropped_evidence_total += answer.dropped_evidence
-        return answer
+        items = [_item(candidates[i], r, float(final[i]), float(llm_n[i]), float(ret_n[i]))
+                 for r, i in enumerate(fused_order[:k], 1)]
+        return RecommendationAnswer(items=items, model=self.backend.model_name, mode="generate",
+                                    raw_duplicates=duplicates)
 
-    def _explain(self, trimmed: Sequence[RankInput], history: Sequence[RankInput],
-                 candidates: Sequence[RankInput], answer: RecommendationAnswer) -> None:
-        """One constrained pass over the final top-k; failures leave reasons empty and say so."""
-        t0 = time.perf_counter()
-        by_id = {c.item_id: c for c in candidates}
-        top = [by_id[i.item_id] for i in answer.items]
-        history_ids = {h.item_id for h in history}
+    def _listing(self, history: Sequence[RankInput], candidates: Sequence[RankInput], k: int) -> list[str]:
+        """The model's raw list of ``k`` candidate ids (JSON under an enum schema; may repeat ids)."""
+        tpl = prompts.load("rerank_generate", self.config.generate_prompt)
+        rendered = tpl.render(history=[{"item_id": h.item_id, "text": self._text(h, True)} for h in history],
+                              candidates=[{"item_id": c.item_id, "text": self._text(c, True)} for c in candidates],
+                              k=k)
+        schema = {"type": "object", "properties": {"ranking": {
+            "type": "array", "items": {"type": "string", "enum": [c.item_id for c in candidates]},
+            "minItems": k, "maxItems": k}}, "required": ["ranking"], "additionalProperties": False}
+        max_tokens = k * 12 + 16
+        raw = self.backend.generate_json(rendered.messages, schema, max_tokens=max_tokens)  # type: ignore[arg-type]
         try:
-            entries = self._structured("explain", "explanations", trimmed, top, len(top))
-        except Exception as exc:
-            logger.warning("explain failed error=%s", exc)
-            answer.reason = f"explanations unavailable: {type(exc).__name__}"
-            return
-        got: dict[str, _Entry] = {}
-        for e in entries:
-            got.setdefault(e.item_id, e)
-        for item in answer.items:
-            if item.item_id in got:
-                item.reason, item.evidence, dropped = _clean_entry(got[item.item_id], history_ids)
-                answer.dropped_evidence += dropped
-                _ground(item, by_id[item.item_id], trimmed)
-            else:
-                item.reason, item.evidence = fallback_reason(by_id[item.item_id], trimmed)
-        self.dropped_evidence_total += answer.dropped_evidence
-        answer.timings.explain_ms = round((time.perf_counter() - t0) * 1000, 2)
+            ids = json.loads(raw)["ranking"]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise TypeError("ranking is not a list of ids")
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise LLMError(f"invalid JSON from the model: {exc}; output starts {raw[:120]!r}") from exc
+        return list(ids)
 
 
 def _two_digit_year(year: int | None) -> str:
     return "" if year is None else f" {year % 100:02d}"
 
 
-def _append_tail(answer: RecommendationAnswer, tail: Sequence[RankInput], history: Sequence[RankInput],
-                 explain: bool) -> None:
-    """Candidates past the rerank window follow the ranked ones in their retrieval order, unscored by the LLM
-    (with metadata reasons when explanations were asked for): never a silent cut."""
+def _append_tail(answer: RecommendationAnswer, tail: Sequence[RankInput]) -> None:
+    """Candidates past the rerank window follow the ranked ones in their retrieval order, unscored by the LLM:
+    never a silent cut."""
     start = len(answer.items)
     for rank, c in enumerate(tail, start + 1):
-        item = _item(c, rank, 0.0, None, 0.0)
-        if explain:
-            item.reason, item.evidence = fallback_reason(c, history)
-        answer.items.append(item)
+        answer.items.append(_item(c, rank, 0.0, None, 0.0))
 
 
-class _Entry(BaseModel):
-    item_id: str
-    reason: str = ""
-    evidence: list[str] = Field(default_factory=list)
-
-
-class _Listing(BaseModel):
-    entries: list[_Entry]
-
-
-def _clean_entry(entry: _Entry, history_ids: set[str]) -> tuple[str, list[str], int]:
-    kept = [e for e in dict.fromkeys(entry.evidence) if e in history_ids]
-    return prompts.clean_text(entry.reason, 400), kept, len(entry.evidence) - len(kept)
-
-
-def _closest(candidate: RankInput, history: Sequence[RankInput]) -> RankInput | None:
-    """The history item sharing most genres with the candidate (the most recent among ties)."""
-    best, best_overlap = None, 0
-    for h in history:
-        overlap = len(set(h.genres) & set(candidate.genres))
-        if overlap >= best_overlap and overlap > 0:
-            best, best_overlap = h, overlap
-    return best
-
-
-def fallback_reason(candidate: RankInput, history: Sequence[RankInput]) -> tuple[str, list[str]]:
-    """A reason built from metadata alone (no LLM): the history item sharing most genres, and those genres."""
-    closest = _closest(candidate, history)
-    if closest is None:
-        return "Often chosen by people with a history like yours.", []
-    shared = [g for g in candidate.genres if g in set(closest.genres)]
-    return f"Like {closest.title}, which you watched: {', '.join(shared)}.", [closest.item_id]
-
-
-def _ground(item: RecommendedItem, candidate: RankInput, history: Sequence[RankInput]) -> None:
-    """Make the reason cite the user's own history: take evidence the model gave, else the history item with
-    the most shared genres, and name its title when the model's sentence does not."""
-    titles = {h.item_id: h.title for h in history}
-    if not item.evidence:
-        closest = _closest(candidate, history)
-        if closest is not None:
-            item.evidence = [closest.item_id]
-    named = [titles[e] for e in item.evidence if e in titles]
-    if named and not any(t.lower() in (item.reason or "").lower() for t in named):
-        item.reason = f"Because you liked {named[0]}: {item.reason}".strip().rstrip(":")
-
-
-__all__ = ["RankInput", "RerankConfig", "Reranker", "fallback_reason", "fuse", "retrieval_answer"]
+__all__ = ["RankInput", "RerankConfig", "Reranker", "fuse", "retrieval_answer"]

@@ -20,6 +20,8 @@ class RecommendedItem(BaseModel):
     retrieval_score: float = Field(description="normalised retrieval score")
     sources: list[SourceHit] = Field(default_factory=list)
     reason: str | None = None
+    reason_source: Literal["llm", "template"] | None = Field(
+        default=None, description="who wrote the reason: the LLM (checked by code), or a metadata template")
     evidence: list[str] = Field(default_factory=list, description="history item ids the reason rests on")
     genres: list[str] = Field(default_factory=list)
     year: int | None = None
@@ -29,6 +31,7 @@ class Timings(BaseModel):
     retrieval_ms: float = 0.0
     llm_ms: float = 0.0
     explain_ms: float = 0.0
+    first_reason_ms: float | None = Field(default=None, description="from the ranked list to the first reason")
     total_ms: float = 0.0
 
 
@@ -36,8 +39,14 @@ class RecommendationAnswer(BaseModel):
     items: list[RecommendedItem]
     model: str | None = Field(default=None, description="LLM that ranked/explained (None without LLM)")
     mode: Mode
-    degraded: bool = Field(default=False, description="True when the LLM failed and retrieval order is returned")
+    degraded: bool = Field(default=False, description="True when part of the LLM's work is missing: the ranking "
+                           "(then `reranked` is 0 and the list is the retrieval order) or some reasons (then "
+                           "they come from templates); `reason` says which")
     reason: str | None = Field(default=None, description="why the answer is degraded")
+    reasons_llm: int | None = Field(default=None, description="how many of the items' reasons the LLM wrote (None "
+                                    "when no explanations were asked for)")
+    raw_duplicates: int | None = Field(default=None, description="generate mode: repeated ids in the model's raw "
+                                       "list (dropped; the list is completed in retrieval order)")
     timings: Timings = Field(default_factory=Timings)
     dropped_evidence: int = Field(default=0, description="evidence ids removed because not in the history")
     tokens: dict[str, int] = Field(default_factory=dict)

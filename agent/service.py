@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from agent.explain import Explainer, Reason
 from agent.llm.base import LLMBackend
 from agent.rerank import RankInput, RerankConfig, Reranker, retrieval_answer
 from agent.schemas import Mode, RecommendationAnswer
@@ -32,6 +33,15 @@ class UnknownUserError(LookupError):
 
 
 @dataclass
+class Ranked:
+    """A ranked answer and what its reasons are written from: the history and the candidates as ranked."""
+
+    answer: RecommendationAnswer
+    history: list[RankInput]
+    candidates: list[RankInput]
+
+
+@dataclass
 class FreeItem:
     """A caller-supplied candidate that need not be in the catalogue."""
 
@@ -50,6 +60,7 @@ class RecommenderService:
         self.reranker = Reranker(backend, config or RerankConfig.load(index)) if backend is not None else None
         self.n_candidates = n_candidates or (self.reranker.config.max_candidates if self.reranker else 20)
         self.retriever = index.retriever("fused")
+        self.explainer = Explainer(backend, index)
 
     # --- lookups -------------------------------------------------------------------------------------------
     def user_history(self, user_id: str) -> list[str]:
@@ -83,27 +94,41 @@ class RecommenderService:
     # --- recommendation ------------------------------------------------------------------------------------
     def recommend(self, history: Sequence[str], k: int = 10, filters: Filters | None = None,
                   query: str | None = None, use_llm: bool = True, explain: bool = False, mode: Mode = "score",
-                  exclude: Sequence[str] = (), deadline: float | None = None) -> RecommendationAnswer:
+                  exclude: Sequence[str] = (), deadline: float | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> RecommendationAnswer:
         """Top ``k`` for the history. ``exclude`` ids are never returned (besides the history itself)."""
+        ranked = self.rank(history, k, filters, query, use_llm, mode, exclude, deadline)
+        return self.explained(ranked, cancelled) if explain else ranked.answer
+
+    def rank(self, history: Sequence[str], k: int = 10, filters: Filters | None = None, query: str | None = None,
+             use_llm: bool = True, mode: Mode = "score", exclude: Sequence[str] = (),
+             deadline: float | None = None) -> Ranked:
+        """The ranked top ``k`` without reasons (:meth:`explained` or :meth:`reasons` add them)."""
         t0 = time.perf_counter()
         pool = max(self.n_candidates, k) + len(exclude)
         candidates = [c for c in self.retriever.retrieve(history, k=pool, filters=filters, query=query)
                       if c.item_id not in set(exclude)][: max(self.n_candidates, k)]
         retrieval_ms = (time.perf_counter() - t0) * 1000
         inputs = [self.rank_input(c) for c in candidates]
+        history_inputs = self.history_inputs(history)
         if not use_llm or self.reranker is None or not inputs:
             answer = retrieval_answer(inputs, k)
         else:
-            answer = self.reranker.rerank(self.history_inputs(history), inputs, k=k, mode=mode, explain=explain,
-                                          deadline=deadline)
+            answer = self.reranker.rerank(history_inputs, inputs, k=k, mode=mode, deadline=deadline)
         answer.timings.retrieval_ms = round(retrieval_ms, 2)
         answer.timings.total_ms = round((time.perf_counter() - t0) * 1000, 2)
-        return answer
+        return Ranked(answer, history_inputs, inputs)
 
     def rerank(self, history: Sequence[str], candidates: Sequence[str | FreeItem], k: int = 10,
-               explain: bool = False, mode: Mode = "score", deadline: float | None = None) -> RecommendationAnswer:
+               explain: bool = False, mode: Mode = "score", deadline: float | None = None,
+               cancelled: Callable[[], bool] | None = None) -> RecommendationAnswer:
         """Rerank caller-given candidates (catalogue ids or free items); their given order is the retrieval
         order."""
+        ranked = self.rank_given(history, candidates, k, mode, deadline)
+        return self.explained(ranked, cancelled) if explain else ranked.answer
+
+    def rank_given(self, history: Sequence[str], candidates: Sequence[str | FreeItem], k: int = 10,
+                   mode: Mode = "score", deadline: float | None = None, use_llm: bool = True) -> Ranked:
         t0 = time.perf_counter()
         unknown = [c for c in candidates if isinstance(c, str) and not self.catalog.has_item(c)]
         if unknown:
@@ -125,13 +150,24 @@ class RecommenderService:
                                retrieval_score=score)
             seen.add(ri.item_id)
             inputs.append(ri)
-        if self.reranker is None or not inputs:
+        history_inputs = self.history_inputs(history)
+        if not use_llm or self.reranker is None or not inputs:
             answer = retrieval_answer(inputs, k)
         else:
-            answer = self.reranker.rerank(self.history_inputs(history), inputs, k=k, mode=mode, explain=explain,
-                                          deadline=deadline)
+            answer = self.reranker.rerank(history_inputs, inputs, k=k, mode=mode, deadline=deadline)
         answer.timings.total_ms = round((time.perf_counter() - t0) * 1000, 2)
-        return answer
+        return Ranked(answer, history_inputs, inputs)
+
+    # --- explanations --------------------------------------------------------------------------------------
+    def explained(self, ranked: Ranked, cancelled: Callable[[], bool] | None = None) -> RecommendationAnswer:
+        """The ranked answer with a reason on every item (LLM-written where the LLM delivers, else templates)."""
+        return self.explainer.explain(ranked.answer, ranked.history, ranked.candidates, cancelled)
+
+    def reasons(self, ranked: Ranked, cancelled: Callable[[], bool] | None = None) -> Iterator[Reason]:
+        """The items' reasons one by one as they are ready (see :meth:`agent.explain.Explainer.stream`)."""
+        by_id = {c.item_id: c for c in ranked.candidates}
+        items = [by_id[i.item_id] for i in ranked.answer.items if i.item_id in by_id]
+        return self.explainer.stream(ranked.history, items, cancelled)
 
 
 def build_service(catalog_name: str, use_llm: bool = True, backend: LLMBackend | None = None) -> RecommenderService:

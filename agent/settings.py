@@ -32,7 +32,15 @@ class Settings(BaseSettings):
     queue_size: int = Field(default=64, ge=1, description="LLM jobs waiting at most; beyond it: 429")
     workers: int = Field(default=8, ge=1, le=64, description="threads running LLM work (concurrent jobs)")
     deadline_s: float = Field(
-        default=10.0, gt=0, description="after this the retrieval order is returned, flagged degraded"
+        default=10.0, gt=0, description="default deadline of a request: past it the answer keeps what the LLM has "
+        "done (else the retrieval order) and fills the missing reasons from templates, flagged degraded",
+    )
+    max_deadline_s: float = Field(
+        default=120.0, gt=0, description="the largest `timeout_s` a caller may ask for (larger ones get 422)"
+    )
+    explain_workers: int = Field(
+        default=2, ge=1, le=64, description="threads writing explanations (a lane of their own, so that "
+        "generation never holds score requests)",
     )
     chat_deadline_s: float = Field(default=60.0, gt=0, description="deadline of one chat turn")
     max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="larger request bodies get 413")

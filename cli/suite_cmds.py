@@ -107,8 +107,8 @@ def eval_judge(
     setup()
     if not input_path.exists():
         fail(f"--input {input_path}: no such file")
+    from agent import explanation_checks as xc
     from agent.llm.registry import make_backend
-    from eval import explanation_checks as xc
     from eval.judge import Judge, JudgeConfig, read_explanations
     from retrieval.catalog_store import ensure_catalog
 

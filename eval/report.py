@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from eval import explanation_checks as xc
+from agent import explanation_checks as xc
 from eval.judge import CRITERIA, pairwise_summary, rubric_summary, validity
 from eval.metrics import bootstrap_ci, paired_bootstrap_diff
 from eval.plots import plot_position_bias, pyplot, save

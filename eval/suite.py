@@ -31,9 +31,11 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator
 from tqdm import tqdm
 
+from agent import explanation_checks as xc
+from agent.explain import Explainer
+from agent.explain import template_reason as explained_by_template
 from agent.llm.base import LLMBackend
-from agent.rerank import RankInput, RerankConfig, Reranker, fallback_reason
-from eval import explanation_checks as xc
+from agent.rerank import RankInput, RerankConfig, Reranker
 from eval import rerank_eval as rx
 from eval.judge import ExplanationInput, Judge, JudgeConfig, PairwiseResult, load_labels
 from eval.metrics import metric_values
@@ -121,6 +123,9 @@ class RecordingBackend(LLMBackend):
 
     def stream_text(self, messages: Any, max_tokens: int = 256, temperature: float = 0.0) -> Any:
         return self.inner.stream_text(messages, max_tokens=max_tokens, temperature=temperature)
+
+    def complete_batch(self, requests: Any, cancelled: Any = None) -> Any:
+        return self.inner.complete_batch(requests, cancelled)
 
     def count_tokens(self, text: str) -> int:
         return self.inner.count_tokens(text)
@@ -251,7 +256,8 @@ def stage_bias(ctx: Context) -> dict[str, Any]:
 
 def _answer_records(case: Case, answer: Any, system: str) -> list[dict[str, Any]]:
     return [{"system": system, "user_id": case.user_id, "history": list(case.history), "item_id": it.item_id,
-             "rank": it.rank, "reason": it.reason or "", "evidence": list(it.evidence)}
+             "rank": it.rank, "reason": it.reason or "", "evidence": list(it.evidence),
+             "reason_source": it.reason_source or "template"}
             for it in answer.items if it.reason]
 
 
@@ -269,6 +275,7 @@ def stage_generate(ctx: Context) -> dict[str, Any]:
         before, t0 = len(rec.outputs), time.perf_counter()
         answer = reranker.rerank(history, cands, k=min(ctx.config.generate_k, len(cands)), mode="generate",
                                  alpha=1.0)
+        Explainer(rec, ctx.index).explain(answer, history, cands)
         latency = time.perf_counter() - t0
         raw_ids = _raw_ids(rec.outputs[before:], "ranking")
         lists.append({**xc.list_checks(raw_ids, case.history, [c.item_id for c in cands]),
@@ -296,8 +303,8 @@ def _raw_ids(outputs: Sequence[str], key: str) -> list[str]:
     """Item ids of the model's last raw JSON (before the reranker's guards)."""
     for raw in reversed(outputs):
         try:
-            return [str(e.get("item_id")) for e in json.loads(raw)[key]]
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return [str(e) for e in json.loads(raw)[key]]
+        except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return []
 
@@ -308,12 +315,14 @@ def stage_explain(ctx: Context) -> dict[str, Any]:
         return {"skipped": "explain_users = 0"}
     ev = ctx.evaluator
     reranker = Reranker(ev.backend, ev.config)
+    explainer = Explainer(ev.backend, ctx.index)
     explanations, latencies, failures = [], [], 0
     for case, _trimmed, cands in tqdm(ctx.inputs(cases), desc="score + explain", unit="user",
                                       disable=not ctx.progress):
         t0 = time.perf_counter()
-        answer = reranker.rerank(ev.service.history_inputs(case.history), cands, k=ctx.config.explain_k,
-                                 mode="score", explain=True)
+        history = ev.service.history_inputs(case.history)
+        answer = explainer.explain(reranker.rerank(history, cands, k=ctx.config.explain_k, mode="score"), history,
+                                   cands)
         latencies.append(answer.timings.explain_ms / 1000)
         failures += int(answer.degraded or bool(answer.reason))
         got = _answer_records(case, answer, "score+explain")
@@ -353,7 +362,7 @@ def template_reason(history: Sequence[str], item_id: str, catalog: Any) -> tuple
         item = catalog.item(i)
         return RankInput(item_id=i, title=str(item["title"]), text="", genres=list(item["genres"]))
 
-    return fallback_reason(rank_input(item_id), [rank_input(h) for h in history if catalog.has_item(h)])
+    return explained_by_template(rank_input(item_id), [rank_input(h) for h in history if catalog.has_item(h)])
 
 
 def stage_judge(ctx: Context, explanations: list[dict[str, Any]]) -> dict[str, Any]:

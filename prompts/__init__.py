@@ -39,6 +39,16 @@ def without_year(text: object) -> str:
     return _TRAILING_YEAR.sub("", str(text))
 
 
+_ARTICLE_LAST = re.compile(r"^(?P<body>.+?),\s*(?P<art>The|A|An|Les|La|Le|Il|El|Das|Der|Die)$")
+
+
+def natural_title(text: object) -> str:
+    """A catalogue title as people write it, without its year: "Godfather, The (1972)" -> "The Godfather"."""
+    title = without_year(clean_text(text, 200)).strip()
+    m = _ARTICLE_LAST.match(title)
+    return f"{m.group('art')} {m.group('body')}" if m else title
+
+
 def quote(text: object, limit: int = 300) -> str:
     return json.dumps(clean_text(text, limit), ensure_ascii=False)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest
+from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest, TextRequest
 from agent.service import RecommenderService
 from agent.settings import Settings
 from retrieval.index import Index
@@ -97,6 +97,11 @@ class FakeBackend(LLMBackend):
         self._call()
         self.usage.add("generate", 50, 6)
         yield from ["Here ", "are ", "some ", "picks."]
+
+    def complete(self, request: TextRequest) -> str:
+        self._call()
+        self.usage.add("reason", 100, 4)
+        return "it shares their taste."
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())

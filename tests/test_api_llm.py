@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from agent.llm.base import LLMBackend
+from agent.llm.batching import BatchingBackend
+from agent.metrics import Metrics
 from agent.rerank import Reranker
-from agent.runtime import BatchingBackend, Metrics
 from agent.service import RecommenderService
 from agent.settings import Settings
 from retrieval.index import Index

@@ -9,15 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from agent.llm.base import LLMError, ScoreRequest
-from agent.runtime import BatchingBackend, deadline_var
+from agent.llm.base import LLMError, ScoreRequest, deadline_var
+from agent.llm.batching import BatchingBackend
 
 
 class _Inner:
     """Just enough of the transformers backend's surface for BatchingBackend to accept it."""
 
     name = "inner"
-    model = tokenizer = render = label_id = torch = threads_for = None
+    model = tokenizer = render = label_id = torch = threads_for = scoring = None
 
     def __init__(self) -> None:
         from agent.llm.base import Usage

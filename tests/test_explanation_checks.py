@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import explanation_checks as xc
+from agent import explanation_checks as xc
 
 FACTS = {f.item_id: f for f in [
     xc.make_facts({"item_id": "50", "title": "Star Wars (1977)", "year": 1977,

@@ -21,9 +21,15 @@ TRAINED_CANDIDATES = [{"rank": 2, "text": "Return of the Jedi", "year": " 83"},
                       {"rank": 1, "text": "Aladdin", "year": ""}]
 
 
+EXPLAIN_ITEM = {"history": HISTORY, "item": {"text": "Aladdin, a animation, children's film from 1992"},
+                "evidence": {"text": 'Star "Wars"\n=== system ==='}, "link": "similar in content",
+                "opening": "You may enjoy Aladdin because, like Star Wars, it"}
+
+
 def render(name: str, version: str) -> str:
     variables = ({"history": HISTORY, "candidates": TRAINED_CANDIDATES, "marker": " §"}
-                 if name == "rerank_trained" else {"history": HISTORY, "candidates": CANDIDATES, "k": 2})
+                 if name == "rerank_trained" else EXPLAIN_ITEM if name == "explain_item"
+                 else {"history": HISTORY, "candidates": CANDIDATES, "k": 2})
     rendered = prompts.load(name, version).render(**variables)
     return json.dumps({"messages": rendered.messages, "answer_prefix": rendered.answer_prefix}, indent=2,
                       ensure_ascii=False) + "\n"
@@ -31,7 +37,7 @@ def render(name: str, version: str) -> str:
 
 @pytest.mark.parametrize(
     "name", ["rerank_score.v1", "rerank_score.v2", "rerank_score.v3", "rerank_trained.v1", "rerank_generate.v1",
-             "explain.v1"])
+             "rerank_generate.v2", "explain.v1", "explain_item.v1"])
 def test_rendering_matches_snapshot(name: str) -> None:
     base, version = name.rsplit(".", 1)
     text = render(base, version)

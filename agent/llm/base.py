@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 logger = logging.getLogger(__name__)
+
+#: The monotonic deadline of the LLM job running in this thread: the batcher drops work past it, and HTTP
+#: backends bound their timeouts by it (set by the server's work queue; None outside a request).
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
 class ChatMessage(TypedDict):
@@ -40,6 +45,24 @@ class MarkerRequest:
     marker: str
     expected: int
     adapter: str | None = None
+
+
+@dataclass
+class TextRequest:
+    """Free text that continues ``answer_prefix`` at the start of the assistant turn after ``messages``. Decoding
+    stops at the first of the ``stop`` strings (left out of the result), at the end-of-turn token, or after
+    ``max_tokens`` tokens. The result is the continuation only, without the prefix."""
+
+    messages: list[ChatMessage]
+    answer_prefix: str = ""
+    max_tokens: int = 32
+    stop: tuple[str, ...] = ("\n",)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string, and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 @dataclass
@@ -98,6 +121,21 @@ class LLMBackend(ABC):
 
     def generate_text(self, messages: list[ChatMessage], max_tokens: int = 256, temperature: float = 0.0) -> str:
         return "".join(self.stream_text(messages, max_tokens=max_tokens, temperature=temperature))
+
+    def complete(self, request: TextRequest) -> str:
+        """The continuation of ``request`` (see :class:`TextRequest`)."""
+        raise LLMError(f"backend {self.name!r} cannot continue an answer prefix")
+
+    def complete_batch(self, requests: Sequence[TextRequest],
+                       cancelled: Callable[[], bool] | None = None) -> Iterator[tuple[int, str]]:
+        """``(index, continuation)`` of each request as it completes (in any order). When ``cancelled()`` turns
+        true the work stops at its next step and the unfinished requests are never yielded. Backends that can
+        decode several requests together (sharing their common prompt prefix) override this; this default
+        runs them one after another."""
+        for i, request in enumerate(requests):
+            if cancelled is not None and cancelled():
+                return
+            yield i, self.complete(request)
 
     @abstractmethod
     def count_tokens(self, text: str) -> int:

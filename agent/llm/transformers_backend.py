@@ -7,7 +7,13 @@
   prompt (the static instructions at least; the history too when the same user is scored again);
 * ``score_markers`` scores every occurrence of a marker token in one pass, on a copy of the model with a trained
   ranker's LoRA adapter merged in (loaded once per adapter folder; generation keeps the untouched model);
-* ``generate_json`` decodes under an xgrammar JSON-schema grammar, so its output always parses and validates.
+* ``generate_json`` decodes under an xgrammar JSON-schema grammar, so its output always parses and validates;
+* ``complete_batch`` decodes several short continuations together: the prompt prefix they share (instructions,
+  history) is computed once, each row's own suffix is padded in between, and every decoding step is one batched
+  forward pass. Finished rows leave the batch; the loop checks ``cancelled()`` before each step.
+
+Scoring has priority over decoding: a decoding loop takes the model lock one step at a time and waits while a
+score pass is waiting for it, so a long generation never holds score requests for more than one step.
 """
 
 from __future__ import annotations
@@ -16,11 +22,20 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from agent.llm.base import ChatMessage, LLMBackend, LLMError, MarkerRequest, ScoreRequest
+from agent.llm.base import (
+    ChatMessage,
+    LLMBackend,
+    LLMError,
+    MarkerRequest,
+    ScoreRequest,
+    TextRequest,
+    cut_at_stop,
+    deadline_var,
+)
 from agent.llm.config import LLMConfig
 from agent.llm.threads import ForwardPass, ThreadGovernor, pass_kind
 
@@ -46,6 +61,8 @@ class TransformersBackend(LLMBackend):
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.bfloat16)
         self.model.eval()
         self._lock = threading.RLock()
+        self._score_waiting = 0  # score passes waiting for the lock: decoding steps let them go first
+        self._waiting_lock = threading.Lock()
         self._caches: dict[str, tuple[list[int], Any]] = {}  # per model: the ids its KV cache holds, the cache
         self._rankers: dict[str, Any] = {}
         self._grammars: dict[str, Any] = {}
@@ -89,6 +106,29 @@ class TransformersBackend(LLMBackend):
         t0 = time.perf_counter()
         yield step
         self.governor.record(kind, n, step.tokens, time.perf_counter() - t0)
+
+    @contextmanager
+    def scoring(self) -> Iterator[None]:
+        """Hold the model lock for a score pass, ahead of any decoding loop waiting for its next step."""
+        with self._waiting_lock:
+            self._score_waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._waiting_lock:
+                self._score_waiting -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @contextmanager
+    def decoding_step(self) -> Iterator[None]:
+        """Hold the model lock for one decoding step, after every score pass that is waiting for it."""
+        while self._score_waiting > 0:
+            time.sleep(0.0005)
+        with self._lock:
+            yield
 
     # --- scoring -------------------------------------------------------------------------------------------
     def ranker_model(self, adapter: str | None) -> Any:
@@ -139,7 +179,7 @@ class TransformersBackend(LLMBackend):
         return out.last_hidden_state[0], reused
 
     def score_labels(self, request: ScoreRequest) -> list[float]:
-        with self._lock:
+        with self.scoring():
             ids = self.render(request.messages, request.answer_prefix)
             label_ids = [self.label_id(label) for label in request.labels]
             hidden, _ = self._hidden(ids)
@@ -159,7 +199,7 @@ class TransformersBackend(LLMBackend):
 
     def score_markers(self, request: MarkerRequest) -> list[float]:
         torch = self.torch
-        with self._lock:
+        with self.scoring():
             ids = self.render(request.messages)
             positions = self.marker_positions(ids, request)
             reads = [p - 1 for p in positions]  # the hidden state before the marker predicts it
@@ -184,11 +224,36 @@ class TransformersBackend(LLMBackend):
                 self._grammars.pop(next(iter(self._grammars)))
         return self._grammars[key]
 
+    def _between_steps(self, deadline: float | None) -> Any:
+        """A stopping criterion run after every decoding step of ``generate`` (called with the model lock held):
+        it lets waiting score passes take the lock first, and stops the generation once ``deadline`` has passed
+        (its caller has given up on it)."""
+        from transformers import StoppingCriteria
+
+        backend = self
+
+        class BetweenSteps(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                if backend._score_waiting > 0:
+                    backend._lock.release()
+                    try:
+                        while backend._score_waiting > 0:
+                            time.sleep(0.0005)
+                    finally:
+                        backend._lock.acquire()
+                late = deadline is not None and time.monotonic() > deadline
+                return backend.torch.full((input_ids.shape[0],), late, dtype=backend.torch.bool)
+
+        return BetweenSteps()
+
     def _generate(self, ids: list[int], max_tokens: int, temperature: float, processors: list[Any],
-                  streamer: Any = None, repetition_penalty: float = 1.0) -> list[int]:
+                  streamer: Any = None, repetition_penalty: float = 1.0, deadline: float | None = None) -> list[int]:
         torch = self.torch
+        from transformers import StoppingCriteriaList
+
         kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "logits_processor": processors,
-                                  "pad_token_id": self.tokenizer.eos_token_id or 0}
+                                  "pad_token_id": self.tokenizer.eos_token_id or 0,
+                                  "stopping_criteria": StoppingCriteriaList([self._between_steps(deadline)])}
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature)
         else:
@@ -212,7 +277,8 @@ class TransformersBackend(LLMBackend):
         with self._lock:
             ids = self.render(messages)
             processor = LogitsProcessor(self._grammar(schema))
-            new = self._generate(ids, max_tokens, temperature, [processor], repetition_penalty=1.3)
+            new = self._generate(ids, max_tokens, temperature, [processor], repetition_penalty=1.3,
+                                 deadline=deadline_var.get())
             text = str(self.tokenizer.decode(new, skip_special_tokens=True))
         return text
 
@@ -222,11 +288,13 @@ class TransformersBackend(LLMBackend):
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
         errors: list[BaseException] = []
+        deadline = deadline_var.get()
 
         def run() -> None:
             try:
                 with self._lock:
-                    self._generate(self.render(messages), max_tokens, temperature, [], streamer=streamer)
+                    self._generate(self.render(messages), max_tokens, temperature, [], streamer=streamer,
+                                   deadline=deadline)
             except BaseException as exc:  # surfaced to the consumer below
                 errors.append(exc)
                 streamer.end()
@@ -237,3 +305,71 @@ class TransformersBackend(LLMBackend):
         thread.join()
         if errors:
             raise LLMError(f"generation failed: {errors[0]}") from errors[0]
+
+    # --- batched short continuations -----------------------------------------------------------------------
+    def complete(self, request: TextRequest) -> str:
+        return next(text for _, text in self.complete_batch([request]))
+
+    def complete_batch(self, requests: Sequence[TextRequest],
+                       cancelled: Callable[[], bool] | None = None) -> Iterator[tuple[int, str]]:
+        """Greedy decoding of all ``requests`` as one batch over their shared prompt prefix (see the module
+        docstring); each request is yielded as soon as it stops."""
+        if not requests:
+            return
+        torch = self.torch
+        from transformers import DynamicCache
+
+        seqs = [self.render(r.messages, r.answer_prefix) for r in requests]
+        shared = min(len(s) for s in seqs) - 1  # every row keeps at least one token of its own
+        for s in seqs[1:]:
+            shared = min(shared, next((i for i, (a, b) in enumerate(zip(seqs[0], s, strict=False)) if a != b),
+                                      shared))
+        prefix, suffixes = seqs[0][:shared], [s[shared:] for s in seqs]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        stop_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+                    if isinstance(t, int) and t >= 0}
+        rows = list(range(len(requests)))  # request index of each batch row still decoding
+        new: list[list[int]] = [[] for _ in requests]
+        width = max(len(s) for s in suffixes)
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes])
+        mask = torch.tensor([[1] * shared + [0] * (width - len(s)) + [1] * len(s) for s in suffixes])
+        positions = torch.tensor([[shared] * (width - len(s)) + list(range(shared, shared + len(s)))
+                                  for s in suffixes])
+        next_pos = torch.tensor([shared + len(s) for s in suffixes])
+        cache = DynamicCache(config=self.model.config)
+        if shared:
+            with self.decoding_step(), self.threads_for(shared), torch.inference_mode():
+                self.model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True,
+                           logits_to_keep=1)
+            cache.batch_repeat_interleave(len(requests))
+        self.usage.add("reason", shared, 0)
+        steps = max(r.max_tokens for r in requests)
+        deadline = deadline_var.get()
+        for _ in range(steps + 1):
+            if (cancelled is not None and cancelled()) or (deadline is not None and time.monotonic() > deadline):
+                return
+            with self.decoding_step(), self.threads_for(int(ids.numel()), kind="decode"), torch.inference_mode():
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                 use_cache=True, logits_to_keep=1)
+            chosen = out.logits[:, -1].float().argmax(-1).tolist()
+            keep: list[int] = []
+            for row, (index, token) in enumerate(zip(rows, chosen, strict=True)):
+                request = requests[index]
+                text, stopped = cut_at_stop(str(self.tokenizer.decode(new[index], skip_special_tokens=True)),
+                                            request.stop)
+                if not stopped and token not in stop_ids and len(new[index]) < request.max_tokens:
+                    new[index].append(token)
+                    keep.append(row)
+                    continue
+                self.usage.add("reason", len(seqs[index]) - shared, len(new[index]))
+                yield index, text.strip()
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                cache.batch_select_indices(torch.tensor(keep))
+                mask, next_pos = mask[keep], next_pos[keep]
+                rows = [rows[r] for r in keep]
+            ids = torch.tensor([[new[index][-1]] for index in rows])
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+            positions = next_pos[:, None].clone()
+            next_pos = next_pos + 1

@@ -1,0 +1,239 @@
+"""Per-item reasons for a ranked list: chosen evidence, one short LLM sentence each, decoded as one batch.
+
+For every item the evidence comes first, from the system's own signals (:mod:`retrieval.evidence`: the history
+item with the strongest item-item CF weight to it, else the most similar embedding). The LLM then writes one
+sentence about that given pair (``prompts/explain_item.*``): the prompt's shared part (instructions and the
+user's history) is the same for every item, so the backend computes it once and decodes all the items' sentences
+together (``LLMBackend.complete_batch``). The answer prefix names the evidence, so every sentence names it.
+
+Each LLM sentence is checked by code (:mod:`agent.explanation_checks`: genre and year claims, evidence inside the
+history, known items) before it is served; a sentence that fails, or one the LLM did not finish before the
+deadline, is replaced by a metadata sentence (:func:`template_reason`). Every item says who wrote its reason
+(``reason_source``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, Field
+
+import prompts
+from agent import explanation_checks as xc
+from agent.llm.base import LLMBackend, TextRequest
+from agent.schemas import RecommendationAnswer
+from retrieval.evidence import Link, strongest_links
+
+if TYPE_CHECKING:
+    from agent.rerank import RankInput
+    from retrieval.index import Index
+
+logger = logging.getLogger(__name__)
+ReasonSource = Literal["llm", "template"]
+LINK_WORDS = {"cf": "people who watched it often watch the recommended film too", "content": "similar in content"}
+
+
+class ExplainConfig(BaseModel):
+    prompt: str = Field(default="v1", description="version of prompts/explain_item.*.jinja")
+    max_tokens: int = Field(default=28, ge=4, le=128, description="tokens one sentence may take")
+    history_items: int = Field(default=8, ge=1, description="latest history items shown in the prompt")
+    text_chars: int = Field(default=80, ge=10, description="item text cut to this many characters in prompts")
+    reason_chars: int = Field(default=220, ge=40, description="longest reason served")
+
+
+@dataclass
+class Reason:
+    """One item's reason, as the explainer produced it."""
+
+    item_id: str
+    reason: str
+    evidence: list[str]
+    source: ReasonSource
+    rejected: str | None = None  # why an LLM sentence was replaced by the template (check that failed)
+
+
+def _label(item: RankInput) -> str:
+    return prompts.clean_text(prompts.natural_title(item.title) if item.title else item.text, 80)
+
+
+def template_reason(item: RankInput, history: Sequence[RankInput], link: Link | None = None) -> tuple[str, list[str]]:
+    """(reason, evidence ids) from metadata and the system's signals alone, no LLM: the linked history item
+    (:mod:`retrieval.evidence`) when known, else the history item sharing most genres with the item."""
+    by_id = {h.item_id: h for h in history}
+    evidence = by_id.get(link.evidence) if link is not None else None
+    if evidence is None:
+        shared_most = _most_shared_genres(item, history)
+        evidence = shared_most[0] if shared_most is not None else None
+    if evidence is None:
+        return "Often chosen by people with a history like yours.", []
+    shared = [g for g in item.genres if g in set(evidence.genres)]
+    if link is not None and link.evidence == evidence.item_id and link.signal == "cf":
+        text = f"Because you liked {_label(evidence)}: viewers who watched it often watched this too"
+    elif shared:
+        text = f"Because you liked {_label(evidence)}: it is also {', '.join(shared)}"
+    else:
+        text = f"Because you liked {_label(evidence)}: close to it in content"
+    return text + ".", [evidence.item_id]
+
+
+def _most_shared_genres(item: RankInput, history: Sequence[RankInput]) -> tuple[RankInput, int] | None:
+    """The history item sharing most genres with ``item`` (the latest among ties), and how many; None if none."""
+    best: tuple[RankInput, int] | None = None
+    for h in history:
+        overlap = len(set(h.genres) & set(item.genres))
+        if overlap and (best is None or overlap >= best[1]):
+            best = (h, overlap)
+    return best
+
+
+class Explainer:
+    """Writes the reasons of a ranked list (see the module docstring)."""
+
+    def __init__(self, backend: LLMBackend | None, index: Index | None, config: ExplainConfig | None = None) -> None:
+        """``backend`` None: every reason comes from the templates."""
+        self.backend = backend
+        self.index = index
+        self.config = config or ExplainConfig()
+
+    def links(self, history: Sequence[RankInput], items: Sequence[RankInput]) -> dict[str, Link]:
+        """Each item's evidence: from the index's CF and embeddings (:func:`retrieval.evidence.strongest_links`);
+        for items outside the catalogue (or without an index), the history item sharing most genres."""
+        links: dict[str, Link] = {}
+        if self.index is not None:
+            catalog = self.index.catalog
+            links = strongest_links(self.index.cf, self.index.item_vectors, catalog.item_index, catalog.item_ids,
+                                    [h.item_id for h in history], [i.item_id for i in items])
+        for item in items:
+            if item.item_id not in links:
+                shared = _most_shared_genres(item, history)
+                if shared is not None:
+                    links[item.item_id] = Link(item.item_id, shared[0].item_id, "content", float(shared[1]))
+        return links
+
+    def _text(self, item: RankInput) -> str:
+        """An item in the prompt: its title, then its genres and year as words."""
+        facts = ", ".join(g.lower() for g in item.genres[:3])
+        year = f" from {item.year}" if item.year else ""
+        article = "an" if facts[:1] in ("a", "e", "i", "o", "u") else "a"
+        about = f", {article} {facts} film{year}" if facts else (f", a film{year}" if year else "")
+        return prompts.clean_text(f"{_label(item)}{about}", self.config.text_chars)
+
+    def requests(self, history: Sequence[RankInput], items: Sequence[RankInput],
+                 links: dict[str, Link]) -> list[tuple[RankInput, RankInput, Link, TextRequest]]:
+        """One prompt per item that has a link (items without one get a template reason)."""
+        tpl = prompts.load("explain_item", self.config.prompt)
+        by_id = {h.item_id: h for h in history}
+        shown = [{"text": _label(h)} for h in history[-self.config.history_items:]]
+        out = []
+        for item in items:
+            link = links.get(item.item_id)
+            evidence = by_id.get(link.evidence) if link is not None else None
+            if link is None or evidence is None:
+                continue
+            rendered = tpl.render(history=shown, item={"text": self._text(item)},
+                                  evidence={"text": self._text(evidence)}, link=LINK_WORDS[link.signal],
+                                  opening=f"You may enjoy {_label(item)} because, like {_label(evidence)}, it")
+            request = TextRequest(messages=rendered.messages, answer_prefix=rendered.answer_prefix,  # type: ignore[arg-type]
+                                  max_tokens=self.config.max_tokens, stop=("\n", ". ", "!", "?"))
+            out.append((item, evidence, link, request))
+        return out
+
+    def finish(self, prefix: str, continuation: str) -> str:
+        """The served sentence: the prefix and the model's words, one sentence, closed by a full stop."""
+        words = " ".join(continuation.split()).rstrip(" ,;:-")
+        text = f"{prefix} {words}".strip()
+        text = text if text.endswith((".", "!", "?")) else text + "."
+        return prompts.clean_text(text, self.config.reason_chars)
+
+    def check(self, history: Sequence[RankInput], item: RankInput, evidence: RankInput, text: str) -> str | None:
+        """The first failed code check of an LLM sentence (None when it passes)."""
+        facts = {h.item_id: _facts(h) for h in [*history, item]}
+        vocabulary = sorted({g for f in facts.values() for g in f.genres})
+        if self.index is not None:
+            vocabulary = list(self.index.catalog.all_genres)
+        found = xc.check_explanation([h.item_id for h in history], item.item_id, text, [evidence.item_id], facts,
+                                     vocabulary)
+        return f"{found[0].check}: {found[0].detail}" if found else None
+
+    def stream(self, history: Sequence[RankInput], items: Sequence[RankInput],
+               cancelled: Callable[[], bool] | None = None) -> Iterator[Reason]:
+        """Each item's reason as it is ready: template reasons for items without a link first, then LLM
+        sentences as the batch finishes them (checked; a failing one comes back as a template, flagged). Items
+        left when ``cancelled()`` turns true are not yielded (the caller fills them with :meth:`fill`)."""
+        links = self.links(history, items)
+        jobs = self.requests(history, items, links)
+        asked = {item.item_id for item, *_ in jobs}
+        for item in items:
+            if item.item_id not in asked:
+                reason, ids = template_reason(item, history, links.get(item.item_id))
+                yield Reason(item.item_id, reason, ids, "template")
+        if self.backend is None:
+            for item, _, link, _ in jobs:
+                reason, ids = template_reason(item, history, link)
+                yield Reason(item.item_id, reason, ids, "template")
+            return
+        requests = [request for *_, request in jobs]
+        for index, continuation in self.backend.complete_batch(requests, cancelled=cancelled):
+            item, evidence, link, request = jobs[index]
+            text = self.finish(request.answer_prefix, continuation)
+            failed = self.check(history, item, evidence, text)
+            if failed is None:
+                yield Reason(item.item_id, text, [evidence.item_id], "llm")
+            else:
+                reason, ids = template_reason(item, history, link)
+                yield Reason(item.item_id, reason, ids, "template", rejected=failed)
+
+    def fill(self, answer: RecommendationAnswer, history: Sequence[RankInput], candidates: Sequence[RankInput],
+             reasons: dict[str, Reason]) -> None:
+        """Put ``reasons`` on the answer's items; every item still without one gets a template reason."""
+        by_id = {c.item_id: c for c in candidates}
+        links: dict[str, Link] | None = None
+        for item in answer.items:
+            got = reasons.get(item.item_id)
+            if got is None:
+                if links is None:
+                    links = self.links(history, [by_id[i.item_id] for i in answer.items if i.item_id in by_id])
+                candidate = by_id.get(item.item_id)
+                if candidate is None:
+                    continue
+                text, evidence = template_reason(candidate, history, links.get(item.item_id))
+                got = Reason(item.item_id, text, evidence, "template")
+            item.reason, item.evidence, item.reason_source = got.reason, got.evidence, got.source
+        answer.reasons_llm = sum(i.reason_source == "llm" for i in answer.items)
+
+    def explain(self, answer: RecommendationAnswer, history: Sequence[RankInput], candidates: Sequence[RankInput],
+                cancelled: Callable[[], bool] | None = None) -> RecommendationAnswer:
+        """Reasons for every item of ``answer`` (in place); LLM failures and cancellation leave templates and say
+        so in ``answer.reason``."""
+        t0 = time.perf_counter()
+        by_id = {c.item_id: c for c in candidates}
+        items = [by_id[i.item_id] for i in answer.items if i.item_id in by_id]
+        reasons: dict[str, Reason] = {}
+        try:
+            for r in self.stream(history, items, cancelled):
+                reasons[r.item_id] = r
+        except Exception as exc:  # the LLM failed: templates fill in, and the answer says so
+            logger.warning("explain failed error=%s", exc)
+            note_degraded(answer, f"explanations: LLM failed ({type(exc).__name__}); templates used")
+        self.fill(answer, history, candidates, reasons)
+        missing = sum(1 for i in items if i.item_id not in reasons)
+        if missing and (cancelled is not None and cancelled()):
+            note_degraded(answer, f"explanations stopped: {missing} of {len(items)} reasons from templates")
+        answer.timings.explain_ms = round((time.perf_counter() - t0) * 1000, 2)
+        return answer
+
+
+def note_degraded(answer: RecommendationAnswer, why: str) -> None:
+    answer.degraded = True
+    answer.reason = why if not answer.reason else f"{answer.reason}; {why}"
+
+
+def _facts(item: RankInput) -> xc.ItemFacts:
+    return xc.make_facts({"item_id": item.item_id, "title": item.title, "genres": item.genres, "year": item.year})
+
+
+__all__ = ["ExplainConfig", "Explainer", "Reason", "template_reason"]

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import re
+import socket
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -374,8 +377,11 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
 
     @app.post("/v1/chat", response_model=ChatResponse, tags=["chat"], dependencies=guarded, responses=SSE_DOC)
     async def chat_route(req: ChatRequest, request: Request, rt: Runtime = Depends(get_runtime)) -> Any:
-        """One chat turn. With ``Accept: text/event-stream``: events ``token`` ({"text"}), then ``items``
-        ({"session_id", "items"}) and ``done`` (the whole answer)."""
+        """One chat turn. With ``Accept: text/event-stream``: events ``token`` ({"text"}) per reply piece, then
+        ``items`` ({"session_id", "items"}: the picks, with template reasons), then, when the LLM writes the
+        reasons, one ``reason`` ({"item_id", "rank", "reason", "evidence", "reason_source": "llm" | "template"})
+        per item as it is written, then ``done`` (the whole answer; its items carry the final reasons). A client
+        that disconnects cancels the reasons still being written."""
         if not wants_stream(request):
             return await rt.chat(req)
         stream = await primed(rt.chat_stream(req))
@@ -476,23 +482,42 @@ async def answer_events(
         yield sse(_stream_error(exc), "error")
 
 
-async def chat_events(stream: AsyncIterator[str | ChatResponse]) -> AsyncIterator[ServerSentEvent]:
+async def chat_events(stream: AsyncIterator[Any]) -> AsyncIterator[ServerSentEvent]:
+    """A chat turn (:meth:`Runtime.chat_stream`) as SSE: ``token`` ({"text"}) per reply piece; ``items``
+    ({"session_id", "items"}: the picks with template reasons, each item with ``reason_source``) once they are
+    ranked; ``reason`` ({"item_id", "rank", "reason", "evidence", "reason_source"}) per item as the LLM writes it
+    (or its template, when the LLM's sentence was refused or late; only when the LLM writes reasons); then
+    ``done`` (the whole answer, its items carrying the final reasons). A turn that streamed no ``items`` event
+    (no picks were ready before the answer) gets one just before ``done``."""
+    from agent.api_models import ChatItem
+    from agent.explain import Reason
+
+    ranks: dict[str, int] = {}
     try:
         async for piece in stream:
             if isinstance(piece, str):
                 yield sse(json.dumps({"text": piece}, ensure_ascii=False), "token")
-            else:
-                items = [i.model_dump(mode="json") for i in piece.items]
-                yield sse(
-                    json.dumps({"session_id": piece.session_id, "items": items}, ensure_ascii=False), "items"
-                )
+            elif isinstance(piece, Reason):
+                body = {"item_id": piece.item_id, "rank": ranks.get(piece.item_id), "reason": piece.reason,
+                        "evidence": piece.evidence, "reason_source": piece.source}
+                yield sse(json.dumps(body, ensure_ascii=False), "reason")
+            elif isinstance(piece, ChatResponse):
+                if not ranks:
+                    items = [i.model_dump(mode="json") for i in piece.items]
+                    yield sse(
+                        json.dumps({"session_id": piece.session_id, "items": items}, ensure_ascii=False), "items"
+                    )
                 yield sse(piece.model_dump_json(), "done")
+            else:  # the items, ranked, with template reasons (agent.chat.models.TurnItems)
+                ranks = {i.item_id: n for n, i in enumerate(piece.items, 1)}
+                items = [ChatItem.model_validate(i.model_dump()).model_dump(mode="json") for i in piece.items]
+                yield sse(json.dumps({"session_id": piece.session_id, "items": items}, ensure_ascii=False), "items")
     except Exception as exc:
         yield sse(_stream_error(exc), "error")
 
 
 async def completion_events(
-    stream: AsyncIterator[str | ChatResponse],
+    stream: AsyncIterator[Any],
     rt: Runtime,
     model: str,
     message: str,
@@ -516,7 +541,7 @@ async def completion_events(
         async for piece in stream:
             if isinstance(piece, str):
                 yield chunk({"content": piece})
-            else:
+            elif isinstance(piece, ChatResponse):  # the items and reasons come with it (``recommendations``)
                 full = rt.completion_response(piece, model, message)
                 yield chunk(
                     {},
@@ -614,6 +639,39 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     for noisy in ("httpx", "chromadb", "sentence_transformers", "transformers", "urllib3", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    import httpx
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        time.sleep(0.05)
+    else:
+        raise RuntimeError("uvicorn did not start")
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def run(settings: Settings) -> None:

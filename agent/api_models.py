@@ -130,6 +130,9 @@ class ChatItem(BaseModel):
     genres: list[str] = Field(default_factory=list)
     year: int | None = None
     score: float | None = None
+    reason_source: Literal["llm", "template"] | None = Field(
+        default=None, description="who wrote the reason: the LLM (checked against the metadata) or a template"
+    )
 
 
 class ChatResponse(BaseModel):
@@ -225,8 +228,12 @@ class Readiness(BaseModel):
     ready: bool
     catalog: str
     index: bool
-    llm: bool
+    llm: bool = Field(description="the LLM is loaded and, for a remote server, its circuit is not open")
     llm_required: bool
+    llm_state: str | None = Field(default=None, description="in-process, or a remote server's circuit breaker: "
+                                  "closed (healthy), open (failing: answers degrade at once), half_open (probing)")
+    llm_health: dict[str, Any] = Field(default_factory=dict, description="the breaker's failures, last error and "
+                                       "when it retries (remote LLM only)")
     model: str | None = None
     chat: bool
     queue_depth: int = 0

@@ -34,13 +34,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 ReasonSource = Literal["llm", "template"]
-LINK_WORDS = {"cf": "people who watched it often watch the recommended film too", "content": "similar in content"}
+DANGLING = {"from", "in", "of", "and", "with", "the", "a", "an", "to", "by", "for", "that", "released", "made"}
+LINK_WORDS = {"cf": "watched by the same people", "content": "similar in content"}
 
 
 class ExplainConfig(BaseModel):
     prompt: str = Field(default="v1", description="version of prompts/explain_item.*.jinja")
-    max_tokens: int = Field(default=28, ge=4, le=128, description="tokens one sentence may take")
-    history_items: int = Field(default=8, ge=1, description="latest history items shown in the prompt")
+    max_tokens: int = Field(default=8, ge=4, le=128, description="tokens the model may add to one sentence")
+    first_batch: int = Field(default=1, ge=0, description="the top items decoded first on their own, so that the "
+                             "first reason arrives early; the rest follow as one batch")
     text_chars: int = Field(default=80, ge=10, description="item text cut to this many characters in prompts")
     reason_chars: int = Field(default=220, ge=40, description="longest reason served")
 
@@ -124,28 +126,36 @@ class Explainer:
 
     def requests(self, history: Sequence[RankInput], items: Sequence[RankInput],
                  links: dict[str, Link]) -> list[tuple[RankInput, RankInput, Link, TextRequest]]:
-        """One prompt per item that has a link (items without one get a template reason)."""
+        """One prompt per item that has a link (items without one get a template reason): the static
+        instructions (their KV cache is kept between calls), then the item and its linked history item. Decoding
+        never writes digits nor genre words the item lacks."""
         tpl = prompts.load("explain_item", self.config.prompt)
         by_id = {h.item_id: h for h in history}
-        shown = [{"text": _label(h)} for h in history[-self.config.history_items:]]
+        vocabulary = list(self.index.catalog.all_genres) if self.index is not None else []
         out = []
         for item in items:
             link = links.get(item.item_id)
             evidence = by_id.get(link.evidence) if link is not None else None
             if link is None or evidence is None:
                 continue
-            rendered = tpl.render(history=shown, item={"text": self._text(item)},
-                                  evidence={"text": self._text(evidence)}, link=LINK_WORDS[link.signal],
+            rendered = tpl.render(item={"text": self._text(item)}, evidence={"text": self._text(evidence)},
+                                  link=LINK_WORDS[link.signal],
                                   opening=f"You may enjoy {_label(item)} because, like {_label(evidence)}, it")
+            wrong = sorted({w for g in vocabulary or item.genres if g not in item.genres for w in xc.genre_words(g)})
             request = TextRequest(messages=rendered.messages, answer_prefix=rendered.answer_prefix,  # type: ignore[arg-type]
-                                  max_tokens=self.config.max_tokens, stop=("\n", ". ", "!", "?"))
+                                  max_tokens=self.config.max_tokens, stop=("\n", ". ", "!", "?", ","),
+                                  banned=tuple(wrong), no_digits=True)
             out.append((item, evidence, link, request))
         return out
 
     def finish(self, prefix: str, continuation: str) -> str:
-        """The served sentence: the prefix and the model's words, one sentence, closed by a full stop."""
+        """The served sentence: the prefix and the model's words, one sentence, closed by a full stop (a
+        dangling last word, such as "from" before a year the model may not write, is dropped)."""
         words = " ".join(continuation.split()).rstrip(" ,;:-")
-        text = f"{prefix} {words}".strip()
+        while words.split() and words.split()[-1].lower() in DANGLING:
+            words = words.rsplit(" ", 1)[0] if " " in words else ""
+        glue = "" if words.startswith(("'", ",")) else " "
+        text = f"{prefix}{glue}{words}".strip()
         text = text if text.endswith((".", "!", "?")) else text + "."
         return prompts.clean_text(text, self.config.reason_chars)
 
@@ -176,6 +186,15 @@ class Explainer:
                 reason, ids = template_reason(item, history, link)
                 yield Reason(item.item_id, reason, ids, "template")
             return
+        stages = [jobs[: self.config.first_batch], jobs[self.config.first_batch:]]
+        for stage in (s for s in stages if s):
+            if cancelled is not None and cancelled():
+                return
+            yield from self._decode(history, stage, cancelled)
+
+    def _decode(self, history: Sequence[RankInput], jobs: Sequence[tuple[RankInput, RankInput, Link, TextRequest]],
+                cancelled: Callable[[], bool] | None) -> Iterator[Reason]:
+        assert self.backend is not None
         requests = [request for *_, request in jobs]
         for index, continuation in self.backend.complete_batch(requests, cancelled=cancelled):
             item, evidence, link, request = jobs[index]

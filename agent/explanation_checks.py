@@ -102,6 +102,17 @@ def strip_titles(reason: str, titles: Iterable[str]) -> str:
     return text
 
 
+def genre_words(genre: str) -> list[str]:
+    """Plain words that claim ``genre`` (the literal ones among :data:`GENRE_WORDS`, and the genre's own name):
+    what a generator must not write about an item without that genre."""
+    g = genre.lower()
+    words = {g, *(p for p in GENRE_WORDS.get(g, ()) if re.fullmatch(r"[a-z' -]+", p))}
+    words |= {"animated"} if g == "animation" else {"romantic"} if g == "romance" else set()
+    words |= {"dramatic"} if g == "drama" else {"comedic", "comedies"} if g == "comedy" else set()
+    words |= {"children", "kids"} if g == "children's" else {"sci"} if g == "sci-fi" else set()
+    return sorted(words)
+
+
 def genre_claims(text: str, vocabulary: Iterable[str]) -> set[str]:
     """Canonical (lower-case) genres the text names."""
     low = text.lower()

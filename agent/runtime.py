@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,7 +38,8 @@ from agent.api_models import (
     SearchHit,
     SearchResponse,
 )
-from agent.errors import InvalidRequestError, NotReadyError, PayloadTooLargeError
+from agent.errors import InvalidRequestError, NotReadyError, PayloadTooLargeError, QueueFullError
+from agent.explain import Reason
 from agent.llm.base import LLMBackend, LLMError
 from agent.llm.batching import BatchingBackend
 from agent.metrics import Metrics
@@ -48,6 +51,7 @@ from retrieval.filters import Filters
 
 if TYPE_CHECKING:
     from agent.chat.agent import ChatAgent
+    from agent.chat.models import TurnItems
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -300,75 +304,114 @@ class Runtime:
 
     @staticmethod
     def _session(agent: ChatAgent, req: ChatRequest, replay: Sequence[str]) -> str | None:
-        """The session ``req`` continues: its own, or a new one that has answered ``replay`` (replies dropped)."""
+        """The session ``req`` continues: its own, or a new one that has answered ``replay`` (replies dropped, so
+        their reasons are templates: no LLM sentences are written for them)."""
         session = req.session_id
         for message in replay:
-            session = agent.respond(session, message, user_id=req.user_id).session_id
+            session = agent.respond(session, message, user_id=req.user_id, explain=False).session_id
         return session
 
     async def chat(self, req: ChatRequest, replay: Sequence[str] = ()) -> ChatResponse:
-        """One chat turn; ``replay`` (user messages, oldest first) is sent to a new session first."""
-        agent = self._agent()
-        future = self.queue.submit(
-            lambda: agent.respond(self._session(agent, req, replay), req.message, user_id=req.user_id)
-        )
-        try:
-            turn = await asyncio.wait_for(asyncio.shield(future), timeout=self.settings.chat_deadline_s)
-        except TimeoutError:
-            return self._degraded_chat(
-                req.session_id, f"deadline exceeded ({self.settings.chat_deadline_s:g}s)"
-            )
-        except LLMError as exc:
-            return self._degraded_chat(req.session_id, f"LLM failed: {exc}"[:300])
-        response = self._chat_response(turn)
-        if response.degraded:
-            self.metrics.degraded.labels(route="chat", cause="agent").inc()
+        """One chat turn; ``replay`` (user messages, oldest first) is sent to a new session first. The turn runs
+        as :meth:`chat_stream` does (same lanes and deadlines); only its final answer is returned."""
+        response: ChatResponse | None = None
+        async for piece in self.chat_stream(req, replay):
+            if isinstance(piece, ChatResponse):
+                response = piece
+        if response is None:  # cannot happen: a stream always ends with its answer
+            return self._degraded_chat(req.session_id, "the chat turn ended without an answer")
         return response
 
     async def chat_stream(
         self, req: ChatRequest, replay: Sequence[str] = ()
-    ) -> AsyncIterator[str | ChatResponse]:
-        """Reply pieces, then the final :class:`ChatResponse` (``replay`` as in :meth:`chat`). Errors before the
+    ) -> AsyncIterator[str | TurnItems | Reason | ChatResponse]:
+        """The turn as it is made (``replay`` as in :meth:`chat`): reply pieces (str), the items with template
+        reasons (:class:`~agent.chat.models.TurnItems`), one final :class:`~agent.explain.Reason` per item as the
+        LLM writes it, then the final :class:`ChatResponse` (its items carry the final reasons). Errors before the
         first piece propagate (so the edge can answer 404/429); the caller should ``await anext()`` once before
-        starting a response."""
+        starting a response.
+
+        The turn is read and ranked on the score lane; once its items are out, the reasons are written on the
+        explain lane (as :mod:`agent.answers` does), so long generations never hold score work (a full explain
+        lane: the reasons stop at once and stay templates). Closing this iterator early (a client that
+        disconnects), or the chat deadline passing, cancels the reasons still being written; the session still
+        keeps the turn."""
+        from agent.chat.models import TurnItems
+
         agent = self._agent()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def post(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is gone (shutdown): nobody reads; finish the turn quickly
+                cancel.set()
+
+        def drain(events: Iterator[Any], handoff: bool) -> None:
+            try:
+                for piece in events:
+                    post("piece", piece)
+                    if handoff and isinstance(piece, TurnItems):  # the rest (the reasons) on the explain lane
+                        try:
+                            loop.call_soon_threadsafe(explain_lane, events)
+                        except RuntimeError:
+                            cancel.set()  # no loop to hand over to: the rest, templates only, right here
+                        else:
+                            return
+            except BaseException as exc:
+                post("error", exc)
+            else:
+                post("end", None)
+
+        def explain_lane(events: Iterator[Any]) -> None:
+            """On the event loop, whether or not anyone still reads the stream: the turn holds its session until
+            it is drained."""
+            rest = functools.partial(drain, events, False)
+            try:
+                self.explain_queue.submit(rest)
+            except QueueFullError:
+                logger.warning("explain queue full route=chat: the reasons stay templates")
+                cancel.set()
+                loop.run_in_executor(self.io, contextvars.copy_context().run, rest)
 
         def work() -> None:
             try:
                 session = self._session(agent, req, replay)
-                for piece in agent.respond_stream(session, req.message, user_id=req.user_id):
-                    loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
+                events = agent.respond_stream(session, req.message, user_id=req.user_id, cancelled=cancel.is_set)
             except BaseException as exc:
-                loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
+                post("error", exc)
             else:
-                loop.call_soon_threadsafe(pieces.put_nowait, ("end", None))
+                drain(events, handoff=True)
 
         self.queue.submit(work)
         until = time.monotonic() + self.settings.chat_deadline_s
-        while True:
-            try:
-                kind, value = await asyncio.wait_for(pieces.get(), timeout=max(0.0, until - time.monotonic()))
-            except TimeoutError:
-                yield self._degraded_chat(
-                    req.session_id, f"deadline exceeded ({self.settings.chat_deadline_s:g}s)"
-                )
-                return
-            if kind == "end":
-                return
-            if kind == "error":
-                if isinstance(value, LLMError):
-                    yield self._degraded_chat(req.session_id, f"LLM failed: {value}"[:300])
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(pieces.get(), timeout=max(0.0, until - time.monotonic()))
+                except TimeoutError:
+                    yield self._degraded_chat(
+                        req.session_id, f"deadline exceeded ({self.settings.chat_deadline_s:g}s)"
+                    )
                     return
-                raise value
-            if isinstance(value, str):
-                yield value
-            else:
-                response = self._chat_response(value)
-                if response.degraded:
-                    self.metrics.degraded.labels(route="chat", cause="agent").inc()
-                yield response
+                if kind == "end":
+                    return
+                if kind == "error":
+                    if isinstance(value, LLMError):
+                        yield self._degraded_chat(req.session_id, f"LLM failed: {value}"[:300])
+                        return
+                    raise value
+                if isinstance(value, str | TurnItems | Reason):
+                    yield value
+                else:
+                    response = self._chat_response(value)
+                    if response.degraded:
+                        self.metrics.degraded.labels(route="chat", cause="agent").inc()
+                    yield response
+        finally:
+            cancel.set()  # a closed stream or the deadline: the reasons still being written stop at the next step
 
     # -- OpenAI-compatible facade ----------------------------------------------------------------------------
     def completion_turn(self, req: ChatCompletionRequest) -> tuple[ChatRequest, list[str]]:
@@ -427,12 +470,16 @@ class Runtime:
     def readiness(self) -> Readiness:
         backend = self.service.backend
         llm_ok = backend is not None and self.service.reranker is not None
+        health: dict[str, Any] = backend.health() if backend is not None and hasattr(backend, "health") else {}
+        state = health.get("state") or ("in-process" if llm_ok else None)
         return Readiness(
             ready=(llm_ok or not self.settings.use_llm),
             catalog=self.catalog_name,
             index=True,
-            llm=llm_ok,
+            llm=llm_ok and state != "open",
             llm_required=self.settings.use_llm,
+            llm_state=state,
+            llm_health=health,
             model=backend.model_name if backend is not None else None,
             chat=self.chat_agent is not None,
             queue_depth=self.queue.depth + self.explain_queue.depth,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from cli.main import console, eval_app, guarded, out, print_json, setup, split_spec, ties_option
+from cli.main import console, eval_app, fail, guarded, out, print_json, setup, split_spec, ties_option
 from eval.machine import machine_line
 from retrieval.catalog import DEFAULT_CATALOG
 
@@ -290,3 +291,58 @@ def eval_speed(
         print_json(result)
     else:
         out.print("\n".join(md), markup=False, highlight=False)
+
+
+@eval_app.command("explain")
+def eval_explain(
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    users: int = typer.Option(50, "--users", min=1, help="test users explained in process"),
+    k: int = typer.Option(10, "-k", "--k", min=1, max=50, help="items explained per user"),
+    api_requests: int = typer.Option(50, "--api-requests", min=0, help="explain requests through the API"),
+    hol_requests: int = typer.Option(40, "--hol-requests", min=0, help="score requests timed alone and under "
+                                     "explain traffic"),
+    generate_users: int = typer.Option(20, "--generate-users", min=0, help="users for generate mode"),
+    baseline_users: int = typer.Option(3, "--baseline-users", min=0, help="users for the previous design (one "
+                                       "JSON document for the whole list), timed in the same run for a ratio"),
+    ties: str = ties_option(),
+    seed: int = typer.Option(0, "--seed", help="seeds the sampled test users and the tie order"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Explanations: seconds per user for the top-k, first-reason latency, LLM share and code checks; 0 answers
+    without reasons through the API; score latency under explain traffic (head-of-line); generate mode."""
+    setup()
+    spec = split_spec(ties, seed)
+    from agent.service import build_service
+    from eval import explain_bench as eb
+
+    service = guarded(lambda: build_service(catalog))
+    if service.reranker is None or service.backend is None:
+        fail("the explain benchmark needs the LLM (RECAGENT_LLM is 'none')")
+    assert service.backend is not None
+    cases = eb.sample_users(service, max(users, generate_users), spec)
+    result: dict[str, Any] = {"catalog": catalog, "split": spec.provenance(), "machine": machine_line(),
+                              "date": time.strftime("%Y-%m-%d"), "model": service.backend.model_name,
+                              "llm": os.environ.get("RECAGENT_LLM", "transformers"),
+                              "command": f"recagent eval explain --catalog {catalog} --users {users} -k {k} "
+                                         f"--api-requests {api_requests} --hol-requests {hol_requests} "
+                                         f"--generate-users {generate_users} --baseline-users {baseline_users} "
+                                         f"--ties {spec.ties} --seed {spec.seed}"}
+    result["explain"] = eb.explain_in_process(service, cases[:users], k)
+    if baseline_users:
+        result["baseline"] = eb.json_baseline(service, cases[:baseline_users], k)
+    if api_requests or hol_requests:
+        result.update(eb.through_api(service, [u for u, _ in cases], k, api_requests, max(hol_requests, 1),
+                                     lambda what: console.log(what)))
+    if generate_users:
+        result["generate"] = eb.generate_mode(service, cases[:generate_users], k)
+    REPORTS.mkdir(exist_ok=True)
+    stem = f"explain-{catalog}"
+    if "hol" in result:
+        eb.plot(result, REPORTS / f"{stem}.png")
+    (REPORTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    md = eb.markdown(result, f"{stem}.png" if "hol" in result else None)
+    (REPORTS / f"{stem}.md").write_text(md)
+    if as_json:
+        print_json(result)
+    else:
+        out.print(md, markup=False, highlight=False)

@@ -157,6 +157,8 @@ def recommend(
     query: str | None = typer.Option(None, "--query", help="free text describing what you want"),
     no_llm: bool = typer.Option(False, "--no-llm", help="retrieval only"),
     explain: bool = typer.Option(False, "--explain", help="LLM reasons and evidence for each pick"),
+    stream: bool = typer.Option(False, "--stream", help="with --explain: print the ranked list first, then "
+                                "each reason as it is written (with --json: one JSON event per line)"),
     mode: str = typer.Option("score", "--mode", help="score | generate"),
     catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document"),
@@ -165,6 +167,8 @@ def recommend(
     setup()
     if (user is None) == (history is None):
         fail("give exactly one of --user ID or --history ID,ID,...")
+    if stream and not explain:
+        fail("--stream streams the reasons: use it with --explain")
     if mode not in ("score", "generate"):
         fail(f"--mode '{mode}': choose score or generate")
     from agent.service import build_service
@@ -173,6 +177,11 @@ def recommend(
     service = guarded(lambda: build_service(catalog, use_llm=not no_llm))
     hist = parse_history(history) if history is not None else guarded(lambda: service.user_history(str(user)))
     filters = Filters(genres=genre) if genre else None
+    if stream:
+        ranked = guarded(lambda: service.rank(hist, k=k, filters=filters, query=query, use_llm=not no_llm,
+                                              mode=mode))  # type: ignore[arg-type]
+        stream_reasons(service, ranked, as_json)
+        return
     answer = guarded(lambda: service.recommend(hist, k=k, filters=filters, query=query, use_llm=not no_llm,
                                                explain=explain, mode=mode))  # type: ignore[arg-type]
     if as_json:
@@ -192,6 +201,37 @@ def recommend(
             row.append(item.reason or "")
         table.add_row(*row)
     out.print(table)
+
+
+def stream_reasons(service: Any, ranked: Any, as_json: bool) -> None:
+    """Print a ranked list, then each reason as the explainer writes it, then the timings."""
+    import time
+
+    t0 = time.perf_counter()
+    answer = ranked.answer
+    if as_json:
+        print(json.dumps({"event": "ranked", **answer.model_dump(mode="json")}, ensure_ascii=False), flush=True)
+    else:
+        for item in answer.items:
+            out.print(f"{item.rank:>2}. {item.title} [dim]({item.item_id})[/dim]")
+    ranks = {i.item_id: i for i in answer.items}
+    reasons = {}
+    for reason in service.reasons(ranked):
+        reasons[reason.item_id] = reason
+        ms = (time.perf_counter() - t0) * 1000
+        if as_json:
+            print(json.dumps({"event": "reason", "item_id": reason.item_id, "rank": ranks[reason.item_id].rank,
+                              "reason": reason.reason, "evidence": reason.evidence,
+                              "reason_source": reason.source, "ms": round(ms, 1)}, ensure_ascii=False), flush=True)
+        else:
+            out.print(f"  #{ranks[reason.item_id].rank} {reason.reason} [dim]({reason.source}, {ms:.0f} ms)[/dim]")
+    service.explainer.fill(answer, ranked.history, ranked.candidates, reasons)
+    answer.timings.explain_ms = round((time.perf_counter() - t0) * 1000, 2)
+    if as_json:
+        print(json.dumps({"event": "done", **answer.model_dump(mode="json")}, ensure_ascii=False), flush=True)
+    else:
+        out.print(f"{answer.reasons_llm} of {len(answer.items)} reasons written by the LLM; explained in "
+                  f"{answer.timings.explain_ms / 1000:.2f} s after the ranking")
 
 
 @app.command()

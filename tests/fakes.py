@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from agent.llm.base import ChatMessage, LLMBackend, LLMError, MarkerRequest, ScoreRequest
+from agent.llm.base import ChatMessage, LLMBackend, LLMError, MarkerRequest, ScoreRequest, TextRequest, cut_at_stop
 
 
 def _valid_instance(schema: dict[str, Any], salt: str = "") -> Any:
@@ -31,6 +31,10 @@ def _valid_instance(schema: dict[str, Any], salt: str = "") -> Any:
     if kind == "boolean":
         return False
     return None
+
+
+#: What :meth:`ScriptedBackend.complete` continues any prefix with (before stop strings and ``max_tokens`` cut it).
+SCRIPTED_SENTENCE = "it fits the films you watched most.\nSecond line."
 
 
 class ScriptedBackend(LLMBackend):
@@ -92,6 +96,13 @@ class ScriptedBackend(LLMBackend):
                     temperature: float = 0.0) -> Iterator[str]:
         self._maybe_fail("text")
         yield from ["Hello", " there", "."]
+
+    def complete(self, request: TextRequest) -> str:
+        """A short fixed sentence (then a second line), cut at the first stop string and at ``max_tokens`` words."""
+        self._maybe_fail("complete")
+        words = SCRIPTED_SENTENCE.split(" ")[: max(request.max_tokens, 0)]
+        self.usage.add("reason", 100, len(words))
+        return cut_at_stop(" ".join(words), request.stop)[0]
 
     def count_tokens(self, text: str) -> int:
         return max(1, len(text) // 4)

@@ -44,7 +44,9 @@ def test_chat_turns_keep_the_session(client: Any) -> None:
     body = r.json()
     assert body["session_id"] and body["reply"]
     assert body["items"] and all(i["reason"] for i in body["items"])
-    assert {"item_id", "title", "reason", "evidence", "genres", "year", "score"} <= set(body["items"][0])
+    fields = {"item_id", "title", "reason", "evidence", "genres", "year", "score", "reason_source"}
+    assert fields <= set(body["items"][0])
+    assert all(i["reason_source"] == "template" for i in body["items"])  # no LLM on this server
     again = client.post("/v1/chat", json={"session_id": body["session_id"], "message": "something else please"})
     assert again.status_code == 200 and again.json()["session_id"] == body["session_id"]
 
@@ -69,6 +71,39 @@ def test_chat_streams_tokens_then_items(client: Any) -> None:
     done = json.loads(events[-1][1])
     assert streamed.strip() == done["reply"].strip()
     assert json.loads(events[-2][1])["items"] == done["items"] and done["items"]
+
+
+def test_chat_streams_items_then_reasons_then_done(tiny_index: Index) -> None:
+    with make_client(tiny_index, backend=FakeBackend()) as c:
+        r = c.post("/v1/chat", json={"message": "I loved Star Voyager, what next?"},
+                   headers={"Accept": "text/event-stream"})
+        assert r.status_code == 200, r.text
+        events = sse_events(r.text)
+        names = [n for n, _ in events]
+        at = names.index("items")
+        shown = json.loads(events[at][1])["items"]
+        assert set(names[:at]) == {"token"} and names[at + 1:] == ["reason"] * len(shown) + ["done"], names
+        assert shown and all(i["reason"] and i["reason_source"] == "template" for i in shown)
+        reasons = [json.loads(d) for n, d in events if n == "reason"]
+        assert all(set(x) == {"item_id", "rank", "reason", "evidence", "reason_source"} for x in reasons)
+        assert [x["item_id"] for x in reasons] == [i["item_id"] for i in shown]
+        assert [x["rank"] for x in reasons] == list(range(1, len(shown) + 1))
+        done = json.loads(events[-1][1])
+        assert not done["degraded"], done["reason"]
+        assert [(i["item_id"], i["reason"], i["evidence"], i["reason_source"]) for i in done["items"]] == [
+            (x["item_id"], x["reason"], x["evidence"], x["reason_source"]) for x in reasons]
+        assert all(x["reason_source"] == "llm" and x["evidence"] == ["s1"] for x in reasons)
+        assert len({x["reason"] for x in reasons}) == len(reasons)  # one sentence per card, not one for all
+        why = c.post("/v1/chat", json={"session_id": done["session_id"], "message": "why the first one?"})
+        assert why.status_code == 200 and reasons[0]["reason"] in why.json()["reply"]
+        plain = c.post("/v1/chat", json={"message": "I loved Twelve Verdicts"}).json()
+        assert plain["items"] and all(i["reason_source"] == "llm" for i in plain["items"])
+        s = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "I loved Star Voyager"}],
+                                                 "stream": True})
+        chunks = sse_events(s.text)
+        assert chunks[-1][1] == "[DONE]"
+        last = json.loads(chunks[-2][1])
+        assert last["recommendations"] and all(i["reason_source"] == "llm" for i in last["recommendations"])
 
 
 def test_openai_completion(client: Any) -> None:

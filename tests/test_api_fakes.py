@@ -4,11 +4,8 @@ itself."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +16,7 @@ from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest, Text
 from agent.service import RecommenderService
 from agent.settings import Settings
 from retrieval.index import Index
+from serve import free_port, running_server  # noqa: F401 (re-exported for the tests)
 
 
 def instance(schema: dict[str, Any]) -> Any:
@@ -119,39 +117,6 @@ def make_client(tiny_index: Index, backend: LLMBackend | None = None, chat: bool
     if not chat:
         app.state.holder["runtime"].chat_agent = None
     return TestClient(app, raise_server_exceptions=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_server(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
-    import httpx
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        time.sleep(0.05)
-    else:
-        raise RuntimeError("uvicorn did not start")
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 # --- checks of the helpers ----------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+import prompts
 from agent.llm.base import LLMBackend
 from agent.llm.batching import BatchingBackend
 from agent.metrics import Metrics
@@ -50,6 +53,10 @@ def test_recommend_and_rerank_with_the_real_model(tiny_index: Index, real_backen
         body = r.json()
         assert r.status_code == 200 and not body["degraded"], body
         assert len(body["items"]) == 2 and all(i["reason"] for i in body["items"])
+        assert body["reasons_llm"] >= 1, body  # the catalogue item linked to the history: the LLM wrote it
+        llm = [i for i in body["items"] if i["reason_source"] == "llm"]
+        titles = [tiny_index.catalog.item(h)["title"] for h in ("s1", "s2")]
+        assert all(any(prompts.natural_title(t) in i["reason"] for t in titles) for i in llm), llm
         assert body["timings"]["llm_ms"] > 0
         assert 'recagent_llm_tokens_total{kind="prompt"}' in c.get("/metrics").text
 
@@ -92,3 +99,26 @@ def test_concurrent_requests_share_forward_passes(tiny_index: Index, real_backen
     sizes = metrics.registry.get_sample_value("recagent_llm_score_batch_size_sum")
     count = metrics.registry.get_sample_value("recagent_llm_score_batch_size_count")
     assert sizes is not None and count is not None and sizes / count > 1.0, (sizes, count)
+
+
+def test_score_passes_go_ahead_of_a_running_generation(real_backend: LLMBackend) -> None:
+    """While a long batch of reasons decodes, a score request waits at most one decoding step: it finishes
+    before the generation does (the decoding loop yields the model lock between steps)."""
+    from agent.llm.base import ScoreRequest, TextRequest
+
+    done: dict[str, float] = {}
+    requests = [TextRequest([{"role": "user", "content": f"Write a long story about film {i}."}], max_tokens=60,
+                            stop=("\n\n\n",)) for i in range(4)]
+
+    def generate() -> None:
+        list(real_backend.complete_batch(requests))
+        done["generation"] = time.monotonic()
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    time.sleep(1.0)  # the generation is decoding now
+    assert "generation" not in done, "the generation ended too soon to test anything"
+    real_backend.score_labels(ScoreRequest([{"role": "user", "content": "Pick A or B."}], "", ["A", "B"]))
+    done["score"] = time.monotonic()
+    thread.join()
+    assert done["score"] < done["generation"]

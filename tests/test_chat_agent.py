@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from agent.chat.agent import ChatAgent
 from agent.chat.config import ChatConfig
-from agent.chat.models import Turn
+from agent.chat.models import Turn, TurnItems
 from agent.chat.state import SessionNotFoundError, SessionStore
 from agent.llm.base import ChatMessage, LLMBackend, LLMError, ScoreRequest
 from agent.service import RecommenderService
@@ -139,11 +139,13 @@ def test_bad_input_keeps_state_and_never_raises(agent: ChatAgent, tiny_catalog: 
         assert "long" in turn.reply
 
 
-def test_stream_yields_reply_then_turn(agent: ChatAgent) -> None:
+def test_stream_yields_reply_then_items_then_turn(agent: ChatAgent) -> None:
     parts = list(agent.respond_stream(None, "I loved Star Voyager"))
     turn = parts[-1]
     assert isinstance(turn, Turn)
     assert "".join(p for p in parts[:-1] if isinstance(p, str)) == turn.reply
+    assert isinstance(parts[-2], TurnItems) and parts[-2].items == turn.items  # no LLM: no reason events
+    assert all(i.reason_source == "template" for i in turn.items)
 
 
 # --- the LLM seam -------------------------------------------------------------------------------------------

@@ -91,3 +91,19 @@ def test_table_output(tiny_catalog: Catalog) -> None:
     result = recommend(tiny_catalog, "--history", "a1,a2", "-k", "2")
     assert result.exit_code == 0, result.output
     assert "The Enchanted Forest" in result.stdout
+
+
+def test_streamed_reasons_as_json_events(tiny_catalog: Catalog) -> None:
+    result = recommend(tiny_catalog, "--user", "u2", "-k", "3", "--explain", "--stream", "--json")
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "ranked" and kinds[-1] == "done" and kinds.count("reason") == 3, kinds
+    done = events[-1]
+    assert all(i["reason"] and i["reason_source"] == "template" for i in done["items"])  # --no-llm: templates
+    assert {e["item_id"] for e in events if e["event"] == "reason"} == {i["item_id"] for i in done["items"]}
+
+
+def test_stream_needs_explain(tiny_catalog: Catalog) -> None:
+    result = recommend(tiny_catalog, "--user", "u2", "--stream")
+    assert result.exit_code == 2 and "--explain" in result.output

@@ -3,8 +3,12 @@ server."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -13,9 +17,17 @@ import httpx
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.llm.base import LLMError, MarkerRequest, ScoreRequest
+from agent.llm.base import LLMError, MarkerRequest, ScoreRequest, TextRequest, deadline_var
+from agent.llm.breaker import GuardedBackend
 from agent.llm.config import LLMConfig
-from agent.llm.openai_backend import MISSING_LOGPROB, OpenAIBackend, log_softmax
+from agent.llm.openai_backend import (
+    MISSING_LOGPROB,
+    LLMDeadlineError,
+    LLMOutputError,
+    LLMStatusError,
+    OpenAIBackend,
+    log_softmax,
+)
 from agent.llm.registry import make_backend
 from agent.llm.vllm_server import (
     MARKER_NAME,
@@ -88,10 +100,16 @@ def letters_request(n: int = 3, prefix: str = "Answer: ") -> ScoreRequest:
 
 
 def test_registry_builds_openai_backend_without_touching_the_network() -> None:
-    backend = make_backend(LLMConfig(backend="openai", url="http://127.0.0.1:1/v1"))
-    assert isinstance(backend, OpenAIBackend)
+    backend = make_backend(LLMConfig(backend="openai", url="http://127.0.0.1:1/v1", breaker_failures=5,
+                                     breaker_cooldown_s=2.5))
+    assert isinstance(backend, GuardedBackend) and isinstance(backend.inner, OpenAIBackend)
     assert backend.name == "openai"
-    assert backend.root_url == "http://127.0.0.1:1"
+    # what other code reads goes through the wrapper
+    assert backend.root_url == "http://127.0.0.1:1" and backend.base_url == "http://127.0.0.1:1/v1"
+    assert backend.config.url == "http://127.0.0.1:1/v1" and backend.usage is backend.inner.usage
+    assert callable(backend.label_token_id) and callable(backend.tokenize_chat)
+    assert (backend.breaker.failures_to_open, backend.breaker.cooldown_s) == (5, 2.5)
+    assert backend.health()["state"] == "closed"
     backend.close()
 
 
@@ -256,6 +274,184 @@ def test_count_tokens_uses_tokenize_then_falls_back_when_missing() -> None:
     assert plain.count_tokens("x" * 40) == 10
     assert plain.count_tokens("y" * 8) == 2
     assert len(seen) == 1  # the missing endpoint is remembered
+
+
+def chat_reply(content: str | None, finish: str = "stop") -> httpx.Response:
+    return httpx.Response(200, json={
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 50, "completion_tokens": 6, "prompt_tokens_details": {"cached_tokens": 48}}})
+
+
+def reason_request(prefix: str = "Because", stop: tuple[str, ...] = ("\n",), max_tokens: int = 16) -> TextRequest:
+    return TextRequest(messages=[{"role": "user", "content": "Why Aladdin?"}], answer_prefix=prefix,
+                       max_tokens=max_tokens, stop=stop)
+
+
+def test_complete_continues_the_answer_prefix_and_cuts_at_stop() -> None:
+    backend, seen = fake_backend(lambda r: chat_reply(" it is a musical.\nMore"), served_model="m")
+    text = backend.complete(reason_request(stop=("\n", "END")))
+    assert text == " it is a musical."  # a server that ignored `stop` is cut here too
+    chat = body_of(seen[-1])
+    assert chat["messages"] == [{"role": "user", "content": "Why Aladdin?"},
+                                {"role": "assistant", "content": "Because"}]
+    assert chat["continue_final_message"] is True and chat["add_generation_prompt"] is False
+    assert (chat["max_tokens"], chat["temperature"], chat["stop"], chat["model"]) == (16, 0.0, ["\n", "END"], "m")
+    assert backend.usage.by_kind == {"reason": 1}
+    assert (backend.usage.prompt_tokens, backend.usage.cached_prompt_tokens) == (50, 48)
+
+
+def test_complete_without_prefix_opens_the_assistant_turn_and_accepts_an_empty_answer() -> None:
+    backend, seen = fake_backend(lambda r: chat_reply(None), served_model="m")
+    assert backend.complete(reason_request(prefix="", stop=())) == ""
+    chat = body_of(seen[-1])
+    assert chat["messages"][-1]["role"] == "user" and "continue_final_message" not in chat and "stop" not in chat
+    broken, _ = fake_backend(lambda r: httpx.Response(200, json={"choices": [{"message": {}}]}), served_model="m")
+    with pytest.raises(LLMOutputError, match="no message content"):
+        broken.complete(reason_request())
+
+
+def slow_by_prefix(delays: dict[str, float]) -> Handler:
+    """Chat completions that answer ``<prefix>!`` after the prefix's delay (so completion order is known)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        prefix = body_of(request)["messages"][-1]["content"]
+        time.sleep(delays.get(prefix, 0.0))
+        if prefix == "fail":
+            return httpx.Response(503, json={"error": {"message": "engine overloaded"}})
+        return chat_reply(f"{prefix}!")
+
+    return handler
+
+
+def test_complete_batch_yields_each_answer_as_it_completes() -> None:
+    backend, seen = fake_backend(slow_by_prefix({"a": 0.6, "b": 0.0, "c": 0.3}), served_model="m")
+    started = time.monotonic()
+    arrivals: list[tuple[int, str, float]] = []
+    for i, text in backend.complete_batch([reason_request(p) for p in "abc"]):
+        arrivals.append((i, text, time.monotonic() - started))
+    assert [(i, t) for i, t, _ in arrivals] == [(1, "b!"), (2, "c!"), (0, "a!")]
+    assert arrivals[0][2] < 0.25  # the quick one did not wait for the slow ones
+    assert arrivals[-1][2] < 1.0  # sent concurrently: about the slowest, not the sum
+    assert len(seen) == 3 and backend.usage.by_kind == {"reason": 3}
+    assert list(backend.complete_batch([])) == []
+    assert list(backend.complete_batch([reason_request("z")])) == [(0, "z!")]
+
+
+def test_complete_batch_stops_when_cancelled() -> None:
+    backend, seen = fake_backend(slow_by_prefix({"a": 0.0, "b": 1.5, "c": 1.5}), served_model="m")
+    stop = threading.Event()
+    started = time.monotonic()
+    got = []
+    for i, text in backend.complete_batch([reason_request(p) for p in "abc"], cancelled=stop.is_set):
+        got.append((i, text))
+        stop.set()
+    assert got == [(0, "a!")]
+    assert time.monotonic() - started < 0.8  # did not wait for the slow ones
+    assert list(backend.complete_batch([reason_request("a")], cancelled=lambda: True)) == []
+
+
+def test_complete_batch_raises_the_first_failure() -> None:
+    backend, _ = fake_backend(slow_by_prefix({"a": 0.5}), served_model="m")
+    with pytest.raises(LLMStatusError, match="HTTP 503.*engine overloaded"):
+        list(backend.complete_batch([reason_request(p) for p in ("a", "fail")]))
+
+
+def timeouts_seen(seen: list[httpx.Request]) -> list[float]:
+    return [r.extensions["timeout"]["read"] for r in seen]
+
+
+def test_timeouts_follow_the_requests_deadline() -> None:
+    backend, seen = fake_backend(vllm_like(top={"A": -0.1, "B": -2.0}), timeout_s=30)
+    backend.score_labels(letters_request(2))
+    assert timeouts_seen(seen) == [30, 30, 30, 30]  # /v1/models, two /tokenize, the completion
+    seen.clear()
+    token = deadline_var.set(time.monotonic() + 2.0)
+    try:
+        backend.score_labels(letters_request(2))
+        backend.complete(reason_request())
+        list(backend.stream_text([{"role": "user", "content": "hi"}]))
+        backend.score_labels_batch([letters_request(2), letters_request(2)])  # worker threads get the deadline
+        assert len(list(backend.complete_batch([reason_request("a"), reason_request("b")]))) == 2
+    finally:
+        deadline_var.reset(token)
+    assert len(seen) == 1 + 1 + 1 + 2 + 2 and all(1.5 < t <= 2.0 for t in timeouts_seen(seen))
+    seen.clear()
+    token = deadline_var.set(time.monotonic() + 60)  # a deadline further than the timeout does not lengthen it
+    try:
+        backend.complete(reason_request())
+    finally:
+        deadline_var.reset(token)
+    assert timeouts_seen(seen) == [30]
+
+
+def test_a_passed_deadline_fails_at_once_without_sending() -> None:
+    backend, seen = fake_backend(vllm_like(), served_model="m")
+    token = deadline_var.set(time.monotonic() - 0.1)
+    try:
+        with pytest.raises(LLMDeadlineError, match="deadline passed"):
+            backend.complete(reason_request())
+        with pytest.raises(LLMDeadlineError, match="deadline passed"):
+            list(backend.stream_text([{"role": "user", "content": "hi"}]))
+    finally:
+        deadline_var.reset(token)
+    assert seen == []
+
+
+@contextlib.contextmanager
+def silent_server(delay: float) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 that accepts every request and answers only after ``delay`` seconds."""
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            time.sleep(delay)
+            with contextlib.suppress(OSError):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_silent_server_fails_the_call_at_its_deadline_not_at_the_configured_timeout() -> None:
+    with silent_server(delay=4.0) as url:
+        backend = OpenAIBackend(LLMConfig(backend="openai", url=url, timeout_s=30, served_model="m"))
+        token = deadline_var.set(time.monotonic() + 1.0)
+        started = time.monotonic()
+        try:
+            with pytest.raises(LLMError, match=r"timed out after [01]\.\d+s \(the request's deadline; "
+                                               r"RECAGENT_LLM_TIMEOUT is 30s\)"):
+                backend.complete(reason_request())
+        finally:
+            deadline_var.reset(token)
+        assert time.monotonic() - started < 1.5
+        short = OpenAIBackend(LLMConfig(backend="openai", url=url, timeout_s=0.5, served_model="m"))
+        started = time.monotonic()
+        with pytest.raises(LLMError, match=r"timed out after 0\.5s \(RECAGENT_LLM_TIMEOUT\)"):
+            short.complete(reason_request())
+        assert time.monotonic() - started < 1.0
+        backend.close()
+        short.close()
+
+
+def test_which_errors_count_against_the_server() -> None:
+    assert LLMStatusError("x", 503).server_fault is True
+    assert LLMStatusError("x", 429).server_fault is True
+    assert LLMStatusError("x", 400).server_fault is False
+    assert LLMOutputError("x").server_fault is False
+    assert LLMDeadlineError("x").server_fault is None
 
 
 MARKER = " §"
@@ -538,6 +734,21 @@ def test_live_stream_text_and_count_tokens(live: OpenAIBackend) -> None:
     assert live.usage.by_kind.get("text") == 1 and live.usage.completion_tokens > 0
     assert live.count_tokens("Hello world, how are you?") > 0
     assert live.label_token_id("A") != live.label_token_id("B")
+
+
+@pytest.mark.vllm
+def test_live_complete_continues_the_answer_prefix(live: OpenAIBackend) -> None:
+    request = TextRequest(messages=MOVIES, answer_prefix="Answer: B. Aladdin, because", max_tokens=24,  # type: ignore[arg-type]
+                          stop=("\n", "."))
+    text = live.complete(request)
+    assert text.strip() and "\n" not in text and "." not in text and not text.startswith("Answer")
+    assert live.complete(request) == text  # greedy
+    assert live.usage.by_kind == {"reason": 2} and live.usage.completion_tokens > 0
+    short = TextRequest(messages=MOVIES, answer_prefix="Answer:", max_tokens=1, stop=())  # type: ignore[arg-type]
+    done = dict(live.complete_batch([request, short, request]))
+    assert sorted(done) == [0, 1, 2] and done[0].strip() and done[2].strip()
+    assert 0 < len(done[1]) <= 12  # one token
+    assert live.usage.by_kind == {"reason": 5}
 
 
 @pytest.mark.vllm

@@ -4,6 +4,12 @@ Each turn: clean the message, read it (rules + LLM intent), resolve titles to ca
 session (likes, dislikes, rejections, constraints), then recommend from the session (liked items as the
 history, mood text as the query, constraints as filters) or answer a question from metadata. Nothing here
 depends on a particular model: the LLM is reached only through ``LLMBackend``.
+
+Reasons: every item first gets a template reason naming its own evidence (the liked item the system's signals tie
+to it, :mod:`retrieval.evidence`); with the LLM on (``ChatConfig.llm_explain``), the explainer
+(:mod:`agent.explain`) then writes one sentence per item, all decoded as one batch, and each replaces its
+template once it passes the metadata checks. :meth:`ChatAgent.respond_stream` streams them as they come; reasons
+not written by the turn's deadline (or when the consumer goes away) stay templates, and the turn says so.
 """
 
 from __future__ import annotations
@@ -13,24 +19,35 @@ import re
 import statistics
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import prompts
 from agent.chat import reply as rp
 from agent.chat.config import ChatConfig
 from agent.chat.intent import GenreLexicon, Intent, LLMIntent, llm_intent, merge, parse_rules
-from agent.chat.models import ChatItem, PendingChoice, SessionState, Turn, TurnRecord
+from agent.chat.models import ChatItem, PendingChoice, SessionState, Turn, TurnItems, TurnRecord
 from agent.chat.state import SessionNotFoundError, SessionStore, valid_session_id
 from agent.chat.titles import Resolution, TitleResolver, normalise_title
-from agent.schemas import RecommendationAnswer
-from agent.service import RecommenderService, UnknownUserError
+from agent.explain import Reason
+from agent.service import Ranked, RecommenderService, UnknownUserError
 from retrieval.filters import Filters
 
 logger = logging.getLogger(__name__)
 _SPLIT_AND = re.compile(r"\s+(?:and|&|or|y|et|und)\s+", re.I)
 _ALSO = re.compile(r"\b(also|too|as well|and|plus)\b", re.I)
+_ORDINALS = {"first": 0, "second": 1, "third": 2, "fourth": 3, "fifth": 4, "sixth": 5, "seventh": 6,
+             "eighth": 7, "ninth": 8, "tenth": 9, "last": -1}
+_ORDINAL = re.compile(
+    r"^(?:is\s+)?(?:the\s+)?(?:(?P<word>" + "|".join(_ORDINALS) + r")|(?:number\s+|#)?(?P<n>\d{1,2})(?:st|nd|rd|th)?)"
+    r"(?:\s+(?:one|pick|film|movie|suggestion))?$",
+    re.I,
+)
+
+#: What :meth:`ChatAgent.respond_stream` yields: reply chunks (str), the items with their template reasons
+#: (:class:`TurnItems`), each item's final reason (:class:`agent.explain.Reason`), then the :class:`Turn`.
+ChatEvent = str | TurnItems | Reason | Turn
 
 
 @dataclass
@@ -39,6 +56,16 @@ class _Notes:
 
     lines: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Reasons:
+    """A turn's reasons still to be written by the LLM: the ranked list they rest on, the turn's items (template
+    reasons until replaced) and the turn's deadline."""
+
+    ranked: Ranked
+    items: list[ChatItem]
+    deadline: float
 
 
 class ChatAgent:
@@ -67,14 +94,40 @@ class ChatAgent:
             )
         return self._resolver
 
-    def respond(self, session_id: str | None, message: str, user_id: str | None = None) -> Turn:
-        """One turn. Raises only SessionNotFoundError (an explicit unknown or expired ``session_id``)."""
+    def respond(self, session_id: str | None, message: str, user_id: str | None = None,
+                cancelled: Callable[[], bool] | None = None, explain: bool = True) -> Turn:
+        """One turn, its items' reasons written. Raises only SessionNotFoundError (an explicit unknown or expired
+        ``session_id``). ``explain`` False: template reasons only (no LLM sentences this turn)."""
+        turn: Turn | None = None
+        for event in self._run(session_id, message, user_id, cancelled, explain, stream=False):
+            if isinstance(event, Turn):
+                turn = event
+        assert turn is not None
+        return turn
+
+    def respond_stream(self, session_id: str | None, message: str, user_id: str | None = None,
+                       cancelled: Callable[[], bool] | None = None, explain: bool = True) -> Iterator[ChatEvent]:
+        """The turn as events (:data:`ChatEvent`): the reply in word chunks (composed first, then streamed); the
+        items (:class:`TurnItems`) with template reasons, when the turn has items; one final :class:`Reason` per
+        item as the LLM writes it (``source`` "llm"), or its template when the LLM's sentence failed a check or was
+        not written in time (``source`` "template"); then the :class:`Turn`, whose items carry the final reasons.
+        The session (with the final reasons) is saved before the Turn is yielded.
+
+        ``cancelled()`` true (the consumer went away): the reasons still being written stop at the next decoding
+        step and their items keep their templates. Without the LLM (or ``explain`` False) no reasons are
+        written and no :class:`Reason` events come."""
+        yield from self._run(session_id, message, user_id, cancelled, explain, stream=True)
+
+    def _run(self, session_id: str | None, message: str, user_id: str | None,
+             cancelled: Callable[[], bool] | None, explain: bool, stream: bool) -> Iterator[ChatEvent]:
         t0 = time.perf_counter()
         state, notes = self._load(session_id, user_id)
         with self._lock(state.session_id):
             before = state.model_copy(deep=True)
+            job: _Reasons | None = None
             try:
-                turn = self._turn(state, message if isinstance(message, str) else str(message), notes)
+                turn, job = self._turn(state, message if isinstance(message, str) else str(message), notes,
+                                       explain)
             except Exception as exc:  # never let a turn crash the conversation; the session stays as it was
                 logger.exception("chat turn failed session=%s error=%s", state.session_id, exc)
                 state = before
@@ -88,23 +141,28 @@ class ChatAgent:
                 state.turns.append(
                     TurnRecord(user=prompts.clean_text(message, 500), reply=turn.reply, kind="error", at=time.time())
                 )
-            state.turns = state.turns[-self.config.max_turns_kept :]
-            self.store.save(state)
+            try:
+                if stream:
+                    yield from rp.chunks(turn.reply, self.config.stream_chunk_words)
+                    if turn.items:
+                        yield TurnItems(session_id=turn.session_id, items=[i.model_copy(deep=True) for i in turn.items])
+                if job is not None:
+                    for reason in self._write_reasons(state, turn, job, cancelled):
+                        if stream:
+                            yield reason
+            finally:  # also when the consumer closes the stream early: the session keeps what was decided
+                state.turns = state.turns[-self.config.max_turns_kept :]
+                self.store.save(state)
         logger.info(
-            "chat turn session=%s kind=%s decided_by=%s items=%d degraded=%s ms=%.0f",
+            "chat turn session=%s kind=%s decided_by=%s items=%d llm_reasons=%d degraded=%s ms=%.0f",
             turn.session_id,
             (turn.intent or {}).get("kind"),
             turn.decided_by,
             len(turn.items),
+            sum(i.reason_source == "llm" for i in turn.items),
             turn.degraded,
             (time.perf_counter() - t0) * 1000,
         )
-        return turn
-
-    def respond_stream(self, session_id: str | None, message: str, user_id: str | None = None) -> Iterator[str | Turn]:
-        """The reply in word chunks, then the Turn (the reply is composed first, then streamed)."""
-        turn = self.respond(session_id, message, user_id=user_id)
-        yield from rp.chunks(turn.reply, self.config.stream_chunk_words)
         yield turn
 
     # --- sessions ----------------------------------------------------------------------
@@ -184,7 +242,7 @@ class ChatAgent:
         )
         return intent, decided_by
 
-    def _turn(self, state: SessionState, raw: str, notes: _Notes) -> Turn:
+    def _turn(self, state: SessionState, raw: str, notes: _Notes, explain: bool = True) -> tuple[Turn, _Reasons | None]:
         message = self._clean(raw, notes)
         resolved: dict[str, list[str]] = {}
         if state.pending is not None and (choice := self._pending_choice(state, message)) is not None:
@@ -194,6 +252,7 @@ class ChatAgent:
             state.pending = None
             intent, decided_by = self._read(state, message, notes)
         items: list[ChatItem] = []
+        job: _Reasons | None = None
         degraded_reasons = list(notes.degraded)
         if intent.kind == "empty":
             text = rp.EMPTY
@@ -205,7 +264,7 @@ class ChatAgent:
             text = self._answer(state, intent, resolved)
         else:
             self._update(state, intent, message, notes, resolved)
-            text, items, why_degraded = self._recommend(state, notes)
+            text, items, why_degraded, job = self._recommend(state, notes, explain)
             if why_degraded:
                 degraded_reasons.append(why_degraded)
         reply = " ".join([*notes.lines, text]).strip()
@@ -224,7 +283,7 @@ class ChatAgent:
                 at=time.time(),
             )
         )
-        return Turn(
+        turn = Turn(
             session_id=state.session_id,
             reply=reply,
             items=items,
@@ -233,6 +292,7 @@ class ChatAgent:
             intent=intent_out,
             decided_by=decided_by,
         )
+        return turn, job
 
     # --- titles ----------------------------------------------------------------------
     def _resolve_segment(self, segment: str, prefer: list[str] | None = None) -> list[Resolution]:
@@ -378,7 +438,13 @@ class ChatAgent:
         )
 
     def _answer(self, state: SessionState, intent: Intent, resolved: dict[str, list[str]]) -> str:
-        if intent.target:
+        ordinal = _ORDINAL.match(intent.target.strip()) if intent.target else None
+        if ordinal is not None and state.last_items:  # "why the second one?": a position in the last list
+            n = _ORDINALS[ordinal["word"].lower()] if ordinal["word"] else int(ordinal["n"]) - 1
+            if not -len(state.last_items) <= n < len(state.last_items):
+                return f"I only suggested {len(state.last_items)} this time."
+            target = state.last_items[n]
+        elif intent.target:
             res = self.resolver.resolve(intent.target, prefer=state.last_items + state.recommended)
             if res.item_id is None:
                 return f'I couldn\'t find "{prompts.clean_text(intent.target, 60)}" in the catalogue.'
@@ -394,38 +460,44 @@ class ChatAgent:
         if intent.kind == "about":
             return rp.about_answer(facts)
         likes = [self.facts(i) for i in state.liked]
-        text = rp.why_answer(facts, state.reasons.get(target), likes, set(state.liked) - set(state.seeded))
-        if not rp.claims_hold(text, [facts, *likes], self.catalog.all_genres):  # cannot happen by construction
+        given = state.reasons.get(target)
+        text = rp.why_answer(facts, given, likes, set(state.liked) - set(state.seeded))
+        # the stored reason passed its checks when it was given (templates by construction, LLM sentences by the
+        # explainer's and this agent's checks); what is composed now is checked here
+        if not rp.claims_hold(text.replace(given, " ") if given else text, [facts, *likes], self.catalog.all_genres):
             logger.error("why answer failed the metadata check session=%s item=%s", state.session_id, target)
             return f"{facts.label} is {rp.join_words(facts.genres)}."
         return text
 
-    def _recommend(self, state: SessionState, notes: _Notes) -> tuple[str, list[ChatItem], str | None]:
+    def _recommend(
+        self, state: SessionState, notes: _Notes, explain: bool = True
+    ) -> tuple[str, list[ChatItem], str | None, _Reasons | None]:
+        """The picks with template reasons, and the reasons the LLM is still to write (None without the LLM)."""
         c = state.constraints
         filters = Filters(genres=c.genres, exclude_genres=c.exclude_genres, year_min=c.year_min, year_max=c.year_max)
         query = " ".join(x for x in [c.mood, *c.genres] if x).strip() or None
         if not state.liked and query is None and filters.is_empty():
-            return rp.ASK, [], None
+            return rp.ASK, [], None, None
         excluded = state.excluded()
         use_llm = self.config.use_llm and self.service.reranker is not None
         deadline = time.monotonic() + self.config.turn_deadline_s
         degraded: str | None = None
-        def recommend(use_llm: bool, **llm_options: Any) -> RecommendationAnswer:
-            return self.service.recommend(state.liked, k=self.config.k, filters=filters, query=query,
-                                          exclude=sorted(excluded), use_llm=use_llm, **llm_options)
+
+        def rank(use_llm: bool, **llm_options: Any) -> Ranked:
+            return self.service.rank(state.liked, k=self.config.k, filters=filters, query=query,
+                                     exclude=sorted(excluded), use_llm=use_llm, **llm_options)
 
         try:
-            answer = recommend(use_llm, explain=use_llm and self.config.llm_explain, mode=self.config.rerank_mode,
-                               deadline=deadline)
+            ranked = rank(use_llm, mode=self.config.rerank_mode, deadline=deadline)
         except Exception as exc:  # the reranker degrades by itself; this is a last resort
             logger.warning("recommend failed session=%s error=%s; retrieval only", state.session_id, exc)
-            answer = recommend(False)
-            answer.degraded, answer.reason = True, f"recommend failed: {type(exc).__name__}"
+            ranked = rank(False)
+            ranked.answer.degraded, ranked.answer.reason = True, f"recommend failed: {type(exc).__name__}"
+            use_llm = False
+        answer = ranked.answer
         if answer.degraded:
             degraded = answer.reason or "LLM rerank failed; retrieval order"
-        likes = [self.facts(i) for i in state.liked]
-        stated = set(state.liked) - set(state.seeded)
-        items: list[ChatItem] = []
+        kept = []
         for rec in answer.items:
             if (
                 rec.item_id in excluded
@@ -434,12 +506,22 @@ class ChatAgent:
             ):
                 logger.error("dropped an item that breaks the session rules item=%s", rec.item_id)
                 continue
+            kept.append(rec)
+        by_id = {cand.item_id: cand for cand in ranked.candidates}
+        links = self.service.explainer.links(ranked.history, [by_id[r.item_id] for r in kept if r.item_id in by_id])
+        likes = [self.facts(i) for i in state.liked]
+        stated = set(state.liked) - set(state.seeded)
+        items: list[ChatItem] = []
+        for rec in kept:
             facts = self.facts(rec.item_id)
-            reason, evidence = rp.compose_reason(facts, likes, stated, c, [s.source for s in rec.sources])
-            if rec.reason and rec.evidence:  # an LLM reason: kept only when its claims match the metadata
-                cited = [self.facts(e) for e in rec.evidence if e in state.liked]
-                if cited and rp.claims_hold(rec.reason, [facts, *cited], self.catalog.all_genres):
-                    reason, evidence = prompts.clean_text(rec.reason, 200), [f.item_id for f in cited]
+            link = links.get(rec.item_id)
+            if link is not None and link.evidence not in state.liked:
+                link = None
+            reason, evidence = rp.compose_reason(
+                facts, likes, stated, c, [s.source for s in rec.sources],
+                link=self.facts(link.evidence) if link is not None else None,
+                signal=link.signal if link is not None else None,
+            )
             items.append(
                 ChatItem(
                     item_id=rec.item_id,
@@ -449,15 +531,80 @@ class ChatAgent:
                     genres=facts.genres,
                     year=facts.year,
                     score=rec.score,
+                    reason_source="template",
                 )
             )
         state.recommended = list(dict.fromkeys(state.recommended + [i.item_id for i in items]))
         state.last_items = [i.item_id for i in items]
         state.reasons.update({i.item_id: i.reason for i in items})
         if not items:
-            return rp.NOTHING_FOUND, [], degraded
+            return rp.NOTHING_FOUND, [], degraded, None
+        job = None
+        if use_llm and explain and self.config.llm_explain:
+            job = _Reasons(Ranked(answer.model_copy(update={"items": kept}), ranked.history, ranked.candidates),
+                           items, deadline)
         picks = rp.join_words([self.resolver.label(i.item_id) for i in items])
-        return f"{self._lead(state)}{picks}.", items, degraded
+        return f"{self._lead(state)}{picks}.", items, degraded, job
+
+    def _write_reasons(self, state: SessionState, turn: Turn, job: _Reasons,
+                       cancelled: Callable[[], bool] | None) -> Iterator[Reason]:
+        """The LLM's reasons for the turn's items (:meth:`RecommenderService.reasons`), each one final as it
+        comes: an LLM sentence replaces the item's template when its claims hold against the metadata (the
+        explainer's checks, then :func:`rp.claims_hold` over the item and the liked items it cites); otherwise the
+        template stays. Items left at the deadline, on cancellation or on an LLM failure keep their templates and
+        the turn is flagged degraded. Updates the items, the turn and the session's stored reasons in place."""
+        by_id = {i.item_id: i for i in job.items}
+        final: set[str] = set()
+
+        def stop() -> bool:
+            return time.monotonic() > job.deadline or (cancelled is not None and cancelled())
+
+        failed: str | None = None
+        try:
+            reasons = self.service.reasons(job.ranked, cancelled=stop) if not stop() else iter(())
+            for got in reasons:
+                if time.monotonic() > job.deadline:  # written too late: the turn's deadline holds
+                    break
+                item = by_id.get(got.item_id)
+                if item is None or item.item_id in final:
+                    continue
+                if got.source == "llm" and self._llm_reason_holds(got, item, state):
+                    item.reason = prompts.clean_text(got.reason, 220)
+                    item.evidence = list(got.evidence)
+                    item.reason_source = "llm"
+                    state.reasons[item.item_id] = item.reason
+                elif got.source == "llm" or got.rejected:
+                    logger.info("llm reason refused session=%s item=%s check=%s", state.session_id, item.item_id,
+                                got.rejected or "chat metadata check")
+                final.add(item.item_id)
+                yield Reason(item.item_id, item.reason, list(item.evidence), item.reason_source)
+        except Exception as exc:  # LLMError, timeouts, anything from the backend: the templates stay
+            logger.warning("chat reasons failed session=%s error=%s", state.session_id, exc)
+            failed = f"reasons: LLM failed ({type(exc).__name__})"
+        missing = [i for i in job.items if i.item_id not in final]
+        if not missing:
+            return
+        if failed is None:
+            if time.monotonic() > job.deadline:
+                failed = f"deadline exceeded ({self.config.turn_deadline_s:g}s) while writing reasons"
+            elif cancelled is not None and cancelled():
+                failed = "reasons stopped (the reply was cancelled)"
+            else:
+                failed = "reasons: the LLM wrote none for some items"
+        why = f"{failed}: {len(missing)} of {len(job.items)} reasons from templates"
+        turn.degraded = True
+        turn.reason = f"{turn.reason}; {why}" if turn.reason else why
+        for item in missing:  # their templates are final too, so a stream lists every item's reason
+            yield Reason(item.item_id, item.reason, list(item.evidence), item.reason_source)
+
+    def _llm_reason_holds(self, got: Reason, item: ChatItem, state: SessionState) -> bool:
+        """An LLM sentence is served only when it cites liked items and every genre and year it names belongs to
+        the item or to those liked items (titles, with or without their year, are not claims)."""
+        if not got.evidence or not all(e in state.liked for e in got.evidence):
+            return False
+        facts = [self.facts(i) for i in (item.item_id, *got.evidence)]
+        plain = [replace(f, label=prompts.natural_title(self.catalog.item(f.item_id)["title"])) for f in facts]
+        return rp.claims_hold(got.reason, [*facts, *plain], self.catalog.all_genres)
 
     def _lead(self, state: SessionState) -> str:
         stated = [i for i in state.liked if i not in state.seeded]

@@ -17,9 +17,11 @@ class ChatConfig(BaseModel):
     )
     rerank_mode: Literal["score", "generate"] = "score"
     llm_explain: bool = Field(
-        default=False,
-        description="LLM-written reasons (checked against metadata); "
-        "otherwise reasons are composed from metadata and the session",
+        default=True,
+        description="with the LLM on, one LLM-written reason per item (agent.explain: all items decoded as one "
+        "batch, each checked against the metadata, streamed as written); otherwise, and for any reason not "
+        "written or not passing its checks by the turn's deadline, reasons are composed from metadata and the "
+        "item's own evidence",
     )
     seed_history: int = Field(default=5, ge=0, le=50, description="recent items of a known user seeded as likes")
     max_message_chars: int = Field(default=2000, ge=50, description="longer messages are truncated with a note")
@@ -35,6 +37,8 @@ class ChatConfig(BaseModel):
     )
     vector_min_similarity: float = Field(default=0.55, ge=-1, le=1, description="vector-store fallback for titles")
     intent_max_tokens: int = Field(default=160, ge=32)
-    turn_deadline_s: float = Field(default=30.0, gt=0, description="LLM rerank deadline per turn")
+    turn_deadline_s: float = Field(
+        default=30.0, gt=0, description="LLM deadline per turn (rerank, then reasons; late reasons stay templates)"
+    )
     max_turns_kept: int = Field(default=50, ge=1, description="turns stored per session (oldest dropped)")
     stream_chunk_words: int = Field(default=3, ge=1)

@@ -1,4 +1,4 @@
-"""Public result models of the chat agent (Turn, ChatItem) and the persisted session state."""
+"""Public result models of the chat agent (Turn, ChatItem, TurnItems) and the persisted session state."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ class ChatItem(BaseModel):
     genres: list[str] = Field(default_factory=list)
     year: int | None = None
     score: float = 0.0
+    reason_source: Literal["llm", "template"] = Field(
+        default="template", description="who wrote the reason: the LLM (checked against the metadata) or a template"
+    )
 
 
 class Turn(BaseModel):
@@ -25,6 +28,14 @@ class Turn(BaseModel):
     reason: str | None = Field(default=None, description="why the turn is degraded")
     intent: dict[str, object] | None = None
     decided_by: str = "rules"
+
+
+class TurnItems(BaseModel):
+    """A streamed turn's items as soon as they are ranked, before the LLM has written their reasons (their
+    reasons are templates until then)."""
+
+    session_id: str
+    items: list[ChatItem] = Field(default_factory=list)
 
 
 class Constraints(BaseModel):

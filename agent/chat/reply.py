@@ -74,16 +74,28 @@ def compose_reason(
     stated: set[str],
     constraints: Constraints,
     sources: Sequence[str],
+    link: ItemFacts | None = None,
+    signal: str | None = None,
 ) -> tuple[str, list[str]]:
-    """(reason, evidence ids): a sentence that cites the user's own likes and only metadata facts."""
-    like, shared = closest_like(item, likes, stated)
+    """(reason, evidence ids): a sentence that cites the user's own likes and only metadata facts.
+
+    ``link``: the liked item the system's own signals tie to this item (:mod:`retrieval.evidence`: the strongest
+    CF weight, else the most similar embedding; ``signal`` "cf" or "content"), so that every item names its own
+    evidence; without one, the liked item sharing most genres (:func:`closest_like`)."""
+    like: ItemFacts | None = link
+    if link is not None:
+        shared = [g for g in item.genres if g in link.genres]
+    else:
+        like, shared = closest_like(item, likes, stated)
     year = f" from {item.year}" if item.year and not _YEAR.search(item.label) else ""
-    if like is not None and shared:
+    kind = f"{join_words(shared or item.genres[:2])} film" if (shared or item.genres) else "film"
+    cf = signal == "cf" or (signal is None and not shared and bool(CF_SOURCES.intersection(sources)))
+    if like is not None and cf:
+        text = f"Because you liked {like.label}: viewers who watched it often watched this {kind}{year} too"
+    elif like is not None and shared:
         text = f"Because you liked {like.label}: it is also {join_words(shared)}{year}"
-    elif like is not None and CF_SOURCES.intersection(sources):
-        text = f"Because you liked {like.label}: viewers with that taste also watched it"
     elif like is not None:
-        text = f"Because you liked {like.label}: close to it in content"
+        text = f"Because you liked {like.label}: this {kind}{year} is close to it in content"
     elif constraints.mood:
         text = f"Matches what you asked for ({prompts.clean_text(constraints.mood, 40)})"
     elif constraints.genres:
@@ -98,6 +110,8 @@ def compose_reason(
 
 
 def why_answer(item: ItemFacts, reason: str | None, likes: Sequence[ItemFacts], stated: set[str]) -> str:
+    """Why ``item`` was suggested: the reason the chat gave for it (the LLM's sentence when it wrote one, as
+    stored in the session), then the item's own facts."""
     facts = f"It is {join_words(item.genres) or 'a film'}{' from ' + str(item.year) if item.year else ''}."
     if reason:
         return f"I suggested {item.label}. {reason} {facts}"

@@ -51,12 +51,16 @@ class MarkerRequest:
 class TextRequest:
     """Free text that continues ``answer_prefix`` at the start of the assistant turn after ``messages``. Decoding
     stops at the first of the ``stop`` strings (left out of the result), at the end-of-turn token, or after
-    ``max_tokens`` tokens. The result is the continuation only, without the prefix."""
+    ``max_tokens`` tokens. The result is the continuation only, without the prefix. Backends that can constrain
+    decoding never write the ``banned`` words (case-insensitive, whole tokens) nor, with ``no_digits``, any digit;
+    others may, and the caller's checks must not rely on it."""
 
     messages: list[ChatMessage]
     answer_prefix: str = ""
     max_tokens: int = 32
     stop: tuple[str, ...] = ("\n",)
+    banned: tuple[str, ...] = ()
+    no_digits: bool = False
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

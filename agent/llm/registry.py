@@ -15,9 +15,12 @@ def _transformers(config: LLMConfig) -> LLMBackend:
 
 
 def _openai(config: LLMConfig) -> LLMBackend:
+    """An LLM server behind a circuit breaker: once it keeps failing, calls are refused at once for a while."""
+    from agent.llm.breaker import CircuitBreaker, GuardedBackend
     from agent.llm.openai_backend import OpenAIBackend
 
-    return OpenAIBackend(config)
+    breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s, name="LLM")
+    return GuardedBackend(OpenAIBackend(config), breaker)
 
 
 BACKENDS: dict[str, Callable[[LLMConfig], LLMBackend]] = {

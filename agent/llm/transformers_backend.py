@@ -1,8 +1,8 @@
 """In-process chat model with transformers (the embedded default).
 
-* bf16 on CPU; each forward pass runs on one thread or on ``threads`` threads, whichever
-  :class:`~agent.llm.threads.ThreadGovernor` measures faster for that kind of pass (short prompt, micro-batch,
-  decoding step);
+* bf16 on CPUs with bf16 instructions, else float32 (``RECAGENT_LLM_DTYPE``); each forward pass runs on one
+  thread or on ``threads`` threads, whichever :class:`~agent.llm.threads.ThreadGovernor` measures faster for that
+  kind of pass (short prompt, micro-batch, decoding step);
 * ``score_labels`` runs one forward pass and reuses the KV cache of the longest prefix shared with the previous
   prompt (the static instructions at least; the history too when the same user is scored again);
 * ``score_markers`` scores every occurrence of a marker token in one pass, on a copy of the model with a trained
@@ -36,7 +36,7 @@ from agent.llm.base import (
     cut_at_stop,
     deadline_var,
 )
-from agent.llm.config import LLMConfig
+from agent.llm.config import LLMConfig, torch_dtype
 from agent.llm.threads import ForwardPass, ThreadGovernor, pass_kind
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class TransformersBackend(LLMBackend):
         torch.set_num_threads(self.config.threads)
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.bfloat16)
+        self.dtype = getattr(torch, torch_dtype(self.config))
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
         self.model.eval()
         self._lock = threading.RLock()
         self._score_waiting = 0  # score passes waiting for the lock: decoding steps let them go first
@@ -68,6 +69,8 @@ class TransformersBackend(LLMBackend):
         self._grammars: dict[str, Any] = {}
         self._compiler: Any = None
         self._label_ids: dict[str, int] = {}
+        self._word_ids: dict[str, list[list[int]]] = {}
+        self._digit_ids: list[int] | None = None
         self.governor = ThreadGovernor(self.config.threads)
 
     @property
@@ -139,7 +142,7 @@ class TransformersBackend(LLMBackend):
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.torch.bfloat16)
+            base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
             try:
                 merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
             except Exception as exc:
@@ -307,6 +310,61 @@ class TransformersBackend(LLMBackend):
             raise LLMError(f"generation failed: {errors[0]}") from errors[0]
 
     # --- batched short continuations -----------------------------------------------------------------------
+    def _banned_sequences(self, request: TextRequest) -> list[list[int]]:
+        """Token sequences ``request`` must never decode: each banned word as tokenized after a space or not, in
+        lower case or capitalised."""
+        seqs: list[list[int]] = []
+        for word in request.banned:
+            if word not in self._word_ids:
+                variants = {word, f" {word}", word.capitalize(), f" {word.capitalize()}"}
+                self._word_ids[word] = [self.tokenizer(v, add_special_tokens=False)["input_ids"] for v in variants]
+            seqs += self._word_ids[word]
+        return seqs
+
+    def _digit_tokens(self) -> list[int]:
+        if self._digit_ids is None:
+            vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self._digit_ids = [i for i, t in enumerate(vocab) if t and any(c.isdigit() for c in t)]
+        return self._digit_ids
+
+    def _bans(self, request: TextRequest, sequences: list[list[int]], new: list[int]) -> list[int]:
+        """Tokens the next step of one row must not take: the last token of a banned word whose other tokens
+        were just written, a token that would repeat a trigram already written, digits with ``no_digits``."""
+        out = [seq[-1] for seq in sequences if len(seq) == 1 or new[len(new) - len(seq) + 1:] == seq[:-1]]
+        if len(new) >= 2:
+            last = new[-2:]
+            out += [new[i + 2] for i in range(len(new) - 2) if new[i:i + 2] == last]
+        if request.no_digits:
+            out += self._digit_tokens()
+        return out
+
+    def _prefix_cache(self, prefix: list[int]) -> tuple[Any, int]:
+        """A KV cache holding ``prefix`` (batch 1), and how many of its tokens came from the previous call's
+        prefix (the static instructions at least), which is kept for the next call."""
+        import copy
+
+        from transformers import DynamicCache
+
+        torch = self.torch
+        cached_ids, cached = self._caches.get("complete", ([], None))
+        common = 0
+        for a, b in zip(cached_ids, prefix, strict=False):
+            if a != b:
+                break
+            common += 1
+        if cached is not None and common >= MIN_REUSE:
+            cache = copy.deepcopy(cached)
+            excess = cache.get_seq_length() - common
+            if excess > 0:
+                cache.crop(-excess)
+        else:
+            cache, common = DynamicCache(config=self.model.config), 0
+        if len(prefix) > common:
+            with self.decoding_step(), self.threads_for(len(prefix) - common), torch.inference_mode():
+                self.model(input_ids=torch.tensor([prefix[common:]]), cache=cache, use_cache=True, logits_to_keep=1)
+        self._caches["complete"] = (list(prefix), copy.deepcopy(cache))
+        return cache, common
+
     def complete(self, request: TextRequest) -> str:
         return next(text for _, text in self.complete_batch([request]))
 
@@ -317,8 +375,6 @@ class TransformersBackend(LLMBackend):
         if not requests:
             return
         torch = self.torch
-        from transformers import DynamicCache
-
         seqs = [self.render(r.messages, r.answer_prefix) for r in requests]
         shared = min(len(s) for s in seqs) - 1  # every row keeps at least one token of its own
         for s in seqs[1:]:
@@ -336,13 +392,11 @@ class TransformersBackend(LLMBackend):
         positions = torch.tensor([[shared] * (width - len(s)) + list(range(shared, shared + len(s)))
                                   for s in suffixes])
         next_pos = torch.tensor([shared + len(s) for s in suffixes])
-        cache = DynamicCache(config=self.model.config)
-        if shared:
-            with self.decoding_step(), self.threads_for(shared), torch.inference_mode():
-                self.model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True,
-                           logits_to_keep=1)
+        cache, reused = self._prefix_cache(prefix)
+        if cache.get_seq_length() > 0 or shared:
             cache.batch_repeat_interleave(len(requests))
-        self.usage.add("reason", shared, 0)
+        self.usage.add("reason", shared, 0, cached=reused)
+        banned = [self._banned_sequences(r) for r in requests]
         steps = max(r.max_tokens for r in requests)
         deadline = deadline_var.get()
         for _ in range(steps + 1):
@@ -351,7 +405,12 @@ class TransformersBackend(LLMBackend):
             with self.decoding_step(), self.threads_for(int(ids.numel()), kind="decode"), torch.inference_mode():
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                  use_cache=True, logits_to_keep=1)
-            chosen = out.logits[:, -1].float().argmax(-1).tolist()
+            logits = out.logits[:, -1].float().clone()
+            for row, index in enumerate(rows):
+                ban = self._bans(requests[index], banned[index], new[index])
+                if ban:
+                    logits[row, ban] = float("-inf")
+            chosen = logits.argmax(-1).tolist()
             keep: list[int] = []
             for row, (index, token) in enumerate(zip(rows, chosen, strict=True)):
                 request = requests[index]

@@ -163,7 +163,7 @@ class RankerTrainer:
         from transformers import AutoModelForCausalLM
 
         # a copy of the weights: the backend's own model stays untouched for scoring and generation
-        base = AutoModelForCausalLM.from_pretrained(self.backend.model_dir, dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_pretrained(self.backend.model_dir, dtype=self.backend.dtype)
         if resume and (ckpt / "state.pt").exists():
             model = PeftModel.from_pretrained(base, str(ckpt / "adapter"), is_trainable=True)
             state = torch.load(ckpt / "state.pt", weights_only=False)

@@ -1,4 +1,5 @@
-// recagent web chat: streams /v1/chat (SSE over fetch), renders recommendation cards with reasons and a "why?".
+// recagent web chat: streams /v1/chat (SSE over fetch), renders recommendation cards as soon as they are ranked,
+// updates each card's reason in place as the LLM writes it (a small tag says who wrote it), and a "why?" panel.
 (function () {
   "use strict";
   const log = document.getElementById("log");
@@ -45,54 +46,109 @@
     return id;
   }
 
-  async function explain(item, panel) {
-    if (!panel.hidden) { panel.hidden = true; return; }
-    panel.hidden = false;
-    panel.textContent = "";
+  const SOURCE_LABEL = { llm: "LLM", template: "template" };
+  const SOURCE_TITLE = {
+    llm: "written by the language model, checked against the catalogue",
+    template: "composed from the catalogue metadata and your history",
+  };
+
+  // the "why?" panel: the item's reason, who wrote it, the liked items it rests on, the score
+  async function fillPanel(item, panel) {
+    const token = String((Number(panel.dataset.fill) || 0) + 1);
+    panel.dataset.fill = token;
+    const parts = [];
     const p = document.createElement("div");
+    p.className = "why-reason";
     p.textContent = item.reason || "No reason was given for this pick.";
-    panel.appendChild(p);
+    parts.push(p);
+    if (item.reason_source && SOURCE_TITLE[item.reason_source]) {
+      const who = document.createElement("div");
+      who.className = "why-source";
+      who.textContent = SOURCE_TITLE[item.reason_source];
+      parts.push(who);
+    }
     if (item.evidence && item.evidence.length) {
       const head = document.createElement("div");
       head.textContent = "Because you liked:";
       const ul = document.createElement("ul");
-      panel.appendChild(head); panel.appendChild(ul);
       for (const id of item.evidence) {
         const li = document.createElement("li");
         li.textContent = await itemTitle(id);
         ul.appendChild(li);
       }
+      parts.push(head, ul);
     }
     if (typeof item.score === "number") {
       const s = document.createElement("div");
       s.className = "score";
       s.textContent = "score " + item.score.toFixed(3);
-      panel.appendChild(s);
+      parts.push(s);
     }
+    if (panel.dataset.fill !== token) return;  // a newer reason arrived while titles were fetched
+    panel.replaceChildren(...parts);
   }
 
+  function explain(entry) {
+    const panel = entry.panel;
+    if (!panel.hidden) { panel.hidden = true; return; }
+    panel.hidden = false;
+    fillPanel(entry.item, panel);
+  }
+
+  // the card's reason text and the small tag saying who wrote it
+  function showReason(entry) {
+    const item = entry.item;
+    entry.card.querySelector(".reason").textContent = item.reason || "";
+    const tag = entry.card.querySelector(".source");
+    const source = item.reason_source;
+    tag.hidden = !SOURCE_LABEL[source];
+    tag.textContent = SOURCE_LABEL[source] || "";
+    tag.title = SOURCE_TITLE[source] || "";
+    tag.className = "source" + (source ? " " + source : "");
+    entry.card.dataset.reasonSource = source || "";
+    if (!entry.panel.hidden) fillPanel(item, entry.panel);
+  }
+
+  // cards of one turn: item id -> {item, card, panel}
   function renderCards(items) {
-    if (!items || !items.length) return;
+    const cards = {};
+    if (!items || !items.length) return cards;
     const grid = document.createElement("div");
     grid.className = "cards";
     const tpl = document.getElementById("card-template");
-    items.forEach((item, i) => {
+    items.forEach((raw, i) => {
+      const item = Object.assign({}, raw);
       const card = tpl.content.firstElementChild.cloneNode(true);
       card.dataset.itemId = item.item_id;
       card.querySelector(".rank").textContent = (i + 1) + ".";
       card.querySelector(".title").textContent = item.title;
       const meta = [item.year, (item.genres || []).join(", ")].filter(Boolean).join(" · ");
       card.querySelector(".meta").textContent = meta;
-      card.querySelector(".reason").textContent = item.reason || "";
-      const panel = card.querySelector(".why-panel");
-      card.querySelector(".why").addEventListener("click", () => explain(item, panel));
+      const entry = { item: item, card: card, panel: card.querySelector(".why-panel") };
+      card.querySelector(".why").addEventListener("click", () => explain(entry));
+      showReason(entry);
+      cards[item.item_id] = entry;
       grid.appendChild(card);
     });
     log.appendChild(grid);
     log.scrollTop = log.scrollHeight;
+    return cards;
   }
 
-  function finish(bot, done) {
+  // a reason event (or the final answer's item): update that card in place
+  function updateReason(cards, data) {
+    const entry = cards[data.item_id];
+    if (!entry) return;
+    const item = entry.item;
+    if (item.reason === data.reason && item.reason_source === data.reason_source &&
+        JSON.stringify(item.evidence || []) === JSON.stringify(data.evidence || [])) return;
+    item.reason = data.reason;
+    item.evidence = data.evidence || [];
+    item.reason_source = data.reason_source;
+    showReason(entry);
+  }
+
+  function finish(bot, done, turn) {
     if (done.session_id) { sessionId = done.session_id; store.setItem("recagent.session", sessionId); }
     if (done.reply && !bot.textContent) bot.textContent = done.reply;
     if (done.degraded) {
@@ -102,7 +158,8 @@
       note.textContent = "(degraded: " + (done.reason || "the language model is unavailable") + ")";
       bot.appendChild(note);
     }
-    renderCards(done.items);
+    if (!turn.cards) turn.cards = renderCards(done.items);
+    else for (const item of done.items || []) updateReason(turn.cards, item);
   }
 
   async function readEvents(response, onEvent) {
@@ -151,9 +208,12 @@
       bubble("error", errorText(payload, response.status));
       return;
     }
+    const turn = { cards: null };
     await readEvents(response, (event, data) => {
       if (event === "token") { bot.textContent += data.text; log.scrollTop = log.scrollHeight; }
-      else if (event === "done") finish(bot, data);
+      else if (event === "items") { if (!turn.cards) turn.cards = renderCards(data.items); }
+      else if (event === "reason") { if (turn.cards) updateReason(turn.cards, data); }
+      else if (event === "done") finish(bot, data, turn);
       else if (event === "error") bubble("error", errorText(data, 500));
     });
     bot.classList.remove("pending");

@@ -180,7 +180,8 @@ def evaluate_chat(
     service.retriever = service.index.retriever("fused", cf=service.index.fit_cf(split.fit_histories("test")))
     users = sample_users(catalog, n_users, seed=seed, spec=spec)
     agents: dict[str, ChatConfig] = {
-        "llm_agent": ChatConfig(k=k, use_llm=True),
+        # reasons do not change which items are shown, and success is all this measures: skip writing them
+        "llm_agent": ChatConfig(k=k, use_llm=True, llm_explain=False),
         "retrieval_only": ChatConfig(k=k, use_llm=False),
     }
     if service.backend is None:

@@ -112,10 +112,16 @@ def analyse(results: Mapping[str, Any], config: Any, catalog: Any) -> dict[str, 
     checks: dict[str, Any] = {}
     expl = results["explain"].get("explanations", []) + results["generate"].get("explanations", [])
     systems = sorted({e["system"] for e in expl})
+    shares: dict[str, float] = {}
     for system in systems:
         recs = [e for e in expl if e["system"] == system]
-        rates, examples = check_explanations(recs, catalog)
-        checks[system] = {"rates": rates, "examples": examples}
+        shares[system] = sum(e.get("reason_source") == "llm" for e in recs) / len(recs)
+        for source in ("llm", "template"):  # checks of LLM-written and template reasons, apart
+            part = [e for e in recs if e.get("reason_source", "template") == source]
+            if part:
+                rates, examples = check_explanations(part, catalog)
+                checks[f"{system}, {source}-written"] = {"rates": rates, "examples": examples}
+    out["llm_reason_share"] = shares
     tmpl = []
     for e in (x for x in expl if x["system"] == "score+explain"):
         reason, evidence = template_reason(e["history"], e["item_id"], catalog)
@@ -355,6 +361,9 @@ def markdown(m: Mapping[str, Any], plots: Sequence[str]) -> str:
     lines += [_row_line(n, r) for n, r in m["rows"].items() if r["group"] != "ablation"]
     lines += ["", f"**Judge: {'trustworthy' if val.get('trustworthy') else 'NOT trustworthy'}.** {val['verdict']}", ""]
     checks = m["explanation_checks"]
+    if m.get("llm_reason_share"):
+        lines.append("Share of served reasons written by the LLM (the rest are metadata templates): " + "; ".join(
+            f"{s} {v:.0%}" for s, v in m["llm_reason_share"].items()) + ".")
     if checks:
         lines.append("Explanations failing at least one code check: " + "; ".join(
             f"{s} {c['rates']['any']:.0%} (n={c['rates']['n']})" for s, c in checks.items()) + ".")

@@ -62,6 +62,10 @@ def log_softmax(values: Sequence[float]) -> list[float]:
     return [v - total for v in values]
 
 
+#: stop strings an OpenAI-compatible request may carry; further ones are applied to the answer by ``cut_at_stop``
+MAX_STOP = 4
+
+
 class LLMStatusError(LLMError):
     """The server answered with an HTTP error status. A 4xx answer (other than 408 and 429) is a refusal of this
     request by a working server, so it is not held against the server (``server_fault``)."""
@@ -358,7 +362,7 @@ class OpenAIBackend(LLMBackend):
         messages: list[dict[str, Any]] = [{"role": m["role"], "content": m["content"]} for m in request.messages]
         payload: dict[str, Any] = {"model": self.model_name, "max_tokens": request.max_tokens, "temperature": 0.0}
         if request.stop:
-            payload["stop"] = list(request.stop)
+            payload["stop"] = list(request.stop)[:MAX_STOP]  # OpenAI's limit (vLLM enforces it); the rest cut here
         if request.answer_prefix:
             messages.append({"role": "assistant", "content": request.answer_prefix})
             payload.update(continue_final_message=True, add_generation_prompt=False)

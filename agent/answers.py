@@ -3,8 +3,10 @@
 1. **Ranking** runs on the score lane (its own work queue): past the deadline, the retrieval order is answered,
    flagged degraded. The ranked list is the first event (``ranked``), in score-mode time.
 2. **Reasons** (``explain: true``) run on the explain lane, a separate work queue, so that long generations never
-   hold score requests (the in-process backend also lets score passes go first between decoding steps). Each
-   reason is an event (``reason``) as soon as the LLM has written it and the code checks have passed it.
+   hold score requests (the in-process backend also lets score passes go first between decoding steps). When
+   every explain worker is busy the reasons come from templates at once (load shedding: queued generation work
+   would only miss its deadline and slow the rest). Each reason is an event (``reason``) as soon as the LLM has
+   written it and the code checks have passed it.
 3. At the deadline, or when the client goes away (the event stream is closed), the remaining work is cancelled
    (it stops at its next decoding step) and every item still without a reason gets a template reason. The
    answer keeps the LLM ranking it has, says who wrote each reason and what degraded; it is the ``done`` event.
@@ -118,10 +120,12 @@ async def answer_events(lanes: Lanes, route: str, ranked: Ranked, explain: bool,
             lane = lanes.explain if service is lanes.service else None
             if lane is None:
                 await _io(lanes, work)
+            elif lane.depth >= lane.workers:  # shed: a job that waits behind others would miss its deadline
+                raise QueueFullError(0)
             else:
                 lane.submit(work)
         except QueueFullError:
-            stopped = "explanations skipped: the explain queue is full; templates used"
+            stopped = "explanations skipped: every explain worker is busy"
         else:
             while True:
                 try:

@@ -41,6 +41,7 @@ from agent.llm.threads import ForwardPass, ThreadGovernor, pass_kind
 
 logger = logging.getLogger(__name__)
 MIN_REUSE = 8  # reuse a cached prefix only when at least this many tokens match
+SUFFIX_CHUNK = 96  # tokens of a batch's own prompt parts per forward pass (bounds how long score passes wait)
 
 
 class TransformersBackend(LLMBackend):
@@ -402,9 +403,20 @@ class TransformersBackend(LLMBackend):
         for _ in range(steps + 1):
             if (cancelled is not None and cancelled()) or (deadline is not None and time.monotonic() > deadline):
                 return
-            with self.decoding_step(), self.threads_for(int(ids.numel()), kind="decode"), torch.inference_mode():
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                                 use_cache=True, logits_to_keep=1)
+            # the rows' own prompt tokens go in chunks of about SUFFIX_CHUNK tokens, one lock hold each, so that a
+            # waiting score pass never waits for more than one chunk; then one token per row per step
+            width = ids.shape[1]
+            chunk = max(1, SUFFIX_CHUNK // max(1, ids.shape[0]))
+            for start in range(0, width, chunk):
+                end = min(width, start + chunk)
+                if start and ((cancelled is not None and cancelled()) or
+                              (deadline is not None and time.monotonic() > deadline)):
+                    return
+                with self.decoding_step(), self.threads_for(int(ids[:, start:end].numel()), kind="decode"), \
+                        torch.inference_mode():
+                    out = self.model(input_ids=ids[:, start:end], attention_mask=mask[:, : mask.shape[1] - width + end],
+                                     position_ids=positions[:, start:end], cache=cache, use_cache=True,
+                                     logits_to_keep=1)
             logits = out.logits[:, -1].float().clone()
             for row, index in enumerate(rows):
                 ban = self._bans(requests[index], banned[index], new[index])

@@ -428,7 +428,8 @@ def test_an_llm_outage_opens_the_circuit_and_recovery_closes_it(own_vllm: VLLMSe
           summary("| stopped:", load.ended_after(stopped_at)))
     assert_failed_then_refused(load.ended_after(stopped_at), opened_at)
     health = backend.health()
-    assert health["state"] == "open" and health["consecutive_failures"] >= 3 and health["last_error"]
+    # open, or already half-open when stopping the load took longer than the cooldown (a slow host)
+    assert health["state"] in ("open", "half_open") and health["consecutive_failures"] >= 3 and health["last_error"]
 
     # after the cooldown one probe tries the still dead server: it fails and the circuit opens again
     wait_for(lambda: backend.breaker.state == "half_open", COOLDOWN_S + 1, "half-open while stopped")

@@ -385,11 +385,10 @@ class OpenAIBackend(LLMBackend):
         ``cancelled()`` is true (checked every :data:`CANCEL_POLL_S`) or the caller stops iterating, the requests
         not sent yet are dropped and those in flight are abandoned (their answers are never read). The first
         failure raises its :class:`LLMError` and abandons the rest likewise."""
-        if not requests:
-            return
+        if not requests or (cancelled is not None and cancelled()):
+            return  # nothing is sent: abandoned requests would still run on the server
         if len(requests) == 1:
-            if cancelled is None or not cancelled():
-                yield 0, self.complete(requests[0])
+            yield 0, self.complete(requests[0])
             return
         pool = ThreadPoolExecutor(max_workers=min(BATCH_CONCURRENCY, len(requests)),
                                   thread_name_prefix="llm-complete")

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from agent.errors import QueueFullError
 from agent.explain import Reason, note_degraded
@@ -33,6 +33,7 @@ from agent.service import Ranked, RecommenderService
 from agent.work_queue import WorkQueue
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,9 +59,10 @@ class Lanes:
     metrics: Metrics
 
 
-async def _io(lanes: Lanes, fn: Callable[[], Any]) -> Any:
+async def run_io(executor: Executor, fn: Callable[[], T]) -> T:
+    """``fn()`` on ``executor`` (quick non-LLM work), with the caller's context (request id)."""
     ctx = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(lanes.io, ctx.run, fn)
+    return await asyncio.get_running_loop().run_in_executor(executor, ctx.run, fn)
 
 
 async def rank_with_deadline(lanes: Lanes, route: str, job: Callable[[float], Ranked], fallback: Callable[[], Ranked],
@@ -68,7 +70,7 @@ async def rank_with_deadline(lanes: Lanes, route: str, job: Callable[[float], Ra
     """``job(deadline)`` on the score lane (or ``fallback()`` without the LLM); the retrieval order, flagged, when
     the deadline passes first."""
     if not use_llm:
-        return await _io(lanes, fallback)  # type: ignore[no-any-return]
+        return await run_io(lanes.io, fallback)
 
     def run() -> Ranked:
         deadline_var.set(deadline)
@@ -78,7 +80,7 @@ async def rank_with_deadline(lanes: Lanes, route: str, job: Callable[[float], Ra
     try:
         return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, deadline - time.monotonic()))
     except TimeoutError:
-        ranked: Ranked = await _io(lanes, fallback)
+        ranked = await run_io(lanes.io, fallback)
         ranked.answer.degraded = True
         ranked.answer.reason = f"deadline exceeded ({timeout_s:g}s): retrieval order"
         ranked.answer.model = lanes.service.backend.model_name if lanes.service.backend else None
@@ -119,7 +121,7 @@ async def answer_events(lanes: Lanes, route: str, ranked: Ranked, explain: bool,
         try:
             lane = lanes.explain if service is lanes.service else None
             if lane is None:
-                await _io(lanes, work)
+                await run_io(lanes.io, work)
             elif lane.depth >= lane.workers:  # shed: a job that waits behind others would miss its deadline
                 raise QueueFullError(0)
             else:

@@ -162,9 +162,8 @@ class Explainer:
     def check(self, history: Sequence[RankInput], item: RankInput, evidence: RankInput, text: str) -> str | None:
         """The first failed code check of an LLM sentence (None when it passes)."""
         facts = {h.item_id: _facts(h) for h in [*history, item]}
-        vocabulary = sorted({g for f in facts.values() for g in f.genres})
-        if self.index is not None:
-            vocabulary = list(self.index.catalog.all_genres)
+        vocabulary = (list(self.index.catalog.all_genres) if self.index is not None
+                      else sorted({g for f in facts.values() for g in f.genres}))
         found = xc.check_explanation([h.item_id for h in history], item.item_id, text, [evidence.item_id], facts,
                                      vocabulary)
         return f"{found[0].check}: {found[0].detail}" if found else None

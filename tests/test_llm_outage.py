@@ -272,18 +272,10 @@ COOLDOWN_S = 3.0
 @pytest.fixture(scope="module")
 def own_vllm(recagent_test_home: Path) -> Iterator[VLLMServer]:
     """A vLLM server of this module's own (the test stops and restarts it, so never the session's server)."""
-    from agent.llm.model_files import ensure_llm_model
-    from agent.llm.vllm_server import ensure_vllm_venv, free_port
+    from tests.conftest import running_vllm
 
-    model_dir = ensure_llm_model(recagent_test_home)
-    venv = ensure_vllm_venv(recagent_test_home)
-    server = VLLMServer(free_port(), model_dir, home=recagent_test_home, venv=venv, max_model_len=1024)
-    server.start()
-    try:
-        server.wait_ready(timeout=600)
+    with running_vllm(recagent_test_home, 1024) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @dataclass

@@ -66,6 +66,16 @@ def log_softmax(values: Sequence[float]) -> list[float]:
 MAX_STOP = 4
 
 
+def continuing(messages: Sequence[ChatMessage], answer_prefix: str) -> dict[str, Any]:
+    """The chat payload fields that make the server continue ``answer_prefix`` at the start of the assistant
+    turn (vLLM's ``continue_final_message``), or open the assistant turn when there is no prefix."""
+    out: list[dict[str, Any]] = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if not answer_prefix:
+        return {"messages": out}
+    out.append({"role": "assistant", "content": answer_prefix})
+    return {"messages": out, "continue_final_message": True, "add_generation_prompt": False}
+
+
 class LLMStatusError(LLMError):
     """The server answered with an HTTP error status. A 4xx answer (other than 408 and 429) is a refusal of this
     request by a working server, so it is not held against the server (``server_fault``)."""
@@ -258,16 +268,12 @@ class OpenAIBackend(LLMBackend):
         ids = [self.label_token_id(label) for label in labels]
         if len(set(ids)) != len(ids):
             raise LLMOutputError(f"labels {labels} do not map to distinct tokens")
-        messages = [{"role": m["role"], "content": m["content"]} for m in request.messages]
         payload: dict[str, Any] = {
             "model": self.model_name, "max_tokens": 1, "temperature": 0.0,
             "logprobs": True, "top_logprobs": len(labels),
             "allowed_token_ids": ids, "return_tokens_as_token_ids": True,
+            **continuing(request.messages, request.answer_prefix),
         }
-        if request.answer_prefix:
-            messages.append({"role": "assistant", "content": request.answer_prefix})
-            payload.update(continue_final_message=True, add_generation_prompt=False)
-        payload["messages"] = messages
         body = self._send("POST", f"{self.base_url}/chat/completions", payload)
         self._record("score", body)
         choice = self._first_choice(body)
@@ -360,14 +366,10 @@ class OpenAIBackend(LLMBackend):
     def complete(self, request: TextRequest) -> str:
         """One ``/chat/completions`` call that continues ``request.answer_prefix`` (``continue_final_message``)
         greedily, up to the first stop string (which vLLM leaves out; cut here too, for other servers)."""
-        messages: list[dict[str, Any]] = [{"role": m["role"], "content": m["content"]} for m in request.messages]
-        payload: dict[str, Any] = {"model": self.model_name, "max_tokens": request.max_tokens, "temperature": 0.0}
+        payload: dict[str, Any] = {"model": self.model_name, "max_tokens": request.max_tokens, "temperature": 0.0,
+                                   **continuing(request.messages, request.answer_prefix)}
         if request.stop:
             payload["stop"] = list(request.stop)[:MAX_STOP]  # OpenAI's limit (vLLM enforces it); the rest cut here
-        if request.answer_prefix:
-            messages.append({"role": "assistant", "content": request.answer_prefix})
-            payload.update(continue_final_message=True, add_generation_prompt=False)
-        payload["messages"] = messages
         body = self._send("POST", f"{self.base_url}/chat/completions", payload)
         self._record("reason", body)
         choice = self._first_choice(body)

@@ -40,6 +40,16 @@ from agent.llm.config import LLMConfig, torch_dtype
 from agent.llm.threads import ForwardPass, ThreadGovernor, pass_kind
 
 logger = logging.getLogger(__name__)
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 MIN_REUSE = 8  # reuse a cached prefix only when at least this many tokens match
 SUFFIX_CHUNK = 96  # tokens of a batch's own prompt parts per forward pass (bounds how long score passes wait)
 
@@ -71,7 +81,7 @@ class TransformersBackend(LLMBackend):
         self._compiler: Any = None
         self._label_ids: dict[str, int] = {}
         self._word_ids: dict[str, list[list[int]]] = {}
-        self._digit_ids: list[int] | None = None
+        self._digit_ids: Any = None
         self.governor = ThreadGovernor(self.config.threads)
 
     @property
@@ -162,12 +172,8 @@ class TransformersBackend(LLMBackend):
         model = self.ranker_model(adapter)
         key = adapter or ""
         cached_ids, cache = self._caches.get(key, ([], None))
-        common = 0
-        for a, b in zip(cached_ids, ids, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1, len(ids) - 1 if first_needed is None else first_needed)
+        last = len(ids) - 1 if first_needed is None else first_needed
+        common = min(common_prefix(cached_ids, ids), len(ids) - 1, last)
         if cache is not None and common >= MIN_REUSE:
             excess = cache.get_seq_length() - common
             if excess > 0:
@@ -322,21 +328,21 @@ class TransformersBackend(LLMBackend):
             seqs += self._word_ids[word]
         return seqs
 
-    def _digit_tokens(self) -> list[int]:
+    def _digit_tokens(self) -> Any:
+        """Ids of every token holding a digit (one vocabulary scan, kept as a tensor)."""
         if self._digit_ids is None:
             vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            self._digit_ids = [i for i, t in enumerate(vocab) if t and any(c.isdigit() for c in t)]
+            self._digit_ids = self.torch.tensor([i for i, t in enumerate(vocab) if t and any(c.isdigit() for c in t)])
         return self._digit_ids
 
     def _bans(self, request: TextRequest, sequences: list[list[int]], new: list[int]) -> list[int]:
         """Tokens the next step of one row must not take: the last token of a banned word whose other tokens
-        were just written, a token that would repeat a trigram already written, digits with ``no_digits``."""
+        were just written, and a token that would repeat a trigram already written (digits: :meth:`_digit_tokens`,
+        applied as one tensor)."""
         out = [seq[-1] for seq in sequences if len(seq) == 1 or new[len(new) - len(seq) + 1:] == seq[:-1]]
         if len(new) >= 2:
             last = new[-2:]
             out += [new[i + 2] for i in range(len(new) - 2) if new[i:i + 2] == last]
-        if request.no_digits:
-            out += self._digit_tokens()
         return out
 
     def _prefix_cache(self, prefix: list[int]) -> tuple[Any, int]:
@@ -348,11 +354,7 @@ class TransformersBackend(LLMBackend):
 
         torch = self.torch
         cached_ids, cached = self._caches.get("complete", ([], None))
-        common = 0
-        for a, b in zip(cached_ids, prefix, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(cached_ids, prefix)
         if cached is not None and common >= MIN_REUSE:
             cache = copy.deepcopy(cached)
             excess = cache.get_seq_length() - common
@@ -377,10 +379,8 @@ class TransformersBackend(LLMBackend):
             return
         torch = self.torch
         seqs = [self.render(r.messages, r.answer_prefix) for r in requests]
-        shared = min(len(s) for s in seqs) - 1  # every row keeps at least one token of its own
-        for s in seqs[1:]:
-            shared = min(shared, next((i for i, (a, b) in enumerate(zip(seqs[0], s, strict=False)) if a != b),
-                                      shared))
+        # every row keeps at least one token of its own
+        shared = min([len(s) - 1 for s in seqs] + [common_prefix(seqs[0], s) for s in seqs[1:]])
         prefix, suffixes = seqs[0][:shared], [s[shared:] for s in seqs]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         stop_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
@@ -422,6 +422,8 @@ class TransformersBackend(LLMBackend):
                 ban = self._bans(requests[index], banned[index], new[index])
                 if ban:
                     logits[row, ban] = float("-inf")
+                if requests[index].no_digits:
+                    logits[row, self._digit_tokens()] = float("-inf")
             chosen = logits.argmax(-1).tolist()
             keep: list[int] = []
             for row, (index, token) in enumerate(zip(rows, chosen, strict=True)):

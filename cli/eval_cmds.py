@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from cli.main import console, eval_app, fail, guarded, out, print_json, setup, split_spec, ties_option
-from eval.machine import machine_line
+from eval.machine import machine_info, machine_line
 from retrieval.catalog import DEFAULT_CATALOG
 
 REPORTS = Path("reports")
@@ -33,7 +33,7 @@ def eval_retrieval(
     spec = split_spec(ties, seed)
     from eval import retrieval_eval as rv
     from retrieval.catalog_store import ensure_catalog
-    from retrieval.index import load_index, save_cf, save_fusion
+    from retrieval.index import load_index
     from retrieval.splits import split_catalog
 
     cat = guarded(lambda: ensure_catalog(catalog))
@@ -43,13 +43,8 @@ def eval_retrieval(
     lists = {"validation": rv.collect_lists(index, split, "validation")}
     tuning = None
     if tune:
-        tuning = rv.tune(index, split, lists["validation"])
-        lists["validation"], cf_config = tuning.lists, tuning.cf
-        fusion = fusion.model_copy(update={"weights": tuning.weights, "tuned": True,
-                                           "tuned_on": f"validation ndcg@10, ties {spec.ties}, seed {spec.seed}"})
-        assert cat.root is not None
-        save_fusion(cat.root / "index", fusion)
-        save_cf(cat.root / "index", cat, cf_config)
+        tuning = rv.tune_and_store(index, split, spec, lists["validation"])
+        lists["validation"], cf_config, fusion = tuning.lists, tuning.cf, index.manifest.fusion
         console.print(f"[green]tuned[/] weights {tuning.weights}, EASE lambda {cf_config.ease_lambda:g} "
                       f"(validation NDCG@10 {tuning.score:.4f}); stored with the index")
     lists["test"] = rv.collect_lists(index, split, "test", cf_config=cf_config)
@@ -87,6 +82,58 @@ def eval_retrieval(
             table.add_row(method, *[f"{vals[m]['mean']:.4f}" for m in metrics])
         out.print(table)
     console.print(f"report: {REPORTS / f'retrieval-{catalog}.md'} ({time.perf_counter() - t0:.1f}s)")
+
+
+@eval_app.command("embedder")
+def eval_embedder(
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    cold_share: float = typer.Option(0.1, "--cold-share", min=0.01, max=0.5, help="share of items made cold"),
+    cold_minutes: float = typer.Option(12.0, "--cold-minutes", min=0.1, help="training budget of the cold encoder"),
+    ties: str = ties_option(),
+    seed: int = typer.Option(0, "--seed", help="seeds the random tie order, the cold items and the bootstrap"),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the 95% intervals"),
+    sasrec: bool = typer.Option(True, "--sasrec/--no-sasrec", help="also fit the SASRec-style baseline (~7 min)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The tuned encoder (`recagent train embedder`) against the frozen one, CF and the fusion on the same split;
+    cold-start hit rates; the cost of a user's query vector. Writes reports/embedder-CATALOG.{md,json,png}."""
+    setup()
+    spec = split_spec(ties, seed)
+    from eval import embedder_eval as ee
+    from retrieval.catalog_store import ensure_catalog
+    from retrieval.index import load_index
+    from retrieval.splits import split_catalog
+
+    cat = guarded(lambda: ensure_catalog(catalog))
+    live = guarded(lambda: load_index(cat))
+    if live.manifest.encoder.kind != "tuned":
+        fail(f"the index of '{catalog}' uses the frozen encoder; run `recagent train embedder --catalog {catalog}` "
+             "first (it re-indexes with the tuned one)")
+    t0 = time.perf_counter()
+    report = ee.run(cat, live, split_catalog(cat, spec), spec, cold_share, cold_minutes, n_boot, sasrec)
+    command = (f"recagent eval embedder --catalog {catalog} --ties {spec.ties} --seed {spec.seed} "
+               f"--cold-share {cold_share:g} --cold-minutes {cold_minutes:g}{'' if sasrec else ' --no-sasrec'}")
+    report.update(command=command, machine=machine_info(), seconds=round(time.perf_counter() - t0, 1))
+    REPORTS.mkdir(exist_ok=True)
+    plot = REPORTS / f"embedder-{catalog}.png"
+    ee.plot_validation(report["training"]["train"]["log"], plot)
+    training = report["training"]
+    notes = [f"catalogue: {catalog} ({cat.n_items} items); protocol: {spec.describe()}; full ranking over all items "
+             "minus the history; CF fitted only on what each part may see",
+             f"tuned encoder: {report['encoder']['name']}, trained by `{training['command']}` (commit "
+             f"{training['commit']}): {training['train']['steps']} steps, {training['train']['pairs_seen']} pairs in "
+             f"{training['train']['seconds'] / 60:.1f} min ({training['train']['pairs_per_s']} pairs/s), top "
+             f"{training['config']['train_layers']} of 6 layers trained; training pairs from the training part only",
+             f"best checkpoint chosen on {training['validation']['users']} validation users: "
+             f"{training['validation']['kept']}",
+             f"command: {command} ({report['seconds'] / 60:.1f} min)", f"machine: {machine_line()}"]
+    (REPORTS / f"embedder-{catalog}.md").write_text(ee.markdown(report, notes, plot.name))
+    (REPORTS / f"embedder-{catalog}.json").write_text(json.dumps(report, indent=2, default=str))
+    if as_json:
+        print_json({part: {m: {k: round(v["mean"], 5) for k, v in ms.items()} for m, ms in methods.items()}
+                    for part, methods in report["warm"]["results"].items()})
+        return
+    console.print(f"report: {REPORTS / f'embedder-{catalog}.md'}")
 
 
 @eval_app.command("rerank")

@@ -129,14 +129,16 @@ def ingest(
 
 @app.command()
 def index(catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog")) -> None:
-    """(Re)build a catalogue's index; only changed items are re-embedded."""
+    """(Re)build a catalogue's index; only changed items are re-embedded. The encoder is the catalogue's tuned one
+    when it has one (`recagent train embedder`), else frozen MiniLM; RECAGENT_ENCODER=auto|frozen|tuned|FOLDER."""
     setup()
     from retrieval.catalog_store import fetch_movielens, reindex
 
     if catalog == DEFAULT_CATALOG:
         guarded(lambda: fetch_movielens())
     manifest = guarded(lambda: reindex(catalog))
-    console.print(f"[green]indexed[/] {catalog} in {manifest.build_seconds:.1f}s (collection {manifest.collection})")
+    console.print(f"[green]indexed[/] {catalog} in {manifest.build_seconds:.1f}s (collection {manifest.collection}, "
+                  f"encoder {manifest.encoder.name})")
 
 
 def parse_history(history: str | None) -> list[str]:

@@ -64,3 +64,60 @@ def train_ranker(
     console.print(f"[green]ranker saved[/] in {trainer.out}; report: {report}")
     out.print(json.dumps({"train": {k: v for k, v in provenance.train.items() if k != "log"},
                           "validation": provenance.validation}, indent=2))
+
+
+@train_app.command("embedder")
+def train_embedder(
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    minutes: float = typer.Option(25.0, "--minutes", min=0.1, help="training time budget (the best checkpoint is "
+                                  "kept)"),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="stop after this many optimiser steps"),
+    batch_size: int = typer.Option(64, "--batch-size", min=2, help="pairs per batch (in-batch negatives)"),
+    lr: float = typer.Option(2e-4, "--lr", min=1e-7),
+    train_layers: int = typer.Option(2, "--train-layers", min=1, help="top transformer layers trained"),
+    per_user: int = typer.Option(25, "--per-user", min=1, help="latest training steps per user made into pairs"),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=16, max=512, help="token budget of a history text"),
+    val_users: int = typer.Option(300, "--val-users", min=1, help="validation users measured during training"),
+    eval_every: int = typer.Option(100, "--eval-every", min=1, help="optimiser steps between validation passes"),
+    seed: int = typer.Option(0, "--seed"),
+    ties: str = ties_option(),
+    reindex: bool = typer.Option(True, "--reindex/--no-reindex", help="rebuild the catalogue's index with the "
+                                 "tuned encoder and re-tune the fusion weights on validation"),
+    output: Path | None = typer.Option(None, "--output", help="encoder folder (default RECAGENT_HOME/encoders/NAME)"),
+) -> None:
+    """Fine-tune the sentence encoder on the training part of the histories (user history text -> next item,
+    in-batch negatives); keeps the best checkpoint by validation NDCG@10 of the vector retriever, then rebuilds
+    the index with it (item vectors in Chroma, user vectors from history text) and re-tunes the fusion weights."""
+    setup()
+    from eval import retrieval_eval as rv
+    from retrieval.catalog_store import ensure_catalog
+    from retrieval.encoder import encoders_dir, record_fusion, tuned_ref
+    from retrieval.encoder_train import EncoderTrainConfig, EncoderTrainer
+    from retrieval.index import build_index, load_index
+    from retrieval.splits import split_catalog
+
+    spec = split_spec(ties, seed)
+    config = guarded(lambda: EncoderTrainConfig(
+        batch_size=batch_size, lr=lr, train_layers=train_layers, per_user=per_user, max_tokens=max_tokens,
+        val_users=val_users, eval_every=eval_every, seed=seed, max_minutes=minutes, max_steps=max_steps))
+    cat = guarded(lambda: ensure_catalog(catalog))
+    folder = output or encoders_dir(cat.name)
+    trainer = EncoderTrainer(cat, config, spec, out=folder)
+    provenance = guarded(trainer.run)
+    console.print(f"[green]encoder saved[/] in {folder}: validation NDCG@10 {provenance.validation['best']['ndcg@10']}"
+                  f" (frozen {provenance.validation['ndcg@10_frozen']}), kept {provenance.validation['kept']}")
+    summary: dict[str, object] = {"train": {k: v for k, v in provenance.train.items() if k != "log"},
+                                  "validation": provenance.validation, "checkpoint": provenance.checkpoint}
+    if reindex:
+        assert cat.root is not None
+        with console.status("re-indexing with the tuned encoder"):
+            build_index(cat, cat.root / "index", encoder=tuned_ref(folder), progress=False)
+        index = load_index(cat)
+        tuning = rv.tune_and_store(index, split_catalog(cat, spec), spec, progress=False)
+        record_fusion(folder, tuning.weights, tuning.cf.ease_lambda, index.manifest.fusion.tuned_on or "validation")
+        console.print(f"[green]index rebuilt[/] with encoder {index.manifest.encoder.name}; fusion re-tuned on "
+                      f"validation: {tuning.weights}, EASE lambda {tuning.cf.ease_lambda:g} (NDCG@10 "
+                      f"{tuning.score:.4f})")
+        summary["fusion"] = {"weights": tuning.weights, "ease_lambda": tuning.cf.ease_lambda,
+                             "validation_ndcg@10": round(tuning.score, 5)}
+    out.print(json.dumps(summary, indent=2))

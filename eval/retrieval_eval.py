@@ -32,7 +32,7 @@ SOURCE_NAMES = ("mostpop", "ease", "sequential", "content")
 TUNE_GRID = {
     "sequential": (1.0,),
     "ease": (0.0, 0.25, 0.5, 1.0),
-    "content": (0.0, 0.1, 0.2, 0.4),
+    "content": (0.0, 0.1, 0.2, 0.4, 0.7, 1.0),  # up to 1: a tuned encoder can weigh as much as the sequential source
     "mostpop": (0.0, 0.1, 0.2, 0.4),
 }
 EASE_LAMBDAS = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
@@ -164,6 +164,24 @@ def tune(index: Index, split: Split, validation: PartLists, lambdas: Sequence[fl
     assert best is not None
     point, config, lists = best
     return Tuning(weights=point.weights, cf=config, score=point.score, by_lambda=by_lambda, lists=lists)
+
+
+def tune_and_store(index: Index, split: Split, spec: SplitSpec, validation: PartLists | None = None,
+                   progress: bool = True) -> Tuning:
+    """Tune the fusion weights and EASE's lambda on validation and store them with the index (its manifest and
+    CF models), so that serving and later rebuilds use them."""
+    from retrieval.index import save_cf, save_fusion
+
+    validation = validation or collect_lists(index, split, "validation", progress)
+    tuning = tune(index, split, validation, progress=progress)
+    how = f"validation ndcg@10, ties {spec.ties}, seed {spec.seed}"
+    fusion = index.manifest.fusion.model_copy(update={"weights": tuning.weights, "tuned": True, "tuned_on": how})
+    catalog = index.catalog
+    assert catalog.root is not None
+    save_fusion(catalog.root / "index", fusion)
+    save_cf(catalog.root / "index", catalog, tuning.cf)
+    index.manifest.fusion, index.manifest.cf = fusion, tuning.cf
+    return tuning
 
 
 def evaluate(lists: Mapping[str, PartLists], weights: Mapping[str, float], n_boot: int = 1000,

@@ -68,10 +68,11 @@ class EmbeddingCache:
 class Embedder:
     """Embeds texts into L2-normalised float32 vectors, batched, with a persistent content-hash cache."""
 
-    def __init__(self, model_dir: Path | None = None, batch_size: int = 64, cache: bool = True) -> None:
+    def __init__(self, model_dir: Path | None = None, batch_size: int = 64, cache: bool = True,
+                 name: str | None = None) -> None:
         self.model_dir = Path(model_dir) if model_dir else ensure_embedding_model()
         self.batch_size = batch_size
-        self.name = self.model_dir.name
+        self.name = name or self.model_dir.name  # part of every cache key: a tuned checkpoint gets its own name
         self._model: Any = None
         self._lock = threading.Lock()
         self.cache = EmbeddingCache(recagent_home() / "cache" / f"embeddings-{self.name}.sqlite") if cache else None
@@ -102,6 +103,13 @@ class Embedder:
             chunks.append(self.model.encode(batch, batch_size=self.batch_size, normalize_embeddings=True,
                                             convert_to_numpy=True, show_progress_bar=False))
         return np.vstack(chunks).astype(np.float32)
+
+    def encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for one-off texts (a user's history, a query) that should not grow the cache."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._encode(texts, progress=False)
 
     def embed(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         texts = list(texts)

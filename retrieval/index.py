@@ -9,8 +9,9 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, Field
 from retrieval.catalog import Catalog, atomic_write_json, swap_in
 from retrieval.cf import CFConfig, CFModels, fit_cf
 from retrieval.embeddings import Embedder
+from retrieval.encoder import EncoderRef, make_embedder, resolve_encoder, user_vector_fn
 from retrieval.filters import genre_key
 from retrieval.item_text import item_text
 from retrieval.retriever import RETRIEVERS, BlendRetriever
@@ -51,6 +53,7 @@ class IndexManifest(BaseModel):
     content_hash: str
     collection: str
     embed_model: str
+    encoder: EncoderRef = Field(default_factory=EncoderRef, description="frozen or tuned (which checkpoint)")
     dim: int
     built_at: str
     build_seconds: float
@@ -87,10 +90,16 @@ def position_histories(catalog: Catalog, histories: Mapping[str, Sequence[str]])
 
 
 def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, progress: bool = True,
-                fusion: FusionConfig | None = None) -> IndexManifest:
-    """Build into a staging folder beside ``dest`` and swap it in; the old collection goes only afterwards."""
+                fusion: FusionConfig | None = None, encoder: EncoderRef | None = None) -> IndexManifest:
+    """Build into a staging folder beside ``dest`` and swap it in; the old collection goes only afterwards.
+
+    The encoder is ``encoder``, else the frozen one when an ``embedder`` is given, else the one
+    ``RECAGENT_ENCODER`` chooses for the catalogue (its tuned encoder when it has one)."""
     start = time.perf_counter()
-    embedder = embedder or Embedder()
+    if encoder is None:
+        encoder = EncoderRef(name=embedder.name) if embedder is not None else resolve_encoder(catalog.name)
+    if embedder is None or embedder.name != encoder.name:
+        embedder = make_embedder(encoder)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-staging-"))
     client = make_client()
@@ -100,19 +109,20 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
         texts = item_texts(catalog)
         vectors = embedder.embed(texts, progress=progress)
         np.save(staging / "item_vectors.npy", vectors)
-        store = ItemVectorStore(client, collection, embedder, create=True)
+        store = ItemVectorStore(client, collection, embedder, create=True,
+                                metadata={"encoder": encoder.name, "checkpoint": encoder.checkpoint or "frozen"})
         store.add(catalog.item_ids, vectors, texts, item_metadata(catalog))
         if store.count() != catalog.n_items:
             raise RuntimeError(f"Chroma holds {store.count()} items, expected {catalog.n_items}")
-        cf_config = old_manifest.cf if old_manifest else CFConfig()
+        fusion, cf_config = fusion_for(encoder, old_manifest, fusion)
         cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, cf_config)
         cf.save(staging)
         manifest = IndexManifest(
             catalog=catalog.name, content_hash=catalog.content_hash(), collection=collection,
-            embed_model=embedder.name, dim=int(vectors.shape[1]),
+            embed_model=embedder.name, encoder=encoder, dim=int(vectors.shape[1]),
             built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             build_seconds=round(time.perf_counter() - start, 2), cf=cf_config,
-            fusion=fusion or (old_manifest.fusion if old_manifest else FusionConfig()),
+            fusion=fusion,
         )
         atomic_write_json(staging / "manifest.json", manifest.model_dump(mode="json"))
         swap_in(staging, dest)
@@ -125,6 +135,23 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
     logger.info("index built catalog=%s items=%d seconds=%.1f", catalog.name, catalog.n_items,
                 manifest.build_seconds)
     return manifest
+
+
+def fusion_for(encoder: EncoderRef, old: IndexManifest | None,
+               fusion: FusionConfig | None = None) -> tuple[FusionConfig, CFConfig]:
+    """The fusion weights and CF config of a new index: the previous index's when it used the same encoder, else
+    those tuned with the encoder (kept in its provenance), else the previous index's or the defaults."""
+    cf = old.cf if old else CFConfig()
+    if fusion is not None:
+        return fusion, cf
+    if old is not None and old.encoder.name == encoder.name:
+        return old.fusion, cf
+    if encoder.fusion is not None:
+        if encoder.ease_lambda is not None:
+            cf = cf.model_copy(update={"ease_lambda": encoder.ease_lambda})
+        return FusionConfig(weights=dict(encoder.fusion), tuned=True,
+                            tuned_on=f"validation, with encoder {encoder.name}"), cf
+    return (old.fusion if old else FusionConfig()), cf
 
 
 def read_manifest(folder: Path) -> IndexManifest | None:
@@ -176,12 +203,23 @@ class Index:
     def embed_text(self, text: str) -> np.ndarray:
         return self.embedder.embed([text])[0]
 
+    @cached_property
+    def user_vector(self) -> Callable[[Sequence[int]], np.ndarray] | None:
+        """History positions -> the tuned encoder's user vector (None with the frozen encoder)."""
+        return user_vector_fn(self.manifest.encoder, self.embedder, item_texts(self.catalog))
+
+    def content_prior(self, cf: CFModels) -> np.ndarray | None:
+        """The tuned encoder's popularity prior over items, from ``cf``'s counts (None without one)."""
+        weight = self.manifest.encoder.prior_weight
+        return weight * np.log1p(cf.popularity.astype(np.float64)) if weight > 0 else None
+
     def sources(self, cf: CFModels | None = None) -> dict[str, Source]:
         cf = cf or self.cf
         sources: dict[str, Source] = {
             "mostpop": PopularitySource(cf),
             "sequential": SequentialSource(cf),
-            "content": ContentSource(self.store, self.item_vectors, self.catalog.item_index, self.embed_text),
+            "content": ContentSource(self.store, self.item_vectors, self.catalog.item_index, self.embed_text,
+                                     user_vector=self.user_vector, prior=self.content_prior(cf)),
         }
         if cf.ease is not None:
             sources["ease"] = EaseSource(cf)
@@ -208,13 +246,16 @@ class Index:
         return fit_cf(position_histories(self.catalog, histories), self.catalog.n_items, config or self.manifest.cf)
 
 
-def load_index(catalog: Catalog, embedder: Embedder | None = None) -> Index:
-    assert catalog.root is not None, "load_index needs a stored catalogue"
-    folder = catalog.root / "index"
+def load_index(catalog: Catalog, embedder: Embedder | None = None, folder: Path | None = None) -> Index:
+    """The catalogue's index (or the one built in ``folder``), queried with the encoder its manifest names."""
+    if folder is None:
+        assert catalog.root is not None, "load_index needs a stored catalogue"
+        folder = catalog.root / "index"
     manifest = read_manifest(folder)
     if manifest is None:
         raise IndexNotBuiltError(catalog.name)
-    embedder = embedder or Embedder()
+    if embedder is None or embedder.name != manifest.encoder.name:
+        embedder = make_embedder(manifest.encoder)  # the encoder that made the vectors embeds the queries
     store = ItemVectorStore(make_client(), manifest.collection, embedder)
     return Index(catalog=catalog, manifest=manifest, store=store,
                  item_vectors=np.load(folder / "item_vectors.npy"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,24 +93,36 @@ class SequentialSource:
         return top_of_dense(scores, query.allowed, n, positive_only=True)
 
 
+PRIOR_OVERFETCH = 300  # extra neighbours fetched when a popularity prior re-ranks them
+
+
 class ContentSource:
-    """Chroma nearest neighbours of the user's profile: recency-weighted mean of history item embeddings,
-    blended with an embedded free-text query when one is given."""
+    """Chroma nearest neighbours of the user's vector, blended with an embedded free-text query when one is
+    given. The user's vector is the encoder over their history text when the index has a tuned encoder
+    (``user_vector``), else the recency-weighted mean of their items' embeddings. A tuned encoder also brings a
+    popularity prior (``prior``: its weight times log(1 + interactions), from the CF models in use) that
+    re-ranks the over-fetched neighbours."""
 
     name = "content"
 
     def __init__(self, store: ItemVectorStore, item_vectors: np.ndarray, item_index: dict[str, int],
-                 embed_text: Callable[[str], np.ndarray], decay: float = 0.9, query_weight: float = 1.0) -> None:
+                 embed_text: Callable[[str], np.ndarray], decay: float = 0.9, query_weight: float = 1.0,
+                 user_vector: Callable[[Sequence[int]], np.ndarray] | None = None,
+                 prior: np.ndarray | None = None) -> None:
         self.store = store
         self.item_vectors = item_vectors
         self.item_index = item_index
         self.embed_text = embed_text
         self.decay = decay
         self.query_weight = query_weight
+        self.user_vector = user_vector
+        self.prior = prior  # per item, added to the cosine of the nearest neighbours (over-fetched to re-rank)
 
     def profile(self, history: list[int], text: str | None) -> np.ndarray | None:
         vec = np.zeros(self.item_vectors.shape[1], dtype=np.float64)
-        if history:
+        if history and self.user_vector is not None:
+            vec += self.user_vector(history).astype(np.float64)
+        elif history:
             w = recency_weights(len(history), self.decay)
             prof = (self.item_vectors[history] * w[:, None]).sum(axis=0)
             vec += prof / (np.linalg.norm(prof) or 1.0)
@@ -124,10 +136,15 @@ class ContentSource:
         if vec is None:
             return []
         where = query.filters.where() if query.filters else None
-        hits = self.store.query(vec, n + len(set(query.history)), where=where)
+        fetch = n + len(set(query.history))
+        if self.prior is not None:
+            fetch += max(3 * n, PRIOR_OVERFETCH)
+        hits = self.store.query(vec, fetch, where=where)
         out = []
         for item_id, sim in hits:
             pos = self.item_index.get(item_id)
             if pos is not None and query.allowed[pos]:
-                out.append((pos, sim))
+                out.append((pos, sim if self.prior is None else sim + float(self.prior[pos])))
+        if self.prior is not None:
+            out.sort(key=lambda h: (-h[1], h[0]))
         return out[:n]

@@ -27,7 +27,8 @@ def make_embedding_function(embedder: Embedder) -> Any:
     class RecagentEmbeddingFunction(EmbeddingFunction[Documents]):
         def __init__(self, model_dir: str) -> None:
             self.model_dir = model_dir
-            self._embedder = embedder if str(embedder.model_dir) == model_dir else Embedder(Path(model_dir))
+            self._embedder = embedder if str(embedder.model_dir) == model_dir else Embedder(Path(model_dir),
+                                                                                             name=embedder.name)
 
         def __call__(self, input: Documents) -> Embeddings:
             return list(self._embedder.embed(list(input)))
@@ -75,13 +76,15 @@ def make_client() -> Any:
 class ItemVectorStore:
     """One Chroma collection of items: ids, documents (item text), metadata and our embeddings."""
 
-    def __init__(self, client: Any, collection_name: str, embedder: Embedder, create: bool = False) -> None:
+    def __init__(self, client: Any, collection_name: str, embedder: Embedder, create: bool = False,
+                 metadata: dict[str, Any] | None = None) -> None:
         self.client = client
         self.name = collection_name
         ef = make_embedding_function(embedder)
-        if create:
+        if create:  # ``metadata``: which encoder and checkpoint made the vectors
             self.collection = client.create_collection(
-                name=collection_name, embedding_function=ef, configuration={"hnsw": {"space": "cosine"}})
+                name=collection_name, embedding_function=ef, configuration={"hnsw": {"space": "cosine"}},
+                metadata=metadata or None)
         else:
             self.collection = client.get_collection(name=collection_name, embedding_function=ef)
 

@@ -204,6 +204,29 @@ def tiny_index(tiny_catalog: Catalog, embedder: Embedder) -> Index:
     return load_index(tiny_catalog, embedder=embedder)
 
 
+@pytest.fixture(scope="session")
+def tuned_tiny_index(tiny_catalog: Catalog, embedder: Embedder) -> Iterator[Index]:
+    """A copy of the tiny catalogue whose index uses an encoder fine-tuned for two steps by the real
+    `recagent train embedder` (the smoke run of ``make test``). Read-only for tests."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from retrieval.catalog_store import save_and_index
+    from retrieval.encoder import encoders_dir
+
+    name = new_catalog_name("tuned")
+    save_and_index(Catalog(name=name, items=tiny_catalog.items.copy(), interactions=tiny_catalog.interactions.copy()),
+                   embedder=embedder, progress=False)
+    try:
+        result = CliRunner().invoke(app, ["train", "embedder", "--catalog", name, "--max-steps", "2", "--batch-size",
+                                          "2", "--eval-every", "1", "--val-users", "8", "--seed", "1"])
+        assert result.exit_code == 0, result.output
+        yield load_index(load_catalog(name))
+    finally:
+        drop_catalog(name)
+        shutil.rmtree(encoders_dir(name), ignore_errors=True)
+
+
 # --- LLM backends (shared by every module that needs them) --------------------------------------------------
 
 

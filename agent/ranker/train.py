@@ -16,8 +16,6 @@ import logging
 import math
 import random
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from agent.rerank import RerankConfig, Reranker, fuse, log_odds
 from agent.service import RecommenderService
 from retrieval.catalog import atomic_write_json, swap_in
 from retrieval.index import Index
+from retrieval.provenance import command_line, git_commit
 from retrieval.splits import SplitSpec, split_catalog
 
 logger = logging.getLogger(__name__)
@@ -283,7 +282,7 @@ class RankerTrainer:
         provenance = RankerProvenance(
             catalog=self.index.catalog.name, content_hash=self.index.manifest.content_hash,
             prompt=f"rerank_trained.{self.reranker.config.trained_prompt}", marker=self.reranker.config.marker,
-            base_model=self.backend.model_name, command=" ".join(["recagent", *sys.argv[1:]]), commit=git_commit(),
+            base_model=self.backend.model_name, command=command_line(), commit=git_commit(),
             seed=self.config.seed, split=self.spec.provenance(), train=train, validation=validation,
             choices=choices, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         atomic_write_json(staging / PROVENANCE, json.loads(provenance.model_dump_json()))
@@ -320,11 +319,3 @@ def ndcg_table(examples: Sequence[Example], scores: Sequence[np.ndarray]) -> dic
     best_alpha = max(ALPHAS, key=lambda a: (round(fused[a], 6), -a))
     out.update(best_fused=fused[best_alpha], best_alpha=best_alpha)
     return {k: round(v, 5) for k, v in out.items()}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"

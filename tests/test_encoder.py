@@ -181,3 +181,24 @@ def test_the_popularity_prior_reranks_the_nearest_neighbours(tuned_tiny_index: I
     assert popularity[positions[0]] == popularity[allowed].max()
     manifest.encoder.prior_weight = 0.0
     assert dataclasses.replace(tuned_tiny_index, manifest=manifest).content_prior(strong.cf) is None
+
+
+def test_a_shipped_encoder_is_found_and_materialised_under_the_home(tuned_tiny_index: Index, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import retrieval.encoder as encoder_module
+
+    ref = tuned_tiny_index.manifest.encoder
+    assert ref.path is not None
+    shipped = tmp_path / "shipped"
+    (shipped / "shop").mkdir(parents=True)
+    for name in (TRAINED_LAYERS, PROVENANCE):
+        shutil.copy(Path(ref.path) / name, shipped / "shop" / name)
+    monkeypatch.setattr(encoder_module, "SHIPPED", shipped)
+    found = resolve_encoder("shop", "auto")  # nothing trained under the home for "shop": the shipped one
+    assert found.kind == "tuned" and found.checkpoint == ref.checkpoint and found.path == str(shipped / "shop")
+    assert found.fusion == tuned_tiny_index.manifest.fusion.weights  # a fresh index starts from its tuned weights
+    model_dir = materialise(shipped / "shop")
+    assert model_dir.is_relative_to(encoders_dir(".materialised")) and not (shipped / "shop" / "model").exists()
+    assert resolve_encoder("shop", "frozen").kind == "frozen"

@@ -20,6 +20,7 @@ from retrieval.sources import Source, SourceQuery
 logger = logging.getLogger(__name__)
 
 RETRIEVERS = ("fused", "mostpop", "ease", "sequential", "content")
+QUERY_CONTENT_WEIGHT = 1.0  # the content source's least weight when a request carries free text
 
 
 class Retriever(Protocol):
@@ -64,6 +65,13 @@ class BlendRetriever:
         self.catalog = catalog
         self.sources = {n: s for n, s in sources.items() if weights.get(n, 0.0) > 0}
         self.weights = dict(weights)
+        # fusion weights are tuned on histories alone; a caller's free text is heard through the content source
+        # even where that tuning gave it no weight
+        self.text_sources = dict(self.sources)
+        self.text_weights = dict(self.weights)
+        if "content" in sources:
+            self.text_sources["content"] = sources["content"]
+            self.text_weights["content"] = max(self.weights.get("content", 0.0), QUERY_CONTENT_WEIGHT)
         self.pool = pool
         self.popularity = popularity.astype(np.float64)
 
@@ -86,7 +94,8 @@ class BlendRetriever:
         return SourceQuery(history=positions, allowed=allowed, filters=filters, text=query or None)
 
     def source_lists(self, q: SourceQuery, n: int) -> dict[str, list[tuple[int, float]]]:
-        return {name: source.top(q, n) for name, source in self.sources.items()}
+        sources = self.text_sources if q.text else self.sources
+        return {name: source.top(q, n) for name, source in sources.items()}
 
     def retrieve(self, history: Sequence[str], k: int, filters: Filters | None = None,
                  query: str | None = None) -> list[Candidate]:
@@ -94,7 +103,7 @@ class BlendRetriever:
             raise ValueError(f"k must be at least 1, got {k}")
         q = self.query(history, filters, query)
         lists = self.source_lists(q, max(self.pool, k))
-        fused = blend(lists, self.weights, k)
+        fused = blend(lists, self.text_weights if q.text else self.weights, k)
         if len(fused) < k:  # top up with popular items so callers get k when the filters allow it
             taken = {p for p, _, _ in fused}
             allowed = q.allowed.copy()

@@ -112,6 +112,15 @@ def test_content_neighbours_stay_in_cluster(tiny_index: Index) -> None:
     assert set(got) <= {"d3", "d4"}
 
 
+def test_free_text_is_heard_where_tuning_gave_content_no_weight(tiny_index: Index) -> None:
+    retriever = tiny_index.retriever("fused", weights={"sequential": 1.0, "ease": 0.5, "content": 0.0})
+    assert "content" not in retriever.sources  # history-only requests skip it, as tuned
+    got = ids(retriever.retrieve([], k=3, query="astronauts and aliens on a starship in deep space"))
+    assert set(got) <= {"s1", "s2", "s3", "s4"}
+    with_history = ids(retriever.retrieve(["d1"], k=4, query="a fairy-tale princess and a dragon"))
+    assert {"a1", "a2"} & set(with_history)
+
+
 def test_genre_filter_keeps_only_that_genre(tiny_index: Index) -> None:
     catalog = tiny_index.catalog
     got = tiny_index.retriever("fused").retrieve(["s1", "s2"], k=10, filters=Filters(genres=["drama"]))

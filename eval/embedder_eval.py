@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -48,7 +49,7 @@ def side_index(catalog: Catalog, encoder: EncoderRef, cf: CFConfig) -> Iterator[
         embedder = make_embedder(encoder, cache=encoder.kind == "frozen")  # throw-away vectors stay uncached
         manifest = build_index(catalog, folder / "index", embedder=embedder, encoder=encoder, progress=False)
         index = load_index(catalog, folder=folder / "index")
-        index.manifest.cf = cf
+        index.manifest.cf = cf  # the live index's CF settings, so that tuning starts from the same EASE lambda
         yield index
     finally:
         if manifest is not None:
@@ -95,15 +96,18 @@ def warm_comparison(live: Index, frozen: Index, split: Split, n_boot: int, seed:
 def frozen_prior(frozen: Index, split: Split, cf: CFConfig, progress: bool) -> dict[str, Any]:
     """The frozen encoder's content source with the popularity prior whose weight is best on validation."""
     weights = {"content": 1.0}
+
+    def with_prior(weight: float) -> Index:
+        encoder = frozen.manifest.encoder.model_copy(update={"prior_weight": weight})
+        return dataclasses.replace(frozen, manifest=frozen.manifest.model_copy(update={"encoder": encoder}))
+
     by_weight: dict[float, float] = {}
     for weight in PRIOR_WEIGHTS:
-        frozen.manifest.encoder.prior_weight = weight
-        lists = rv.collect_lists(frozen, split, "validation", progress, cf_config=cf, weights=weights)
+        lists = rv.collect_lists(with_prior(weight), split, "validation", progress, cf_config=cf, weights=weights)
         by_weight[weight] = summarise(lists.ranks(weights), n_boot=1)["ndcg@10"]["mean"]
     best = max(PRIOR_WEIGHTS, key=lambda w: (by_weight[w], -w))
-    frozen.manifest.encoder.prior_weight = best
-    parts = {part: rv.collect_lists(frozen, split, part, progress, cf_config=cf, weights=weights) for part in rv.PARTS}
-    frozen.manifest.encoder.prior_weight = 0.0
+    parts = {part: rv.collect_lists(with_prior(best), split, part, progress, cf_config=cf, weights=weights)
+             for part in rv.PARTS}
     return {"weight": best, "validation_ndcg@10": {f"{w:g}": round(v, 5) for w, v in by_weight.items()},
             "results": {part: summarise(pl.ranks(weights)) for part, pl in parts.items()}}
 
@@ -121,8 +125,8 @@ def cold_hits(indexes: Mapping[str, Index], split: Split, cold: set[str], weight
     cases = [c for c in split.test if c.target in cold]
     out: dict[str, Any] = {"cases": len(cases), "cold_items": len(cold)}
     rows: dict[str, np.ndarray] = {}
+    cf = next(iter(indexes.values())).fit_cf(fit, cf_config)  # CF does not depend on the encoder: fitted once
     for encoder, index in indexes.items():
-        cf = index.fit_cf(fit, cf_config)
         available = index.sources(cf)
         for name in ("content",) if encoder == "frozen" else COLD_RETRIEVERS:
             if name != "fused" and name not in available:
@@ -141,10 +145,13 @@ def cold_hits(indexes: Mapping[str, Index], split: Split, cold: set[str], weight
 
 
 def query_cost(index: Index, split: Split, users: int = 100, length: int = 50) -> dict[str, float]:
-    """Milliseconds to turn a ``length``-item history into the tuned encoder's user vector (p50/p95)."""
+    """Milliseconds to turn a ``length``-item history into the tuned encoder's user vector (p50/p95); a catalogue
+    with fewer than two such histories is timed on its longest ones (``history_items`` says how long)."""
     assert index.user_vector is not None, "query cost is measured for a tuned encoder"
     idx = index.catalog.item_index
-    histories = [[idx[i] for i in h[-length:]] for h in split.train.values() if len(h) >= length][:users]
+    long = [h for h in split.train.values() if len(h) >= length]
+    chosen = long if len(long) >= 2 else sorted((h for h in split.train.values() if h), key=len, reverse=True)
+    histories = [[idx[i] for i in h[-length:]] for h in chosen[:users]]
     for h in histories[:3]:  # warm-up
         index.user_vector(h)
     times = []
@@ -152,9 +159,9 @@ def query_cost(index: Index, split: Split, users: int = 100, length: int = 50) -
         t0 = time.perf_counter()
         index.user_vector(h)
         times.append((time.perf_counter() - t0) * 1000)
-    q = statistics.quantiles(times, n=20)
-    return {"users": len(times), "history_items": length, "p50_ms": round(statistics.median(times), 2),
-            "p95_ms": round(q[18], 2)}
+    p95 = statistics.quantiles(times, n=20)[18] if len(times) >= 2 else max(times)
+    return {"users": len(times), "history_items": min(len(h) for h in histories),
+            "p50_ms": round(statistics.median(times), 2), "p95_ms": round(p95, 2)}
 
 
 def cold_encoder(catalog: Catalog, spec: SplitSpec, cold: set[str], minutes: float, folder: Path,

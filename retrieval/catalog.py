@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from retrieval.home import catalogs_dir
+from retrieval.provenance import utc_now
 
 ITEM_COLUMNS = ["item_id", "title", "description", "genres", "year", "metadata"]
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "rating"]
@@ -169,7 +170,7 @@ def write_catalog_tables(catalog: Catalog, folder: Path) -> None:
         "n_interactions": int(len(catalog.interactions)),
         "n_users": int(catalog.interactions["user_id"].nunique()),
         "content_hash": catalog.content_hash(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_now(),
     }
     atomic_write_json(folder / "manifest.json", manifest)
 

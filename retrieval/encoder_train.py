@@ -92,7 +92,8 @@ def training_pairs(histories: Mapping[str, Sequence[int]], texts: HistoryText, i
 
 
 class EncoderTrainer:
-    """Fine-tunes the frozen encoder for one catalogue and writes ``model/`` + ``provenance.json``."""
+    """Fine-tunes the frozen encoder for one catalogue and writes ``trained_layers.safetensors`` (what ships),
+    ``model/`` (the full model, for local use) and ``provenance.json``."""
 
     def __init__(self, catalog: Catalog, config: EncoderTrainConfig, spec: SplitSpec, out: Path | None = None,
                  base_model: Path | None = None, exclude: set[str] | None = None) -> None:

@@ -24,6 +24,7 @@ from retrieval.embeddings import Embedder
 from retrieval.encoder import EncoderRef, make_embedder, resolve_encoder, user_vector_fn
 from retrieval.filters import genre_key
 from retrieval.item_text import item_text
+from retrieval.provenance import utc_now
 from retrieval.retriever import RETRIEVERS, BlendRetriever
 from retrieval.sources import (
     ContentSource,
@@ -120,7 +121,7 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
         manifest = IndexManifest(
             catalog=catalog.name, content_hash=catalog.content_hash(), collection=collection,
             embed_model=embedder.name, encoder=encoder, dim=int(vectors.shape[1]),
-            built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            built_at=utc_now(),
             build_seconds=round(time.perf_counter() - start, 2), cf=cf_config,
             fusion=fusion,
         )

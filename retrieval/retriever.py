@@ -65,13 +65,7 @@ class BlendRetriever:
         self.catalog = catalog
         self.sources = {n: s for n, s in sources.items() if weights.get(n, 0.0) > 0}
         self.weights = dict(weights)
-        # fusion weights are tuned on histories alone; a caller's free text is heard through the content source
-        # even where that tuning gave it no weight
-        self.text_sources = dict(self.sources)
-        self.text_weights = dict(self.weights)
-        if "content" in sources:
-            self.text_sources["content"] = sources["content"]
-            self.text_weights["content"] = max(self.weights.get("content", 0.0), QUERY_CONTENT_WEIGHT)
+        self.content = sources.get("content")
         self.pool = pool
         self.popularity = popularity.astype(np.float64)
 
@@ -93,9 +87,16 @@ class BlendRetriever:
         allowed[positions] = False
         return SourceQuery(history=positions, allowed=allowed, filters=filters, text=query or None)
 
+    def active(self, q: SourceQuery) -> tuple[dict[str, Source], dict[str, float]]:
+        """The sources and weights that answer ``q``. Fusion weights are tuned on histories alone, so a caller's
+        free text is heard through the content source even where that tuning gave it no weight."""
+        if not q.text or self.content is None:
+            return self.sources, self.weights
+        weight = max(self.weights.get("content", 0.0), QUERY_CONTENT_WEIGHT)
+        return {**self.sources, "content": self.content}, {**self.weights, "content": weight}
+
     def source_lists(self, q: SourceQuery, n: int) -> dict[str, list[tuple[int, float]]]:
-        sources = self.text_sources if q.text else self.sources
-        return {name: source.top(q, n) for name, source in sources.items()}
+        return {name: source.top(q, n) for name, source in self.active(q)[0].items()}
 
     def retrieve(self, history: Sequence[str], k: int, filters: Filters | None = None,
                  query: str | None = None) -> list[Candidate]:
@@ -103,7 +104,7 @@ class BlendRetriever:
             raise ValueError(f"k must be at least 1, got {k}")
         q = self.query(history, filters, query)
         lists = self.source_lists(q, max(self.pool, k))
-        fused = blend(lists, self.text_weights if q.text else self.weights, k)
+        fused = blend(lists, self.active(q)[1], k)
         if len(fused) < k:  # top up with popular items so callers get k when the filters allow it
             taken = {p for p, _, _ in fused}
             allowed = q.allowed.copy()

@@ -202,3 +202,20 @@ def test_a_shipped_encoder_is_found_and_materialised_under_the_home(tuned_tiny_i
     model_dir = materialise(shipped / "shop")
     assert model_dir.is_relative_to(encoders_dir(".materialised")) and not (shipped / "shop" / "model").exists()
     assert resolve_encoder("shop", "frozen").kind == "frozen"
+
+
+def test_eval_embedder_reports_every_retriever_cold_items_and_query_cost(tuned_tiny_index: Index, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # reports/ is written to the working directory
+    name = tuned_tiny_index.catalog.name
+    result = CliRunner().invoke(app, ["eval", "embedder", "--catalog", name, "--cold-share", "0.1", "--cold-minutes",
+                                      "0.2", "--bootstrap", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "reports" / f"embedder-{name}.json").read_text())
+    rows = set(report["warm"]["results"]["test"])
+    assert {"content, frozen encoder", "content, frozen encoder + popularity prior", "content, tuned encoder",
+            "fused, frozen encoder", "fused, tuned encoder", "sequential"} <= rows
+    assert any(r.startswith("SASRec") for r in rows)
+    assert report["cold"]["cold_items"] == 1 and "content, tuned encoder" in report["cold"]["hit@50"]
+    assert report["query_cost"]["users"] >= 1 and report["query_cost"]["p50_ms"] > 0
+    assert (tmp_path / "reports" / f"embedder-{name}.png").exists()

@@ -33,7 +33,7 @@ from agent.rerank import RerankConfig, Reranker, fuse, log_odds
 from agent.service import RecommenderService
 from retrieval.catalog import atomic_write_json, swap_in
 from retrieval.index import Index
-from retrieval.provenance import command_line, git_commit
+from retrieval.provenance import command_line, git_commit, utc_now
 from retrieval.splits import SplitSpec, split_catalog
 
 logger = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class RankerTrainer:
             prompt=f"rerank_trained.{self.reranker.config.trained_prompt}", marker=self.reranker.config.marker,
             base_model=self.backend.model_name, command=command_line(), commit=git_commit(),
             seed=self.config.seed, split=self.spec.provenance(), train=train, validation=validation,
-            choices=choices, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            choices=choices, created=utc_now())
         atomic_write_json(staging / PROVENANCE, json.loads(provenance.model_dump_json()))
         self.out.parent.mkdir(parents=True, exist_ok=True)
         swap_in(staging, self.out)

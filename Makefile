@@ -32,6 +32,7 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	bash scripts/ensure-chromium.sh
+	bash scripts/ensure-redis.sh
 	$(BIN)/python -m pytest -q --durations=15
 
 test: lint typecheck pytest

@@ -71,6 +71,7 @@ ERRORS = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
@@ -599,7 +600,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(404, str(exc), field=field)
 
     try:
-        from agent.chat.state import SessionNotFoundError
+        from agent.chat.state import SessionBusyError, SessionConflictError, SessionNotFoundError
     except ImportError:  # the chat agent is optional
         pass
     else:
@@ -607,6 +608,11 @@ def install_error_handlers(app: FastAPI) -> None:
         @app.exception_handler(SessionNotFoundError)
         async def on_unknown_session(request: Request, exc: SessionNotFoundError) -> JSONResponse:
             return error_response(404, str(exc), field="session_id")
+
+        @app.exception_handler(SessionBusyError)
+        @app.exception_handler(SessionConflictError)
+        async def on_busy_session(request: Request, exc: Exception) -> JSONResponse:
+            return error_response(409, str(exc), field="session_id", type_="conflict")
 
     @app.exception_handler(ValueError)
     async def on_value(request: Request, exc: ValueError) -> JSONResponse:

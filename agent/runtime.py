@@ -144,13 +144,13 @@ class Runtime:
         if not chat_available():
             logger.warning("chat agent unavailable: agent.chat.agent cannot be imported")
             return None
-        from pathlib import Path
-
         from agent.chat.agent import ChatAgent
-        from agent.chat.state import SessionStore
+        from agent.chat.state import open_session_store
 
-        path = Path(self.settings.chat_sessions_path) if self.settings.chat_sessions_path else None
-        return ChatAgent(self.service, SessionStore(path=path, ttl_s=self.settings.chat_session_ttl_s))
+        url = self.settings.sessions_url or self.settings.chat_sessions_path
+        store = open_session_store(url, ttl_s=self.settings.chat_session_ttl_s)
+        logger.info("chat sessions in %r", store)
+        return ChatAgent(self.service, store)
 
     def close(self) -> None:
         self.queue.shutdown()

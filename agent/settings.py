@@ -46,9 +46,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="larger request bodies get 413")
     max_history: int = Field(default=500, ge=1, description="longer caller-given histories get 413")
     max_candidates: int = Field(default=100, ge=1, description="more rerank candidates get 413")
-    chat_session_ttl_s: int = Field(default=86400, ge=1)
+    chat_session_ttl_s: int = Field(default=86400, ge=1, description="idle chat sessions expire after this long")
+    sessions_url: str | None = Field(
+        default=None, description="where chat sessions live, shared by every replica: redis://host:port/db, "
+        "sqlite:///path/sessions.sqlite (unset: chat_sessions_path, else sessions.sqlite under RECAGENT_HOME)",
+    )
     chat_sessions_path: str | None = Field(
-        default=None, description="file that keeps chat sessions (memory if unset)"
+        default=None, description="SQLite file of chat sessions when sessions_url is unset (default: "
+        "RECAGENT_HOME/sessions.sqlite)",
     )
     micro_batch: bool = Field(
         default=True, description="batch score requests that arrive together (in-process LLM)"

@@ -55,8 +55,9 @@ def chat(
     setup()
     from agent.chat.agent import ChatAgent
     from agent.chat.config import ChatConfig
-    from agent.chat.state import SessionNotFoundError, SessionStore
+    from agent.chat.state import SessionNotFoundError, open_session_store
     from agent.service import build_service
+    from agent.settings import Settings
 
     config = ChatConfig(use_llm=not no_llm)
     interactive = sys.stdin.isatty()
@@ -65,7 +66,9 @@ def chat(
             service = guarded(lambda: build_service(catalog, use_llm=not no_llm))
     else:
         service = guarded(lambda: build_service(catalog, use_llm=not no_llm))
-    agent = ChatAgent(service, SessionStore(ttl_s=config.session_ttl_s), config)
+    settings = Settings()
+    store = open_session_store(settings.sessions_url or settings.chat_sessions_path, ttl_s=config.session_ttl_s)
+    agent = ChatAgent(service, store, config)
     session_id = session
     user_id = user
     if interactive and not as_json:

@@ -23,7 +23,7 @@ import numpy as np
 
 from agent.chat.agent import ChatAgent
 from agent.chat.config import ChatConfig
-from agent.chat.state import SessionStore
+from agent.chat.state import SQLiteSessionStore
 from agent.service import RecommenderService
 from eval.metrics import bootstrap_ci, paired_bootstrap_diff
 from retrieval.catalog import Catalog
@@ -189,7 +189,7 @@ def evaluate_chat(
     episodes: dict[str, list[Episode]] = {}
     with tempfile.TemporaryDirectory(prefix="chat-eval-") as tmp:
         for name, config in agents.items():
-            agent = ChatAgent(service, SessionStore(Path(tmp) / f"{name}.sqlite"), config)
+            agent = ChatAgent(service, SQLiteSessionStore(Path(tmp) / f"{name}.sqlite"), config)
             episodes[name] = []
             for user in users:
                 episodes[name].append(run_episode(agent, user, max_turns))

@@ -61,6 +61,15 @@ def embedder(recagent_test_home: Path) -> Embedder:
     return Embedder()
 
 
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server for the session (started here, stopped at the end)."""
+    from tests.servers import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
 # --- catalogue housekeeping ---------------------------------------------------------------------------------
 
 

@@ -32,13 +32,13 @@ def client(tiny_index: Index, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     from agent.chat.agent import ChatAgent
     from agent.chat.config import ChatConfig
-    from agent.chat.state import SessionStore
+    from agent.chat.state import SQLiteSessionStore
     from agent.service import RecommenderService
     from agent.settings import Settings
     from serve import create_app
 
     service = RecommenderService(tiny_index)
-    store = SessionStore(path=tmp_path_factory.mktemp("facade") / "sessions.sqlite")
+    store = SQLiteSessionStore(path=tmp_path_factory.mktemp("facade") / "sessions.sqlite")
     app = create_app(Settings(llm="none"), service=service, chat=ChatAgent(service, store, ChatConfig(k=2)))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c

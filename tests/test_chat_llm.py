@@ -11,7 +11,7 @@ import pytest
 from agent.chat.agent import ChatAgent
 from agent.chat.config import ChatConfig
 from agent.chat.models import Turn
-from agent.chat.state import SessionStore
+from agent.chat.state import SQLiteSessionStore
 from agent.llm.base import LLMBackend
 from agent.service import RecommenderService
 from retrieval.catalog import Catalog
@@ -32,7 +32,7 @@ def backend(recagent_test_home: Path) -> Iterator[LLMBackend]:
 
 @pytest.fixture(scope="module")
 def agent(tiny_index: Index, backend: LLMBackend, tmp_path_factory: pytest.TempPathFactory) -> ChatAgent:
-    store = SessionStore(tmp_path_factory.mktemp("chat-llm") / "sessions.sqlite")
+    store = SQLiteSessionStore(tmp_path_factory.mktemp("chat-llm") / "sessions.sqlite")
     return ChatAgent(RecommenderService(tiny_index, backend=backend), store, ChatConfig(k=3, intent_max_tokens=120))
 
 

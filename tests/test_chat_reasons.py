@@ -18,7 +18,7 @@ import pytest
 from agent.chat.agent import ChatAgent
 from agent.chat.config import ChatConfig
 from agent.chat.models import SessionState, Turn, TurnItems
-from agent.chat.state import SessionStore
+from agent.chat.state import SQLiteSessionStore
 from agent.explain import Reason
 from agent.llm.base import TextRequest
 from agent.service import RecommenderService
@@ -53,7 +53,7 @@ class WrongGenre(FakeBackend):
 
 def make_agent(tiny_index: Index, tmp_path: Path, backend: object, **config: object) -> ChatAgent:
     service = RecommenderService(tiny_index, backend=backend)  # type: ignore[arg-type]
-    return ChatAgent(service, SessionStore(tmp_path / "sessions.sqlite"), ChatConfig(**config))  # type: ignore[arg-type]
+    return ChatAgent(service, SQLiteSessionStore(tmp_path / "sessions.sqlite"), ChatConfig(**config))  # type: ignore[arg-type]
 
 
 def split(events: Sequence[object]) -> tuple[str, list[TurnItems], list[Reason], Turn]:

@@ -11,7 +11,7 @@ import pytest
 from agent.chat import reply as rp
 from agent.chat.intent import GenreLexicon, LLMIntent, intent_schema, merge, parse_rules
 from agent.chat.models import Constraints
-from agent.chat.state import SessionStore
+from agent.chat.state import SQLiteSessionStore
 from agent.chat.titles import TitleResolver, normalise_title
 from retrieval.catalog import Catalog
 
@@ -103,13 +103,13 @@ def test_resolver_scan_finds_titles_in_free_text() -> None:
 
 
 def test_store_roundtrip_expiry_and_delete(tmp_path: Path) -> None:
-    store = SessionStore(tmp_path / "s.sqlite", ttl_s=3600)
+    store = SQLiteSessionStore(tmp_path / "s.sqlite", ttl_s=3600)
     state = store.new("cat", user_id="u1")
     state.liked = ["a", "b"]
     store.save(state)
-    again = SessionStore(tmp_path / "s.sqlite").get(state.session_id)  # survives a "restart"
+    again = SQLiteSessionStore(tmp_path / "s.sqlite").get(state.session_id)  # survives a "restart"
     assert again is not None and again.liked == ["a", "b"] and again.user_id == "u1"
-    short = SessionStore(tmp_path / "s.sqlite", ttl_s=0.05)
+    short = SQLiteSessionStore(tmp_path / "s.sqlite", ttl_s=0.05)
     time.sleep(0.1)
     assert short.get(state.session_id) is None  # expired, and purged
     assert store.get(state.session_id) is None

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -76,8 +76,6 @@ class ChatAgent:
         self.catalog = service.catalog
         self.genres = GenreLexicon(self.catalog.all_genres)
         self._resolver: TitleResolver | None = None
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
 
     # --- public ----------------------------------------------------------------------
     @property
@@ -121,8 +119,12 @@ class ChatAgent:
     def _run(self, session_id: str | None, message: str, user_id: str | None,
              cancelled: Callable[[], bool] | None, explain: bool, stream: bool) -> Iterator[ChatEvent]:
         t0 = time.perf_counter()
-        state, notes = self._load(session_id, user_id)
-        with self._lock(state.session_id):
+        lease_id = session_id if session_id is not None else secrets.token_urlsafe(12)
+        if not valid_session_id(lease_id):
+            raise SessionNotFoundError(lease_id)
+        # the turn is one read-modify-write: its lease (shared by every replica) is held from read to save
+        with self.store.lease(lease_id):
+            state, notes = self._load(session_id, user_id, new_id=lease_id)
             before = state.model_copy(deep=True)
             job: _Reasons | None = None
             try:
@@ -166,13 +168,8 @@ class ChatAgent:
         yield turn
 
     # --- sessions ----------------------------------------------------------------------
-    def _lock(self, session_id: str) -> threading.Lock:
-        with self._locks_guard:
-            if len(self._locks) > 10000:
-                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
-            return self._locks.setdefault(session_id, threading.Lock())
-
-    def _load(self, session_id: str | None, user_id: str | None) -> tuple[SessionState, _Notes]:
+    def _load(self, session_id: str | None, user_id: str | None, new_id: str) -> tuple[SessionState, _Notes]:
+        """The session to continue, or a new one (id ``session_id``, else ``new_id``). Called under its lease."""
         notes = _Notes()
         if session_id is not None:
             state = self.store.get(session_id)
@@ -180,7 +177,7 @@ class ChatAgent:
                 return state, notes
             if not (self.config.allow_unknown_session_ids and valid_session_id(session_id)):
                 raise SessionNotFoundError(session_id)
-        state = self.store.new(self.catalog.name, user_id=user_id, session_id=session_id)
+        state = self.store.new(self.catalog.name, user_id=user_id, session_id=session_id or new_id)
         if user_id is not None and self.config.seed_history:
             try:
                 history = self.service.user_history(str(user_id))

@@ -70,6 +70,7 @@ class SessionState(BaseModel):
     user_id: str | None = None
     created: float
     updated: float
+    version: int = Field(default=0, ge=0, description="saves so far: a save must name the version it read")
     liked: list[str] = Field(default_factory=list, description="oldest first")
     seeded: list[str] = Field(default_factory=list, description="liked ids that came from the user's history")
     disliked: list[str] = Field(default_factory=list)

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -424,7 +424,24 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
             expose_headers=["x-request-id", "retry-after"],
         )
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.include_router(admin_router(get_runtime), dependencies=guarded)
     return app
+
+
+def admin_router(get_runtime: Callable[[], Awaitable[Runtime]]) -> APIRouter:
+    """Operations on a running server (guarded by the API key like every other /v1 route)."""
+    from agent.index_watch import ReloadResult
+
+    router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+    @router.post("/reload", response_model=ReloadResult, responses=ERROR_RESPONSES)
+    async def reload_index(rt: Runtime = Depends(get_runtime)) -> ReloadResult:
+        """Move to the catalogue's newest index now (servers also check every RECAGENT_INDEX_WATCH_S seconds).
+        No request fails during the move: running ones finish on the old index, whose Chroma collection stays
+        for RECAGENT_INDEX_GRACE_S."""
+        return await rt.reload_index()
+
+    return router
 
 
 # --- streaming helpers --------------------------------------------------------------------------------------

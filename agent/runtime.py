@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import logging
 import threading
@@ -40,6 +41,7 @@ from agent.api_models import (
 )
 from agent.errors import InvalidRequestError, NotReadyError, PayloadTooLargeError, QueueFullError
 from agent.explain import Reason
+from agent.index_watch import IndexWatcher
 from agent.llm.base import LLMBackend, LLMError
 from agent.llm.batching import BatchingBackend
 from agent.metrics import Metrics
@@ -52,6 +54,8 @@ from retrieval.filters import Filters
 if TYPE_CHECKING:
     from agent.chat.agent import ChatAgent
     from agent.chat.models import TurnItems
+    from agent.index_watch import ReloadResult
+    from retrieval.index import Index
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,6 +108,8 @@ class Runtime:
                            plain=self.plain, metrics=self.metrics)
         self.chat_agent = chat
         self.metrics.watch_usage(lambda: self.service.backend)
+        self.watcher = IndexWatcher(service.catalog.name, lambda: self.service.index, self.swap_index,
+                                    interval_s=self.settings.index_watch_s, grace_s=self.settings.index_grace_s)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -138,7 +144,24 @@ class Runtime:
         service = build_service(settings.catalog, use_llm=settings.use_llm, backend=backend)
         runtime = cls(service, settings, metrics=metrics)
         runtime.chat_agent = runtime.make_chat()
+        runtime.watcher.start()
         return runtime
+
+    def swap_index(self, index: Index) -> None:
+        """Serve ``index`` from now on (same LLM, same session store). The new services are built and warmed up
+        first, then swapped in one step; requests already running finish on the ones they started with."""
+        from agent.service import RecommenderService
+
+        service = RecommenderService(index, backend=self.service.backend)
+        plain = RecommenderService(index, backend=None, n_candidates=service.n_candidates)
+        chat = None
+        if self.chat_agent is not None:
+            chat = type(self.chat_agent)(service, self.chat_agent.store, self.chat_agent.config)
+        if service.reranker is not None:
+            service.reranker.warm_up()
+        _ = index.embedder.model  # loaded here, not on a request thread
+        self.service, self.plain, self.chat_agent = service, plain, chat
+        self.lanes = dataclasses.replace(self.lanes, service=service, plain=plain)
 
     def make_chat(self) -> ChatAgent | None:
         if not chat_available():
@@ -153,9 +176,14 @@ class Runtime:
         return ChatAgent(self.service, store)
 
     def close(self) -> None:
+        self.watcher.stop()
         self.queue.shutdown()
         self.explain_queue.shutdown()
         self.io.shutdown(wait=False, cancel_futures=True)
+
+    async def reload_index(self) -> ReloadResult:
+        """Move to the catalogue's newest index now, if there is one (``POST /v1/admin/reload``)."""
+        return await self._io(self.watcher.check)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     @property
@@ -199,6 +227,7 @@ class Runtime:
     async def recommend_events(self, req: RecommendationRequest) -> AsyncIterator[Event]:
         """The answer as events (:mod:`agent.answers`): ``ranked``, one ``reason`` per item when ``explain``,
         then ``done``. Invalid requests raise before the first event."""
+        lanes = self.lanes  # one index for the whole request, even if the server moves to a new one meanwhile
         self._check_history(req.history)
         filters = self._check_filters(req.filters)
         timeout_s = self._deadline_s(req.timeout_s)
@@ -207,22 +236,22 @@ class Runtime:
             history = list(req.history)
         else:
             assert req.user_id is not None
-            history = await self._io(lambda: self.service.user_history(str(req.user_id)))
+            history = await self._io(lambda: lanes.service.user_history(str(req.user_id)))
         query = req.query if req.query and req.query.strip() else None
         use_llm = req.mode != "retrieval" and self.llm_enabled
 
         def plain() -> Ranked:
-            ranked = self.plain.rank(history, k=req.k, filters=filters, query=query, use_llm=False,
-                                     exclude=req.exclude)
+            ranked = lanes.plain.rank(history, k=req.k, filters=filters, query=query, use_llm=False,
+                                      exclude=req.exclude)
             ranked.answer.mode = req.mode  # asked for the LLM, which is not configured (or too late): said below
             return ranked
 
         def job(deadline: float) -> Ranked:
-            return self.service.rank(history, k=req.k, filters=filters, query=query, use_llm=True, mode=req.mode,
-                                     exclude=req.exclude, deadline=deadline)
+            return lanes.service.rank(history, k=req.k, filters=filters, query=query, use_llm=True, mode=req.mode,
+                                      exclude=req.exclude, deadline=deadline)
 
-        ranked = await rank_with_deadline(self.lanes, "recommendations", job, plain, use_llm, deadline, timeout_s)
-        async for event in answer_events(self.lanes, "recommendations", ranked, req.explain, use_llm, deadline,
+        ranked = await rank_with_deadline(lanes, "recommendations", job, plain, use_llm, deadline, timeout_s)
+        async for event in answer_events(lanes, "recommendations", ranked, req.explain, use_llm, deadline,
                                          timeout_s):
             yield event
 
@@ -234,6 +263,7 @@ class Runtime:
         return RecommendationResponse(**answer.model_dump(), user_id=req.user_id, catalog=self.catalog_name)
 
     async def rerank_events(self, req: RerankRequest) -> AsyncIterator[Event]:
+        lanes = self.lanes  # one index for the whole request
         self._check_history(req.history)
         if len(req.candidates) > self.settings.max_candidates:
             raise PayloadTooLargeError(
@@ -242,7 +272,7 @@ class Runtime:
             )
         timeout_s = self._deadline_s(req.timeout_s)
         deadline = time.monotonic() + timeout_s
-        unknown = [h for h in req.history if not self.service.catalog.has_item(h)]
+        unknown = [h for h in req.history if not lanes.service.catalog.has_item(h)]
         if unknown:
             from retrieval.candidates import UnknownItemsError
 
@@ -253,15 +283,15 @@ class Runtime:
         use_llm = req.mode != "retrieval" and self.llm_enabled
 
         def plain() -> Ranked:
-            ranked = self.plain.rank_given(req.history, candidates, k=req.k, use_llm=False)
+            ranked = lanes.plain.rank_given(req.history, candidates, k=req.k, use_llm=False)
             ranked.answer.mode = req.mode
             return ranked
 
         def job(deadline: float) -> Ranked:
-            return self.service.rank_given(req.history, candidates, k=req.k, mode=req.mode, deadline=deadline)
+            return lanes.service.rank_given(req.history, candidates, k=req.k, mode=req.mode, deadline=deadline)
 
-        ranked = await rank_with_deadline(self.lanes, "rerank", job, plain, use_llm, deadline, timeout_s)
-        async for event in answer_events(self.lanes, "rerank", ranked, req.explain, use_llm, deadline, timeout_s):
+        ranked = await rank_with_deadline(lanes, "rerank", job, plain, use_llm, deadline, timeout_s)
+        async for event in answer_events(lanes, "rerank", ranked, req.explain, use_llm, deadline, timeout_s):
             yield event
 
     async def rerank(self, req: RerankRequest) -> RerankResponse:
@@ -272,11 +302,13 @@ class Runtime:
 
     # -- items -----------------------------------------------------------------------------------------------
     async def item(self, item_id: str) -> Item:
-        return Item.model_validate(await self._io(lambda: self.service.item(item_id)))
+        service = self.service
+        return Item.model_validate(await self._io(lambda: service.item(item_id)))
 
     async def search(self, query: str, k: int, genres: list[str]) -> SearchResponse:
+        service = self.service
         filters = self._check_filters(Filters(genres=genres)) if genres else None
-        hits = await self._io(lambda: self.service.search(query, k=k, filters=filters))
+        hits = await self._io(lambda: service.search(query, k=k, filters=filters))
         return SearchResponse(query=query, items=[SearchHit.model_validate(h) for h in hits])
 
     # -- chat ------------------------------------------------------------------------------------------------

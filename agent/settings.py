@@ -55,12 +55,27 @@ class Settings(BaseSettings):
         default=None, description="SQLite file of chat sessions when sessions_url is unset (default: "
         "RECAGENT_HOME/sessions.sqlite)",
     )
+    index_watch_s: float = Field(
+        default=5.0, ge=0, description="how often the server checks for a new index of its catalogue and moves to "
+        "it without a failed request (0: only on POST /v1/admin/reload)",
+    )
+    index_grace_s: float = Field(
+        default=600.0, ge=0, description="a replaced Chroma collection is deleted this long after its replacement "
+        "(so that every replica has moved on)",
+    )
     micro_batch: bool = Field(
         default=True, description="batch score requests that arrive together (in-process LLM)"
     )
     batch_window_ms: float = Field(default=50.0, ge=0, description="how long the batcher waits for company")
     max_batch: int = Field(default=8, ge=1, le=64)
     log_level: str = Field(default="INFO")
+
+    @field_validator("catalog")
+    @classmethod
+    def _catalog_name(cls, value: str) -> str:
+        from retrieval.catalog import check_catalog_name
+
+        return check_catalog_name(value, "RECAGENT_CATALOG")
 
     @field_validator("cors_origins", mode="before")
     @classmethod

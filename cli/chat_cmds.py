@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from cli.main import app, console, eval_app, guarded, out, print_json, setup, split_spec, ties_option
+from cli.main import app, catalog_name, console, eval_app, guarded, out, print_json, setup, split_spec, ties_option
 from retrieval.catalog import DEFAULT_CATALOG
 
 REPORTS = Path("reports")
@@ -46,7 +46,7 @@ def _show(turn: Any) -> None:
 @app.command()
 def chat(
     user: str | None = typer.Option(None, "--user", help="a known user's id (their recent items seed the likes)"),
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per turn, a line each"),
     session: str | None = typer.Option(None, "--session", help="continue a stored session"),
     no_llm: bool = typer.Option(False, "--no-llm", help="rules and retrieval only (no model is loaded)"),
@@ -102,7 +102,7 @@ def chat(
 
 @eval_app.command("chat")
 def eval_chat(
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     users: int = typer.Option(30, "--users", min=1, help="simulated users (test cases sampled with --seed)"),
     turns: int = typer.Option(5, "--turns", min=1, max=20),
     k: int = typer.Option(5, "-k", "--k", min=1, max=20),

@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from cli.main import console, eval_app, fail, guarded, out, print_json, setup, split_spec, ties_option
+from cli.main import catalog_name, console, eval_app, fail, guarded, out, print_json, setup, split_spec, ties_option
 from eval.machine import machine_info, machine_line
 from retrieval.catalog import DEFAULT_CATALOG
 
@@ -20,7 +20,7 @@ REPORTS = Path("reports")
 
 @eval_app.command("retrieval")
 def eval_retrieval(
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     tune: bool = typer.Option(False, "--tune", help="choose fusion weights and EASE's lambda on validation and "
                               "store them with the index"),
     ties: str = ties_option(),
@@ -86,7 +86,7 @@ def eval_retrieval(
 
 @eval_app.command("embedder")
 def eval_embedder(
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     cold_share: float = typer.Option(0.1, "--cold-share", min=0.01, max=0.5, help="share of items made cold"),
     cold_minutes: float = typer.Option(12.0, "--cold-minutes", min=0.1, help="training budget of the cold encoder"),
     ties: str = ties_option(),
@@ -138,7 +138,7 @@ def eval_embedder(
 
 @eval_app.command("rerank")
 def eval_rerank(
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     mode: str = typer.Option("score", "--mode", help="score | generate"),
     perms: int | None = typer.Option(None, "--perms", min=1, help="candidate orders averaged (score mode)"),
     users: int = typer.Option(200, "--users", min=1, help="users sampled per split part"),
@@ -298,7 +298,7 @@ def _threads_note(backend: object) -> str:
 
 @eval_app.command("speed")
 def eval_speed(
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     users: int = typer.Option(200, "--users", min=1),
     k: int = typer.Option(50, "-k", "--k", min=1),
     genre: str | None = typer.Option(None, "--genre", help="filter used while timing (default: Drama if known)"),
@@ -342,7 +342,7 @@ def eval_speed(
 
 @eval_app.command("explain")
 def eval_explain(
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     users: int = typer.Option(50, "--users", min=1, help="test users explained in process"),
     k: int = typer.Option(10, "-k", "--k", min=1, max=50, help="items explained per user"),
     api_requests: int = typer.Option(50, "--api-requests", min=0, help="explain requests through the API"),

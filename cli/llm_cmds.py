@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cli.main import console, fail, guarded, llm_app, out, setup
+from cli.main import catalog_name, console, fail, guarded, llm_app, out, setup
 from retrieval.catalog import DEFAULT_CATALOG
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ def llm_serve(
                                     help="model name on the API"),
     max_model_len: int = typer.Option(4096, "--max-model-len", min=256, help="context length"),
     ready_timeout: float = typer.Option(600.0, "--ready-timeout", help="seconds to wait for the server"),
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", help="serve this catalogue's trained ranker "
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name,
+                                 help="serve this catalogue's trained ranker "
                                 "(`recagent train ranker`; RECAGENT_RANKER chooses as for the reranker) as a LoRA "
                                 "model beside the chat model"),
     no_ranker: bool = typer.Option(False, "--no-ranker", help="serve the chat model only"),

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from retrieval.catalog import DEFAULT_CATALOG, TIE_RULES
+from retrieval.catalog import DEFAULT_CATALOG, TIE_RULES, check_catalog_name
 
 if TYPE_CHECKING:
     from retrieval.splits import SplitSpec
@@ -47,6 +47,16 @@ def setup(verbose: bool = False) -> None:
 def fail(message: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def catalog_name(value: str | None) -> str | None:
+    """Typer callback of every ``--catalog``: the name becomes a folder and report file names, so check it first."""
+    if value is None:
+        return None
+    try:
+        return check_catalog_name(value, "--catalog")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -112,13 +122,10 @@ def ingest(
 ) -> None:
     """Validate and store a catalogue from files, then build its index."""
     setup()
-    import re
-
     from retrieval.catalog_store import save_and_index
     from retrieval.ingest import read_catalog
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}", name):
-        fail(f"--name '{name}': use letters, digits, '.', '_' or '-' (at most 60 characters)")
+    guarded(lambda: check_catalog_name(name, "--name"))
     catalog, dropped = guarded(lambda: read_catalog(name, items, interactions, users, drop_unknown=drop_unknown))
     if dropped:
         console.print(f"[yellow]dropped[/] {dropped} interaction(s) naming unknown items")
@@ -128,7 +135,7 @@ def ingest(
 
 
 @app.command()
-def index(catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog")) -> None:
+def index(catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name)) -> None:
     """(Re)build a catalogue's index; only changed items are re-embedded. The encoder is the catalogue's tuned one
     when it has one (`recagent train embedder`), else frozen MiniLM; RECAGENT_ENCODER=auto|frozen|tuned|FOLDER."""
     setup()
@@ -162,7 +169,7 @@ def recommend(
     stream: bool = typer.Option(False, "--stream", help="with --explain: print the ranked list first, then "
                                 "each reason as it is written (with --json: one JSON event per line)"),
     mode: str = typer.Option("score", "--mode", help="score | generate"),
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document"),
 ) -> None:
     """Recommend items for a user or a given history."""

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from cli.main import app, console, eval_app, fail, out, print_json
+from cli.main import app, catalog_name, console, eval_app, fail, out, print_json
 
 
 @app.command()
 def serve(
     host: str | None = typer.Option(None, "--host", help="interface (default 127.0.0.1, RECAGENT_HOST)"),
     port: int | None = typer.Option(None, "--port", help="port (default 8000, RECAGENT_PORT)"),
-    catalog: str | None = typer.Option(None, "--catalog", help="catalogue to serve (RECAGENT_CATALOG)"),
+    catalog: str | None = typer.Option(None, "--catalog", callback=catalog_name,
+                                          help="catalogue to serve (RECAGENT_CATALOG)"),
 ) -> None:
     """Serve the HTTP API (OpenAPI at /docs) and the web chat page at /."""
     from pydantic import ValidationError

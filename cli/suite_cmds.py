@@ -9,14 +9,14 @@ from pathlib import Path
 
 import typer
 
-from cli.main import console, eval_app, fail, guarded, out, print_json, setup, split_spec, ties_option
+from cli.main import catalog_name, console, eval_app, fail, guarded, out, print_json, setup, split_spec, ties_option
 from eval.machine import machine_info
 from retrieval.catalog import DEFAULT_CATALOG
 
 
 @eval_app.command("all")
 def eval_all(
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     users: int = typer.Option(200, "--users", min=1, help="test users sampled (seeded) for every stage"),
     seed: int = typer.Option(0, "--seed", help="seeds the user sample and the random tie order"),
     ties: str = ties_option(),
@@ -31,7 +31,9 @@ def eval_all(
     judge_items: int = typer.Option(16, "--judge-items", min=0, help="explanations scored by the judge"),
     pairwise_items: int = typer.Option(8, "--pairwise-items", min=0, help="pairs judged in both orders"),
     chat_users: int = typer.Option(30, "--chat-users", min=0, help="simulated chat users (0: skip)"),
-    no_validity: bool = typer.Option(False, "--no-validity", help="skip judging the human-labelled set"),
+    no_validity: bool = typer.Option(False, "--no-validity",
+                                     help="skip the judge's agreement with the author-written reference labels "
+                                          "on constructed cases (eval/data/judge_labels.jsonl)"),
     as_json: bool = typer.Option(False, "--json", help="print metrics.json"),
 ) -> None:
     """Every offline evaluation on one seeded user sample: report.md, metrics.json and plots in reports/<run-id>/."""
@@ -100,7 +102,7 @@ def eval_all(
 @eval_app.command("judge")
 def eval_judge(
     input_path: Path = typer.Option(..., "--input", help="JSONL: {history, item_id, reason, evidence?} per line"),
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per input line"),
 ) -> None:
     """Judge explanations from a file: rubric scores (LLM) and code checks; malformed lines are skipped."""

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import typer
 
-from cli.main import console, fail, guarded, out, setup, split_spec, ties_option, train_app
+from cli.main import catalog_name, console, fail, guarded, out, setup, split_spec, ties_option, train_app
 from retrieval.catalog import DEFAULT_CATALOG
 
 
 @train_app.command("ranker")
 def train_ranker(
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     minutes: float = typer.Option(45.0, "--minutes", min=0.1, help="training time budget (then the final choices)"),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="stop after this many optimiser steps"),
     window: int = typer.Option(20, "--window", min=2, max=100, help="candidates per training example"),
@@ -68,7 +68,7 @@ def train_ranker(
 
 @train_app.command("embedder")
 def train_embedder(
-    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog"),
+    catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
     minutes: float = typer.Option(25.0, "--minutes", min=0.1, help="training time budget (the best checkpoint is "
                                   "kept)"),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="stop after this many optimiser steps"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,6 +28,7 @@ from retrieval.provenance import utc_now
 ITEM_COLUMNS = ["item_id", "title", "description", "genres", "year", "metadata"]
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "rating"]
 DEFAULT_CATALOG = "movielens-100k"
+CATALOG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}")
 TIE_RULES = ("id", "random")  # how a user's events with equal timestamps are ordered; "random" is the default
 
 
@@ -113,6 +115,23 @@ class Catalog:
         return [str(t) for t in self.items["title"].tolist()]
 
     @cached_property
+    def genre_matrix(self) -> np.ndarray:
+        """Bool genre x position matrix, rows in ``all_genres`` order: built once, so that filters are numpy
+        operations rather than loops over the catalogue."""
+        row = {g: i for i, g in enumerate(self.all_genres)}
+        matrix = np.zeros((len(row), self.n_items), dtype=bool)
+        pairs = [(row[g], pos) for pos, gs in enumerate(self.genres_by_pos) for g in gs]
+        if pairs:
+            rows, cols = np.asarray(pairs, dtype=np.int64).T
+            matrix[rows, cols] = True
+        return matrix
+
+    @cached_property
+    def genre_masks(self) -> dict[str, np.ndarray]:
+        """Each genre's row of ``genre_matrix``: True at the positions of items having that genre."""
+        return dict(zip(self.all_genres, self.genre_matrix, strict=True))
+
+    @cached_property
     def all_genres(self) -> list[str]:
         return sorted({g for gs in self.genres_by_pos for g in gs})
 
@@ -150,8 +169,22 @@ class Catalog:
         return digest.hexdigest()[:16]
 
 
+class InvalidCatalogNameError(ValueError):
+    pass
+
+
+def check_catalog_name(name: str, where: str = "catalogue name") -> str:
+    """``name`` if it is safe as a folder and file name (it becomes both), else a clear error naming ``where``."""
+    if not isinstance(name, str) or not CATALOG_NAME.fullmatch(name) or ".." in name:
+        raise InvalidCatalogNameError(
+            f"{where} {name!r}: use letters, digits, '.', '_' or '-' (at most 60 characters, starting with a letter "
+            "or digit, no '..')"
+        )
+    return name
+
+
 def catalog_root(name: str) -> Path:
-    return catalogs_dir() / name
+    return catalogs_dir() / check_catalog_name(name)
 
 
 def list_catalogs() -> list[str]:

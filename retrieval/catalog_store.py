@@ -12,7 +12,6 @@ from retrieval.catalog import Catalog, catalog_root, list_catalogs, load_catalog
 from retrieval.embeddings import Embedder
 from retrieval.home import catalogs_dir
 from retrieval.index import IndexManifest, build_index, read_manifest
-from retrieval.vector_store import delete_collection, make_client
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +19,8 @@ logger = logging.getLogger(__name__)
 def save_and_index(catalog: Catalog, embedder: Embedder | None = None, progress: bool = True) -> IndexManifest:
     """Write the catalogue and build its index in a staging folder, then replace any previous version.
 
-    Until the final rename the previous catalogue and index stay untouched and usable.
+    Until the final rename the previous catalogue and index stay untouched and usable; the previous Chroma
+    collection is retired (see :func:`retrieval.index.build_index`), so servers still on it keep working.
     """
     final = catalog_root(catalog.name)
     old = read_manifest(final / "index")
@@ -28,13 +28,11 @@ def save_and_index(catalog: Catalog, embedder: Embedder | None = None, progress:
     try:
         root = Path(staging)
         write_catalog_tables(catalog, root / "catalog")
-        manifest = build_index(catalog, root / "index", embedder=embedder, progress=progress)
+        manifest = build_index(catalog, root / "index", embedder=embedder, progress=progress, replaces=old)
         swap_in(root, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if old is not None and old.collection != manifest.collection:
-        delete_collection(make_client(), old.collection)
     return manifest
 
 

@@ -49,6 +49,14 @@ class FusionConfig(BaseModel):
     tuned_on: str | None = None
 
 
+RETIRE_GRACE_S = 600.0  # how long a replaced collection stays queryable for servers still on the old index
+
+
+class RetiredCollection(BaseModel):
+    name: str
+    at: float = Field(description="when it was replaced (unix time)")
+
+
 class IndexManifest(BaseModel):
     catalog: str
     content_hash: str
@@ -60,6 +68,21 @@ class IndexManifest(BaseModel):
     build_seconds: float
     cf: CFConfig = Field(default_factory=CFConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
+    retired: list[RetiredCollection] = Field(
+        default_factory=list, description="collections of earlier builds, removed once RETIRE_GRACE_S has passed "
+        "(running servers move to this index within their watch interval)",
+    )
+
+
+def purge_retired(manifest: IndexManifest, client: Any, grace_s: float = RETIRE_GRACE_S) -> list[str]:
+    """Delete the retired collections older than ``grace_s``; their names (deleting twice is harmless)."""
+    now = time.time()
+    gone = [r.name for r in manifest.retired if now - r.at >= grace_s and r.name != manifest.collection]
+    for name in gone:
+        delete_collection(client, name)
+    if gone:
+        logger.info("retired collections deleted catalog=%s names=%s", manifest.catalog, gone)
+    return gone
 
 
 class IndexNotBuiltError(LookupError):
@@ -91,8 +114,12 @@ def position_histories(catalog: Catalog, histories: Mapping[str, Sequence[str]])
 
 
 def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, progress: bool = True,
-                fusion: FusionConfig | None = None, encoder: EncoderRef | None = None) -> IndexManifest:
-    """Build into a staging folder beside ``dest`` and swap it in; the old collection goes only afterwards.
+                fusion: FusionConfig | None = None, encoder: EncoderRef | None = None,
+                grace_s: float = RETIRE_GRACE_S, replaces: IndexManifest | None = None) -> IndexManifest:
+    """Build into a staging folder beside ``dest`` and swap it in. The old collection is retired, not deleted:
+    running servers keep querying it until they load the new index (they watch the manifest), and it goes once
+    ``grace_s`` has passed (by a later build, or a server that has moved on). ``replaces``: the index being
+    replaced when ``dest`` is a fresh folder (a whole catalogue swapped in at once).
 
     The encoder is ``encoder``, else the frozen one when an ``embedder`` is given, else the one
     ``RECAGENT_ENCODER`` chooses for the catalogue (its tuned encoder when it has one)."""
@@ -116,6 +143,12 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
         if store.count() != catalog.n_items:
             raise RuntimeError(f"Chroma holds {store.count()} items, expected {catalog.n_items}")
         fusion, cf_config = fusion_for(encoder, old_manifest, fusion)
+        retired = []
+        previous = old_manifest or replaces
+        if previous is not None:
+            retired = [r for r in previous.retired if time.time() - r.at < grace_s]
+            if previous.collection != collection:
+                retired.append(RetiredCollection(name=previous.collection, at=time.time()))
         cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, cf_config)
         cf.save(staging)
         manifest = IndexManifest(
@@ -123,7 +156,7 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
             embed_model=embedder.name, encoder=encoder, dim=int(vectors.shape[1]),
             built_at=utc_now(),
             build_seconds=round(time.perf_counter() - start, 2), cf=cf_config,
-            fusion=fusion,
+            fusion=fusion, retired=retired,
         )
         atomic_write_json(staging / "manifest.json", manifest.model_dump(mode="json"))
         swap_in(staging, dest)
@@ -131,8 +164,8 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
         shutil.rmtree(staging, ignore_errors=True)
         delete_collection(client, collection)
         raise
-    if old_manifest is not None and old_manifest.collection != collection:
-        delete_collection(client, old_manifest.collection)
+    if previous is not None:  # what an earlier build retired and no server can still be using
+        purge_retired(previous.model_copy(update={"collection": collection}), client, grace_s)
     logger.info("index built catalog=%s items=%d seconds=%.1f", catalog.name, catalog.n_items,
                 manifest.build_seconds)
     return manifest

@@ -82,8 +82,9 @@ def drop_catalog(name: str) -> None:
     root = catalog_root(name)
     manifest = read_manifest(root / "index")
     if manifest is not None:
-        with contextlib.suppress(Exception):  # the store may be a server that is gone already
-            delete_collection(make_client(), manifest.collection)
+        for collection in [manifest.collection, *(r.name for r in manifest.retired)]:
+            with contextlib.suppress(Exception):  # the store may be a server that is gone already
+                delete_collection(make_client(), collection)
     shutil.rmtree(root, ignore_errors=True)
 
 

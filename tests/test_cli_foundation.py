@@ -107,3 +107,27 @@ def test_streamed_reasons_as_json_events(tiny_catalog: Catalog) -> None:
 def test_stream_needs_explain(tiny_catalog: Catalog) -> None:
     result = recommend(tiny_catalog, "--user", "u2", "--stream")
     assert result.exit_code == 2 and "--explain" in result.output
+
+
+def test_catalogue_names_are_checked_wherever_they_reach_a_path(tmp_path: Any) -> None:
+    """`--catalog` of every command, RECAGENT_CATALOG and the library's own path helper refuse names that would
+    leave the catalogue folder (or the reports folder, where the name becomes a file name)."""
+    import pytest
+    from pydantic import ValidationError
+
+    from agent.settings import Settings
+    from retrieval.catalog import InvalidCatalogNameError, catalog_root
+
+    runner = CliRunner(env={"COLUMNS": "4000"})
+    for argv in (["recommend", "--no-llm", "--user", "1"], ["index"], ["eval", "retrieval"], ["eval", "chat"],
+                 ["eval", "speed"], ["train", "embedder"], ["serve"]):
+        result = runner.invoke(app, [*argv, "--catalog", "../../outside"])
+        assert result.exit_code == 2, (argv, result.output)
+        assert "--catalog" in result.output and "use letters" in result.output, (argv, result.output)
+    assert not (tmp_path / "outside").exists()
+    for bad in ("../x", "a/b", ".hidden", "", "x" * 61, "a..b"):
+        with pytest.raises(InvalidCatalogNameError, match="use letters"):
+            catalog_root(bad)
+        with pytest.raises(ValidationError, match="RECAGENT_CATALOG"):
+            Settings(catalog=bad)
+    assert catalog_root("movielens-100k").name == "movielens-100k"

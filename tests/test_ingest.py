@@ -15,7 +15,7 @@ from cli.main import app
 from retrieval.catalog import Catalog, catalogs_dir, load_catalog
 from retrieval.catalog_store import save_and_index
 from retrieval.embeddings import Embedder
-from retrieval.index import load_index, read_manifest
+from retrieval.index import load_index, purge_retired, read_manifest
 from retrieval.ingest import CatalogInputError, read_catalog
 from retrieval.vector_store import make_client
 
@@ -320,13 +320,19 @@ def test_failed_ingest_keeps_previous_catalogue(tmp_path: Path, tiny_catalog_fil
     assert not [p.name for p in catalogs_dir().iterdir() if p.name.startswith(f".staging-{name}")]
     assert not [p.name for p in (catalogs_dir() / name).iterdir() if p.name.startswith(".")]
 
-    # 3. valid new data replaces it, and the old Chroma collection is dropped
+    # 3. valid new data replaces it; the old Chroma collection is retired (servers still on it keep working)
+    # and dropped once its grace period has passed
     result = ingest_cli(name, new_items, new_inter)
     assert result.exit_code == 0, result.output
     assert load_catalog(name).item_ids == ["n-0", "n-1", "n-2"]
     assert set(retrieved(name, embedder, ["n-0"])) == {"n-1", "n-2"}
+    new_manifest = read_manifest(load_catalog(name).root / "index")  # type: ignore[operator]
+    assert new_manifest is not None and [r.name for r in new_manifest.retired] == [old_manifest.collection]
+    assert make_client().get_collection(old_manifest.collection).count() == len(old_ids)
+    assert purge_retired(new_manifest, make_client(), grace_s=0) == [old_manifest.collection]
     with pytest.raises(Exception):  # noqa: B017 - chromadb raises its own NotFoundError type
         make_client().get_collection(old_manifest.collection)
+    assert make_client().get_collection(new_manifest.collection).count() == 3
 
 
 def test_stored_catalogue_round_trips(tiny_catalog: Catalog) -> None:

@@ -5,7 +5,9 @@ The judge is configured apart from the recommender (``RECAGENT_JUDGE_LLM``, ``RE
 model than the one judged can be used. Every output is constrained JSON (integer enums 1..5). Length control:
 reasons are clipped to the same number of characters, the prompts say length is no merit, and pairwise
 summaries report how often the longer explanation wins and the win rate over length-matched pairs.
-Its validity is measured against the human labels in ``eval/data/judge_labels.jsonl``.
+Its validity is measured as agreement with the author-written reference labels on constructed cases in
+``eval/data/judge_labels.jsonl``: explanations written and labelled by the evaluation's author to span good and
+bad cases (one labeller, no inter-annotator figure), not judgements collected from users or outside raters.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 CRITERIA = ("relevance", "faithfulness", "specificity", "persuasiveness")
 LABELS_PATH = Path(__file__).parent / "data" / "judge_labels.jsonl"
 Verdict = Literal["a", "b", "tie"]
+# What the labels in LABELS_PATH are; every report and help text names them this way.
+LABELS_DESCRIPTION = "author-written reference labels on constructed cases"
 # Agreement thresholds below which the report calls the judge untrustworthy (per criterion).
 MIN_SPEARMAN = 0.5
 MIN_KAPPA = 0.4
@@ -244,7 +248,7 @@ def pairwise_summary(results: Sequence[PairwiseResult], n_boot: int = 1000, seed
     }
 
 
-# --- validity against human labels ---------------------------------------------------------------------------
+# --- validity: agreement with author-written reference labels on constructed cases --------------------------
 
 
 def weighted_kappa(a: Sequence[int], b: Sequence[int], categories: Sequence[int] = (1, 2, 3, 4, 5)) -> float:
@@ -273,8 +277,10 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def agreement(human: Sequence[int], judge: Sequence[int], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    h, j = np.asarray(human), np.asarray(judge)
+def agreement(reference: Sequence[int], judge: Sequence[int], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Spearman (with a bootstrap interval), quadratic-weighted kappa and exact-match rate of the judge's scores
+    against the reference labels (author-written labels on constructed cases)."""
+    h, j = np.asarray(reference), np.asarray(judge)
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot if len(h) >= 3 else 0):
@@ -292,8 +298,8 @@ def agreement(human: Sequence[int], judge: Sequence[int], n_boot: int = 1000, se
 
 def validity(labels: Sequence[Mapping[str, Any]], judged: Sequence[Mapping[str, int] | None],
              n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Agreement per criterion between human labels and the judge (items the judge failed on are counted and
-    left out), and a plain verdict."""
+    """Agreement per criterion between the judge and the author-written reference labels on constructed cases
+    (items the judge failed on are counted and left out), and a plain verdict that names what was agreed with."""
     pairs = [(lab["labels"], j) for lab, j in zip(labels, judged, strict=True) if j is not None]
     out: dict[str, Any] = {"n_labels": len(labels), "n_judged": len(pairs), "judge_failures": len(labels) - len(pairs)}
     ok = bool(pairs)
@@ -304,13 +310,15 @@ def validity(labels: Sequence[Mapping[str, Any]], judged: Sequence[Mapping[str, 
         ok = ok and sp == sp and kp == kp and sp >= MIN_SPEARMAN and kp >= MIN_KAPPA
     out["trustworthy"] = ok
     out["thresholds"] = {"spearman": MIN_SPEARMAN, "kappa_quadratic": MIN_KAPPA}
+    out["reference_labels"] = LABELS_DESCRIPTION
     if ok:
-        out["verdict"] = (f"The judge agrees with the human labels on every criterion (Spearman >= {MIN_SPEARMAN}, "
-                          f"weighted kappa >= {MIN_KAPPA}); its scores can be used, with their intervals.")
+        out["verdict"] = (f"The judge agrees with the {LABELS_DESCRIPTION} on every criterion (Spearman >= "
+                          f"{MIN_SPEARMAN}, weighted kappa >= {MIN_KAPPA}); its scores can be used, with their "
+                          "intervals, as far as one author's labels on constructed cases can vouch for them.")
     else:
         weak = [c for c in CRITERIA if not (out[c]["spearman"] >= MIN_SPEARMAN
                                             and out[c]["kappa_quadratic"] >= MIN_KAPPA)]
-        out["verdict"] = (f"NOT TRUSTWORTHY: the judge's agreement with the human labels is below the bar "
+        out["verdict"] = (f"NOT TRUSTWORTHY: the judge's agreement with the {LABELS_DESCRIPTION} is below the bar "
                           f"(Spearman >= {MIN_SPEARMAN} and weighted kappa >= {MIN_KAPPA}) on "
                           f"{', '.join(weak) or 'all criteria'}; treat its scores as noise, not as evidence.")
     return out

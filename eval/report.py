@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from agent import explanation_checks as xc
-from eval.judge import CRITERIA, pairwise_summary, rubric_summary, validity
+from eval.judge import CRITERIA, LABELS_DESCRIPTION, pairwise_summary, rubric_summary, validity
 from eval.metrics import bootstrap_ci, paired_bootstrap_diff
 from eval.plots import plot_position_bias, pyplot, save
 from eval.suite import pairwise_results, template_reason
@@ -298,7 +298,8 @@ def plot_judge(judge: Mapping[str, Any], path: Path) -> None:
         axes[1].axhline(val["thresholds"]["spearman"], color="red", ls="--", lw=1, label="trust bar")
         axes[1].set_xticks(xs, CRITERIA)
         axes[1].set_ylim(-1, 1)
-        axes[1].set_title("Judge agreement with human labels (NaN drawn as 0)")
+        axes[1].set_title("Judge agreement with author-written labels\non constructed cases (NaN drawn as 0)",
+                          fontsize=10)
         axes[1].legend(fontsize=8)
     save(fig, path)
 
@@ -434,12 +435,16 @@ def markdown(m: Mapping[str, Any], plots: Sequence[str]) -> str:
                   f"{_fmt(pw['net_preference_a'], True, 2)}; longer explanation wins {pw['longer_wins_rate']:.0%} of "
                   f"decisive verdicts; length-matched pairs: n={pw['length_matched']['n']}, a win rate "
                   f"{pw['length_matched']['a_win_rate']:.0%}.", ""]
-    lines += ["### Judge validity (human-labelled set, eval/data/judge_labels.jsonl)", ""]
+    lines += [f"### Judge validity ({LABELS_DESCRIPTION}, eval/data/judge_labels.jsonl)", ""]
     if "skipped" in val:
         lines += [val["verdict"], ""]
     else:
         lines += [f"{val['n_judged']} of {val['n_labels']} labelled explanations judged (failures "
-                  f"{val['judge_failures']}).", "", "| criterion | Spearman [95% CI] | weighted kappa | exact | "
+                  f"{val['judge_failures']}). The explanations and their labels were written by the evaluation's "
+                  "author to span good and bad cases (one labeller, no inter-annotator figure); the figures below "
+                  "are the judge's agreement with those author-written labels on constructed cases, not with "
+                  "users' or outside raters' judgements.", "",
+                  "| criterion | Spearman with author labels [95% CI] | weighted kappa with author labels | exact | "
                   "distinct judge scores |", "|---|---|---|---|---|"]
         for c in CRITERIA:
             a = val[c]

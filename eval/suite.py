@@ -10,7 +10,8 @@ Stages (each cached as ``reports/<run-id>/cache/<stage>.json``; a rerun with the
 * ``explain``    score mode plus explanations of the final top few on a subset;
 * ``chat``       the simulated-user chat evaluation, when ``eval.chat_sim`` is present;
 * ``judge``      the LLM judge: rubric on the explanations, pairwise LLM vs a code-only template explanation;
-* ``validity``   the judge on the human-labelled set (MovieLens-100k only).
+* ``validity``   the judge on the author-written reference labels on constructed cases
+                 (``eval/data/judge_labels.jsonl``, MovieLens-100k only).
 
 The held-out target never reaches inference: stages call the retriever and the LLM with the visible history
 only, and the target is used afterwards to compute metrics. Nothing is re-queried depending on the target.
@@ -422,7 +423,7 @@ def stage_validity(ctx: Context) -> dict[str, Any]:
         return {"skipped": f"the labelled set is on movielens-100k items; catalogue '{catalog.name}' differs"}
     judge = ctx.judge_factory()
     judged: list[dict[str, int] | None] = []
-    for lab in tqdm(labels, desc="judge: human-labelled set", unit="expl", disable=not ctx.progress):
+    for lab in tqdm(labels, desc="judge: author-labelled constructed cases", unit="expl", disable=not ctx.progress):
         try:
             judged.append(judge.rubric(ExplanationInput.model_validate(lab)).scores())
         except Exception as exc:

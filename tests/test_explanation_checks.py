@@ -1,5 +1,5 @@
 """Code checks of explanations (no LLM): claims against metadata, evidence, emptiness, repetition, list rates;
-and the shape of the shipped human-labelled set."""
+and the shape of the shipped set of author-written reference labels on constructed cases."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_list_checks_and_rates() -> None:
 LABELS = Path(__file__).resolve().parents[1] / "eval" / "data" / "judge_labels.jsonl"
 
 
-def test_the_human_labelled_set_is_well_formed() -> None:
+def test_the_author_labelled_reference_set_is_well_formed() -> None:
     rows = [json.loads(line) for line in LABELS.read_text().splitlines() if line.strip()]
     assert 35 <= len(rows) <= 60
     assert (LABELS.parent / "LABELING_GUIDE.md").exists()

@@ -127,6 +127,23 @@ def test_validity_calls_a_constant_judge_untrustworthy_and_a_perfect_one_trustwo
     assert partial["judge_failures"] == 1 and partial["n_judged"] == len(labels) - 1
 
 
+def test_validity_and_report_name_the_labels_as_author_written_constructed_cases() -> None:
+    """The shipped labels were written and labelled by the evaluation's author; nothing may call them human."""
+    labels = [{"labels": {c: v for c in CRITERIA}} for v in (1, 2, 3, 4, 5, 2, 4)]
+    for judged in ([{c: 3 for c in CRITERIA}] * len(labels), [lab["labels"] for lab in labels]):
+        out = jd.validity(labels, judged, n_boot=20)
+        assert "author-written reference labels on constructed cases" in out["verdict"]
+        assert "human" not in out["verdict"].lower()
+        assert out["reference_labels"] == jd.LABELS_DESCRIPTION
+    shipped = jd.load_labels()
+    assert shipped and all(row["labeller"].startswith("eval author") for row in shipped)
+    root = Path(__file__).resolve().parents[1]
+    texts = [root / "eval" / n for n in ("judge.py", "report.py", "suite.py")] + [root / "cli" / "suite_cmds.py"]
+    texts += sorted((root / "reports").rglob("*.md")) + sorted((root / "reports").rglob("*.json"))
+    offenders = [str(p.relative_to(root)) for p in texts if "human" in p.read_text(encoding="utf-8").lower()]
+    assert offenders == []
+
+
 def test_read_explanations_reports_malformed_lines_by_number() -> None:
     lines = ['{"history": [1, 2], "item_id": 95, "reason": "ok reason"}', "", "not json",
              '{"history": ["1"], "reason": "no item"}', '{"history": ["1"], "item_id": "95", "reason": "r",'

@@ -305,34 +305,53 @@ def eval_speed(
     ties: str = ties_option(),
     seed: int = typer.Option(0, "--seed", help="seeds the timed users and the random tie order of their histories"),
     as_json: bool = typer.Option(False, "--json"),
+    skip_build: bool = typer.Option(False, "--skip-build", help="time retrieve only; the build figure is kept "
+                                    "from the previous report when it has one"),
 ) -> None:
-    """Index build time from nothing and retrieve latency (p50/p95) with a filter."""
+    """Index build time from nothing and retrieve latency (p50/p95) with a genre filter and without one, from the
+    index loaded from disk."""
     setup()
     spec = split_spec(ties, seed)
-    from eval.speed import time_build, time_retrieve
+    from eval.speed import cpu_line, time_build, time_retrieve
     from retrieval.catalog import describe_order
     from retrieval.catalog_store import ensure_catalog
 
     cat = guarded(lambda: ensure_catalog(catalog))
     if genre is None and "Drama" in cat.all_genres:
         genre = "Drama"
-    with console.status("building an index from nothing"):
-        build = time_build(cat)
+    report_json = REPORTS / f"speed-{catalog}.json"
+    build: dict[str, Any] = {}
+    if skip_build:
+        previous = json.loads(report_json.read_text()) if report_json.exists() else {}
+        if previous.get("build_seconds") is not None:
+            build = {"build_seconds": previous["build_seconds"], "items": previous.get("items", float(cat.n_items)),
+                     "build_date": previous.get("build_date", previous.get("date"))}
+    else:
+        with console.status("building an index from nothing"):
+            build = {**time_build(cat), "build_date": time.strftime("%Y-%m-%d")}
     ret = guarded(lambda: time_retrieve(cat, users=users, k=k, seed=spec.seed, genre=genre, ties=spec.ties))
     result = {"catalog": catalog, **build, **ret, "ties": spec.ties, "seed": spec.seed,
               "histories": describe_order(spec.ties, spec.seed),
-              "machine": machine_line(), "date": time.strftime("%Y-%m-%d"),
+              "machine": machine_line(), "cpu": cpu_line(), "date": time.strftime("%Y-%m-%d"),
               "command": f"recagent eval speed --catalog {catalog} --users {users} -k {k} --ties {spec.ties} "
-                         f"--seed {spec.seed}"}
+                         f"--seed {spec.seed}" + (" --skip-build" if skip_build else "")}
     REPORTS.mkdir(exist_ok=True)
-    (REPORTS / f"speed-{catalog}.json").write_text(json.dumps(result, indent=2))
+    report_json.write_text(json.dumps(result, indent=2))
+    if build:
+        built = f"{build['build_seconds']:.1f} s" + (f" (measured {build['build_date']})" if skip_build else "")
+    else:
+        built = "not measured (--skip-build)"
+    weights = ", ".join(f"{n} {w:g}" for n, w in ret["weights"].items())
     md = [f"# Retrieval speed: {catalog}", "", "| measure | value |", "|---|---|",
-          f"| index build from nothing (empty embedding cache) | {build['build_seconds']:.1f} s |",
-          f"| retrieve p50 (k={k}, filter genre={genre}) | {ret['p50_ms']:.1f} ms |",
-          f"| retrieve p95 | {ret['p95_ms']:.1f} ms |",
+          f"| index build from nothing (empty embedding cache) | {built} |",
+          f"| retrieve p50 / p95 (k={k}, filter genre={genre}) | {ret['p50_ms']:.1f} / {ret['p95_ms']:.1f} ms |",
+          f"| retrieve p50 / p95 (k={k}, no filter) | {ret['unfiltered_p50_ms']:.1f} / "
+          f"{ret['unfiltered_p95_ms']:.1f} ms |",
           f"| users timed (mean history length) | {ret['users']} ({ret['mean_history']:.0f}) |", "",
+          f"- retriever: fused ({weights}), from the index loaded from disk "
+          f"(`load_index`, {ret['index_load_seconds']:.2f} s); each user timed with and without the filter in turn",
           f"- command: `{result['command']}`", f"- histories timed: {result['histories']}",
-          f"- machine: {result['machine']}"]
+          f"- machine: {result['machine']}; {result['cpu']}"]
     (REPORTS / f"speed-{catalog}.md").write_text("\n".join(md) + "\n")
     if as_json:
         print_json(result)
@@ -393,3 +412,46 @@ def eval_explain(
         print_json(result)
     else:
         out.print(md, markup=False, highlight=False)
+
+
+@eval_app.command("scale")
+def eval_scale(
+    items: str = typer.Option("10000,100000", "--items", help="catalogue sizes, comma-separated (e.g. "
+                              "10000,100000,1000000)"),
+    users: str | None = typer.Option(None, "--users", help="users per size, comma-separated (default: items/5, at "
+                                     "least 1000)"),
+    seed: int = typer.Option(0, "--seed"),
+    queries: int = typer.Option(200, "--queries", min=10, help="users timed per size"),
+    eval_users: int = typer.Option(500, "--eval-users", min=10, help="test users evaluated per size"),
+    keep: bool = typer.Option(False, "--keep", help="keep the synthetic catalogues (default: removed)"),
+    timeout_min: float = typer.Option(180.0, "--timeout-min", help="give up on a size after this long"),
+) -> None:
+    """Index build time, peak memory, size on disk and retrieve p50/p95 (with and without a genre filter) on
+    synthetic catalogues of growing size, plus the fused retriever against its sources on each one's own split.
+    Writes reports/scale.{md,json}."""
+    setup()
+    from eval.scale import markdown, run_child
+
+    try:
+        sizes = [int(x) for x in items.split(",") if x.strip()]
+        counts = [int(x) for x in users.split(",")] if users else [max(1000, n // 5) for n in sizes]
+    except ValueError:
+        fail(f"--items {items!r} / --users {users!r}: comma-separated whole numbers")
+        return
+    if len(counts) != len(sizes) or min(sizes) < 10 or min(counts) < 10:
+        fail("--users needs one count per --items size, and every size and count at least 10")
+    results = []
+    for n, u in zip(sizes, counts, strict=True):
+        console.print(f"[bold]{n:,} items, {u:,} users[/]")
+        t0 = time.perf_counter()
+        result = run_child(n, u, seed, queries, eval_users, keep, timeout_s=timeout_min * 60)
+        console.print(f"  done in {time.perf_counter() - t0:.0f}s: " + json.dumps(
+            {k: result.get(k) for k in ("build_s", "peak_rss_mb", "retrieve", "collaborative", "error")}))
+        results.append(result)
+    command = f"recagent eval scale --items {items}" + (f" --users {users}" if users else "") + \
+        f" --seed {seed} --queries {queries} --eval-users {eval_users}"
+    report = {"sizes": results, "machine": machine_line(), "date": time.strftime("%Y-%m-%d"), "command": command}
+    REPORTS.mkdir(exist_ok=True)
+    (REPORTS / "scale.json").write_text(json.dumps(report, indent=2))
+    (REPORTS / "scale.md").write_text(markdown(report))
+    console.print(f"report: {REPORTS / 'scale.md'}")

@@ -1,10 +1,14 @@
-"""Interaction-based signals fitted on histories: popularity, EASE item-item and sequential transitions."""
+"""Interaction-based signals fitted on histories: popularity, sequential transitions and one collaborative
+item-item model chosen by catalogue size: EASE (a dense n x n inverse, exact and best up to ``max_ease_items``) or,
+past that, implicit-feedback ALS from the ``implicit`` library (n x f item factors). Fitting is vectorised: no Python
+loop runs per interaction."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,65 +21,110 @@ class CFConfig(BaseModel):
     seq_window: int = Field(default=3, ge=1, description="transitions counted up to this many steps ahead")
     seq_last: int = Field(default=5, ge=1, description="how many of the latest history items vote")
     seq_decay: float = Field(default=0.6, gt=0, le=1)
-    max_ease_items: int = Field(default=20000, description="EASE inverts an n x n matrix; skipped above this")
+    max_ease_items: int = Field(default=20000, description="EASE inverts an n x n matrix; ALS above this")
+    collaborative: Literal["auto", "ease", "als"] = Field(
+        default="auto", description="the collaborative model: 'auto' picks EASE up to max_ease_items, else ALS; an "
+        "index manifest records the one fitted",
+    )
+    als_factors: int = Field(default=64, ge=4, le=512)
+    als_iterations: int = Field(default=15, ge=1, le=200)
+    als_regularization: float = Field(default=0.05, gt=0)
+    als_alpha: float = Field(default=10.0, gt=0, description="confidence of an observed interaction")
+    als_seed: int = 0
+    fitted: Literal["ease", "als"] | None = Field(default=None, description="the model fit_cf fitted (recorded)")
+
+    def chosen(self, n_items: int) -> Literal["ease", "als"]:
+        if self.collaborative != "auto":
+            return self.collaborative
+        return "ease" if n_items <= self.max_ease_items else "als"
 
 
 @dataclass
 class CFModels:
     popularity: np.ndarray  # interaction counts per item position
     transitions: sp.csr_matrix  # row-normalised a -> b transition weights
-    ease: np.ndarray | None  # n x n EASE weights (None when the catalogue is too large)
+    ease: np.ndarray | None  # n x n EASE weights (None when ALS is the collaborative model)
     config: CFConfig
+    als_items: np.ndarray | None = None  # n x f ALS item factors (None when EASE is)
 
     def save(self, folder: Path) -> None:
         np.save(folder / "popularity.npy", self.popularity)
         sp.save_npz(folder / "transitions.npz", self.transitions)
         if self.ease is not None:
             np.save(folder / "ease.npy", self.ease)
+        if self.als_items is not None:
+            np.save(folder / "als_items.npy", self.als_items)
 
     @classmethod
     def load(cls, folder: Path, config: CFConfig) -> CFModels:
-        ease_path = folder / "ease.npy"
+        ease_path, als_path = folder / "ease.npy", folder / "als_items.npy"
         return cls(
             popularity=np.load(folder / "popularity.npy"),
             transitions=sp.load_npz(folder / "transitions.npz").tocsr(),
             ease=np.load(ease_path) if ease_path.exists() else None,
             config=config,
+            als_items=np.load(als_path) if als_path.exists() else None,
         )
+
+    @property
+    def collaborative(self) -> str | None:
+        return "ease" if self.ease is not None else "als" if self.als_items is not None else None
+
+
+def _flatten(histories: Mapping[str, Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(user index, item position) of every event, users in mapping order, each user's events in order."""
+    lengths = np.fromiter((len(h) for h in histories.values()), dtype=np.int64, count=len(histories))
+    users = np.repeat(np.arange(len(histories), dtype=np.int64), lengths)
+    items = np.fromiter((p for h in histories.values() for p in h), dtype=np.int64, count=int(lengths.sum()))
+    return users, items
+
+
+def fit_als(x: sp.csr_matrix, config: CFConfig) -> np.ndarray:
+    """Item factors of implicit-feedback ALS (``implicit``) on the binary user x item matrix ``x``."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, "blas"):  # implicit's own threads do the work; BLAS threads would fight them
+        model = AlternatingLeastSquares(factors=config.als_factors, iterations=config.als_iterations,
+                                        regularization=config.als_regularization, alpha=config.als_alpha,
+                                        random_state=config.als_seed)
+        model.fit(x, show_progress=False)
+    return np.ascontiguousarray(model.item_factors, dtype=np.float32)
 
 
 def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfig | None = None) -> CFModels:
-    """Fit on per-user position sequences (time-ordered)."""
+    """Fit on per-user position sequences (time-ordered). The config returned names the collaborative model
+    fitted (``fitted``: "ease" or "als")."""
     config = config or CFConfig()
-    u_rows: list[int] = []
-    u_cols: list[int] = []
-    t_rows: list[int] = []
-    t_cols: list[int] = []
-    t_vals: list[float] = []
-    for user, seq in enumerate(histories.values()):
-        seq = list(seq)
-        distinct = sorted(set(seq))
-        u_rows.extend([user] * len(distinct))
-        u_cols.extend(distinct)
-        for gap in range(1, config.seq_window + 1):
-            for a, b in zip(seq[:-gap], seq[gap:], strict=False):
-                if a != b:
-                    t_rows.append(a)
-                    t_cols.append(b)
-                    t_vals.append(1.0 / gap)
-    x = sp.csr_matrix((np.ones(len(u_cols), dtype=np.float32), (u_rows, u_cols)),
-                      shape=(len(histories), n_items))
+    users, items = _flatten(histories)
+    x = sp.csr_matrix((np.ones(len(items), dtype=np.float32), (users, items)), shape=(len(histories), n_items))
+    x.sum_duplicates()
+    x.data[:] = 1.0  # seen or not
     popularity = np.asarray(x.sum(axis=0)).ravel().astype(np.float32)
-    trans = sp.csr_matrix((np.array(t_vals, dtype=np.float32), (t_rows, t_cols)), shape=(n_items, n_items))
+    rows, cols, vals = [], [], []
+    for gap in range(1, config.seq_window + 1):  # pairs (a, b) of one user's events `gap` steps apart
+        same_user = users[:-gap] == users[gap:]
+        a, b = items[:-gap][same_user], items[gap:][same_user]
+        keep = a != b
+        rows.append(a[keep])
+        cols.append(b[keep])
+        vals.append(np.full(int(keep.sum()), 1.0 / gap, dtype=np.float32))
+    trans = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(n_items, n_items))
     trans.sum_duplicates()
     row_sums = np.asarray(trans.sum(axis=1)).ravel()
     inv = np.divide(1.0, row_sums, out=np.zeros_like(row_sums), where=row_sums > 0)
     trans = sp.diags(inv.astype(np.float32)) @ trans
-    ease = None
-    if n_items <= config.max_ease_items:
+    chosen = config.chosen(n_items)
+    config = config.model_copy(update={"fitted": chosen})
+    ease = als_items = None
+    if chosen == "ease":
         gram = (x.T @ x).toarray().astype(np.float64)
         gram[np.diag_indices(n_items)] += config.ease_lambda
         p = np.linalg.inv(gram)
         ease = (-p / np.diag(p)).astype(np.float32)
         ease[np.diag_indices(n_items)] = 0.0
-    return CFModels(popularity=popularity, transitions=sp.csr_matrix(trans), ease=ease, config=config)
+    else:
+        als_items = fit_als(x, config)
+    return CFModels(popularity=popularity, transitions=sp.csr_matrix(trans), ease=ease, config=config,
+                    als_items=als_items)

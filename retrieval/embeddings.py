@@ -95,14 +95,17 @@ class Embedder:
         return hashlib.sha256(f"{self.name}\0{text}".encode()).hexdigest()
 
     def _encode(self, texts: list[str], progress: bool) -> np.ndarray:
+        """Batches of texts of similar length (sorted over the whole call, not only within each batch), so that
+        little of each batch is padding; the vectors come back in the order of ``texts``."""
         self.model_calls += len(texts)
-        chunks = []
+        order = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
         steps = range(0, len(texts), self.batch_size)
         for start in tqdm(steps, desc="embedding", unit="batch", disable=not progress or len(steps) < 2):
-            batch = texts[start:start + self.batch_size]
-            chunks.append(self.model.encode(batch, batch_size=self.batch_size, normalize_embeddings=True,
-                                            convert_to_numpy=True, show_progress_bar=False))
-        return np.vstack(chunks).astype(np.float32)
+            idx = order[start:start + self.batch_size]
+            out[idx] = self.model.encode([texts[i] for i in idx], batch_size=self.batch_size,
+                                         normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        return out
 
     def encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors for one-off texts (a user's history, a query) that should not grow the cache."""

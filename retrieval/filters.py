@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,15 +48,19 @@ class Filters(BaseModel):
 
         return self.model_copy(update={"genres": fix(self.genres), "exclude_genres": fix(self.exclude_genres)})
 
-    def mask(self, genres_by_pos: list[list[str]], years_by_pos: np.ndarray) -> np.ndarray:
-        """Boolean array over catalogue positions: True where the item passes."""
-        keep = np.ones(len(genres_by_pos), dtype=bool)
+    def mask(self, genres: Mapping[str, np.ndarray] | Sequence[Sequence[str]], years_by_pos: np.ndarray) -> np.ndarray:
+        """Boolean array over catalogue positions: True where the item passes.
+
+        ``genres`` is either each genre's bool mask over positions (``Catalog.genre_masks``, built once per
+        catalogue: the fast path, numpy only) or each position's genre list (``Catalog.genres_by_pos``), from
+        which those masks are built first. A genre no item has matches nothing."""
+        masks = genres if isinstance(genres, Mapping) else genre_masks(genres)
+        n = len(years_by_pos)
+        keep = np.ones(n, dtype=bool)
         if self.genres:
-            wanted = set(self.genres)
-            keep &= np.array([bool(wanted.intersection(g)) for g in genres_by_pos])
+            keep &= _any_of(masks, self.genres, n)
         if self.exclude_genres:
-            unwanted = set(self.exclude_genres)
-            keep &= np.array([not unwanted.intersection(g) for g in genres_by_pos])
+            keep &= ~_any_of(masks, self.exclude_genres, n)
         if self.year_min is not None:
             keep &= np.nan_to_num(years_by_pos, nan=-1) >= self.year_min
         if self.year_max is not None:
@@ -76,3 +81,22 @@ class Filters(BaseModel):
         if not clauses:
             return None
         return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def genre_masks(genres_by_pos: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
+    """Each genre's bool mask over positions, from each position's genre list (one pass over the items)."""
+    masks: dict[str, np.ndarray] = {}
+    for pos, item_genres in enumerate(genres_by_pos):
+        for g in item_genres:
+            if g not in masks:
+                masks[g] = np.zeros(len(genres_by_pos), dtype=bool)
+            masks[g][pos] = True
+    return masks
+
+
+def _any_of(masks: Mapping[str, np.ndarray], names: Sequence[str], n: int) -> np.ndarray:
+    """True where an item has any of ``names``."""
+    rows = [masks[g] for g in dict.fromkeys(names) if g in masks]
+    if not rows:
+        return np.zeros(n, dtype=bool)
+    return rows[0].copy() if len(rows) == 1 else np.logical_or.reduce(rows)

@@ -27,6 +27,7 @@ from retrieval.item_text import item_text
 from retrieval.provenance import utc_now
 from retrieval.retriever import RETRIEVERS, BlendRetriever
 from retrieval.sources import (
+    AlsSource,
     ContentSource,
     EaseSource,
     PopularitySource,
@@ -151,6 +152,7 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
                 retired.append(RetiredCollection(name=previous.collection, at=time.time()))
         cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, cf_config)
         cf.save(staging)
+        cf_config, fusion = cf.config, collaborative_weights(fusion, cf.config)
         manifest = IndexManifest(
             catalog=catalog.name, content_hash=catalog.content_hash(), collection=collection,
             embed_model=embedder.name, encoder=encoder, dim=int(vectors.shape[1]),
@@ -188,6 +190,16 @@ def fusion_for(encoder: EncoderRef, old: IndexManifest | None,
     return (old.fusion if old else FusionConfig()), cf
 
 
+def collaborative_weights(fusion: FusionConfig, cf: CFConfig) -> FusionConfig:
+    """The fusion weights for the collaborative model fitted: tuned or default weights name "ease"; a catalogue
+    past EASE's size gets ALS in its place, with the same weight (until `eval retrieval --tune` re-tunes it)."""
+    weights = dict(fusion.weights)
+    have, other = ("als", "ease") if cf.fitted == "als" else ("ease", "als")
+    if other in weights:
+        weights[have] = weights.get(have, 0.0) + weights.pop(other)
+    return fusion if weights == fusion.weights else fusion.model_copy(update={"weights": weights})
+
+
 def read_manifest(folder: Path) -> IndexManifest | None:
     path = folder / "manifest.json"
     if not path.exists():
@@ -215,11 +227,14 @@ def save_cf(folder: Path, catalog: Catalog, config: CFConfig) -> None:
         cf.save(staging)
         if cf.ease is None:
             (folder / "ease.npy").unlink(missing_ok=True)
+        if cf.als_items is None:
+            (folder / "als_items.npy").unlink(missing_ok=True)
         for path in staging.iterdir():
             os.replace(path, folder / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest.cf = config
+    manifest.cf = cf.config
+    manifest.fusion = collaborative_weights(manifest.fusion, cf.config)
     atomic_write_json(folder / "manifest.json", manifest.model_dump(mode="json"))
 
 
@@ -257,6 +272,8 @@ class Index:
         }
         if cf.ease is not None:
             sources["ease"] = EaseSource(cf)
+        if cf.als_items is not None:
+            sources["als"] = AlsSource(cf)
         return sources
 
     def retriever(self, name: str = "fused", cf: CFModels | None = None,

@@ -19,7 +19,7 @@ from retrieval.sources import Source, SourceQuery
 
 logger = logging.getLogger(__name__)
 
-RETRIEVERS = ("fused", "mostpop", "ease", "sequential", "content")
+RETRIEVERS = ("fused", "mostpop", "ease", "als", "sequential", "content")
 QUERY_CONTENT_WEIGHT = 1.0  # the content source's least weight when a request carries free text
 
 
@@ -68,6 +68,8 @@ class BlendRetriever:
         self.content = sources.get("content")
         self.pool = pool
         self.popularity = popularity.astype(np.float64)
+        # catalogue positions by popularity, ties by position: the top-up order, sorted once
+        self.popular_order = np.lexsort((np.arange(catalog.n_items), -self.popularity))
 
     def positions(self, history: Sequence[str]) -> list[int]:
         unknown = [i for i in history if not self.catalog.has_item(str(i))]
@@ -81,11 +83,12 @@ class BlendRetriever:
             filters = None
         if filters is not None:
             filters = filters.canonical(self.catalog.all_genres)
-            allowed = filters.mask(self.catalog.genres_by_pos, self.catalog.years_by_pos)
+            passes = filters.mask(self.catalog.genre_masks, self.catalog.years_by_pos)
         else:
-            allowed = np.ones(self.catalog.n_items, dtype=bool)
+            passes = np.ones(self.catalog.n_items, dtype=bool)
+        allowed = passes.copy()
         allowed[positions] = False
-        return SourceQuery(history=positions, allowed=allowed, filters=filters, text=query or None)
+        return SourceQuery(history=positions, allowed=allowed, filters=filters, text=query or None, passes=passes)
 
     def active(self, q: SourceQuery) -> tuple[dict[str, Source], dict[str, float]]:
         """The sources and weights that answer ``q``. Fusion weights are tuned on histories alone, so a caller's
@@ -106,10 +109,9 @@ class BlendRetriever:
         lists = self.source_lists(q, max(self.pool, k))
         fused = blend(lists, self.active(q)[1], k)
         if len(fused) < k:  # top up with popular items so callers get k when the filters allow it
-            taken = {p for p, _, _ in fused}
             allowed = q.allowed.copy()
-            allowed[list(taken)] = False
-            order = np.lexsort((np.arange(self.catalog.n_items), -self.popularity))
-            extra = [int(p) for p in order if allowed[p]][: k - len(fused)]
-            fused.extend((p, 0.0, []) for p in extra)
+            allowed[[p for p, _, _ in fused]] = False
+            order = self.popular_order
+            extra = order[allowed[order]][: k - len(fused)]
+            fused.extend((int(p), 0.0, []) for p in extra)
         return [Candidate(item_id=self.catalog.item_ids[p], score=s, sources=h) for p, s, h in fused]

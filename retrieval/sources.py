@@ -19,6 +19,7 @@ class SourceQuery:
     allowed: np.ndarray  # bool over positions: passes the filters and is not in the history
     filters: Filters | None = None
     text: str | None = None
+    passes: np.ndarray | None = None  # bool over positions: passes the filters, history or not (None: not known)
 
 
 class Source(Protocol):
@@ -94,21 +95,31 @@ class SequentialSource:
 
 
 PRIOR_OVERFETCH = 300  # extra neighbours fetched when a popularity prior re-ranks them
+DENSE_MAX_ITEMS = 100_000  # up to this many items the content source scores them all in memory, not via Chroma
+OVERFETCH_MIN_SHARE = 0.05  # via Chroma: below this share of items passing the filters, query with ``where``
+OVERFETCH_SLACK = 1.25  # via Chroma: unfiltered neighbours fetched per one needed, over the share that passes
 
 
 class ContentSource:
-    """Chroma nearest neighbours of the user's vector, blended with an embedded free-text query when one is
-    given. The user's vector is the encoder over their history text when the index has a tuned encoder
-    (``user_vector``), else the recency-weighted mean of their items' embeddings. A tuned encoder also brings a
-    popularity prior (``prior``: its weight times log(1 + interactions), from the CF models in use) that
-    re-ranks the over-fetched neighbours."""
+    """Nearest neighbours (cosine, over the item vectors Chroma holds) of the user's vector, blended with an
+    embedded free-text query when one is given. The user's vector is the encoder over their history text when
+    the index has a tuned encoder (``user_vector``), else the recency-weighted mean of their items' embeddings.
+    A tuned encoder also brings a popularity prior (``prior``: its weight times log(1 + interactions), from the
+    CF models in use) that re-ranks the over-fetched neighbours.
+
+    The neighbours are exact: a catalogue of up to ``dense_max_items`` items is scored in memory with one
+    matrix product over the unit item vectors (the vectors Chroma holds; cosine, as Chroma's space), the filters
+    applied as the query's mask, so a filtered request costs what an unfiltered one does. Larger catalogues ask
+    Chroma: for unfiltered neighbours, over-fetched by the share of items that pass and masked, or, when few
+    pass, with the filters' ``where`` clause."""
 
     name = "content"
+    overfetch_min_share = OVERFETCH_MIN_SHARE
 
     def __init__(self, store: ItemVectorStore, item_vectors: np.ndarray, item_index: dict[str, int],
                  embed_text: Callable[[str], np.ndarray], decay: float = 0.9, query_weight: float = 1.0,
                  user_vector: Callable[[Sequence[int]], np.ndarray] | None = None,
-                 prior: np.ndarray | None = None) -> None:
+                 prior: np.ndarray | None = None, dense_max_items: int = DENSE_MAX_ITEMS) -> None:
         self.store = store
         self.item_vectors = item_vectors
         self.item_index = item_index
@@ -117,6 +128,10 @@ class ContentSource:
         self.query_weight = query_weight
         self.user_vector = user_vector
         self.prior = prior  # per item, added to the cosine of the nearest neighbours (over-fetched to re-rank)
+        self.unit: np.ndarray | None = None  # unit item vectors, when neighbours are scored in memory
+        if len(item_vectors) <= dense_max_items:
+            norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
+            self.unit = (item_vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
     def profile(self, history: list[int], text: str | None) -> np.ndarray | None:
         vec = np.zeros(self.item_vectors.shape[1], dtype=np.float64)
@@ -135,16 +150,70 @@ class ContentSource:
         vec = self.profile(query.history, query.text)
         if vec is None:
             return []
-        where = query.filters.where() if query.filters else None
         fetch = n + len(set(query.history))
         if self.prior is not None:
             fetch += max(3 * n, PRIOR_OVERFETCH)
-        hits = self.store.query(vec, fetch, where=where)
         out = []
-        for item_id, sim in hits:
-            pos = self.item_index.get(item_id)
-            if pos is not None and query.allowed[pos]:
+        for pos, sim in self.neighbours(vec, fetch, query):
+            if query.allowed[pos]:
                 out.append((pos, sim if self.prior is None else sim + float(self.prior[pos])))
         if self.prior is not None:
             out.sort(key=lambda h: (-h[1], h[0]))
         return out[:n]
+
+    def neighbours(self, vec: np.ndarray, fetch: int, query: SourceQuery) -> list[tuple[int, float]]:
+        """The ``fetch`` items nearest to ``vec`` that pass the query's filters (history items included, as a
+        Chroma ``where`` query returns them), as (position, cosine similarity), best first."""
+        passes = query.passes
+        if passes is None and query.filters is None:
+            passes = np.ones(len(self.item_vectors), dtype=bool)
+        if self.unit is not None and passes is not None:
+            scores = (self.unit @ vec.astype(np.float32)).astype(np.float64)
+            return top_of_dense(scores, passes, fetch)
+        if query.filters is None or passes is None:
+            return self._positions(self.store.query(vec, fetch, where=query.filters.where() if query.filters else None))
+        share = float(passes.mean())
+        if share == 0:
+            return []
+        if share >= self.overfetch_min_share:
+            count = len(self.item_vectors)
+            want = min(count, int(np.ceil(fetch / share * OVERFETCH_SLACK)) + 10)
+            kept = [(pos, sim) for pos, sim in self._positions(self.store.query(vec, want)) if passes[pos]]
+            if len(kept) >= fetch or want >= count:
+                return kept[:fetch]
+        return self._positions(self.store.query(vec, fetch, where=query.filters.where()))
+
+    def _positions(self, hits: list[tuple[str, float]]) -> list[tuple[int, float]]:
+        out = []
+        for item_id, sim in hits:
+            pos = self.item_index.get(item_id)
+            if pos is not None:
+                out.append((pos, sim))
+        return out
+
+
+class AlsSource:
+    """Implicit-feedback ALS (catalogues past EASE's size): the user's factors solved from their history on the
+    fly (one f x f system, as ``implicit``'s recalculate_user does), then item factors x user factors."""
+
+    name = "als"
+
+    def __init__(self, cf: CFModels) -> None:
+        if cf.als_items is None:
+            raise ValueError("ALS was not fitted for this catalogue (EASE was)")
+        self.items = cf.als_items.astype(np.float32)
+        self.alpha = cf.config.als_alpha
+        f = self.items.shape[1]
+        self.gram = (self.items.T @ self.items).astype(np.float64) + cf.config.als_regularization * np.eye(f)
+
+    def user_factors(self, history: Sequence[int]) -> np.ndarray:
+        seen = self.items[sorted(set(history))].astype(np.float64)
+        a = self.gram + (self.alpha - 1.0) * (seen.T @ seen)
+        b = self.alpha * seen.sum(axis=0)
+        return np.linalg.solve(a, b).astype(np.float32)
+
+    def top(self, query: SourceQuery, n: int) -> list[tuple[int, float]]:
+        if not query.history:
+            return []
+        scores = self.items @ self.user_factors(query.history)
+        return top_of_dense(scores, query.allowed, n)

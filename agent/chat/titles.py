@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from rapidfuzz import fuzz, process
 
 from retrieval.catalog import Catalog
@@ -95,11 +96,13 @@ class TitleResolver:
         return title if _YEAR.search(title) or year is None else f"{title} ({year})"
 
     def _scores(self, key: str) -> list[tuple[int, float]]:
+        """Up to 8 best titles per key list (plain and without a leading article) scoring at least ``minimum``,
+        merged by best score; sorted by score, ties by catalogue position."""
         bare = _LEADING_ARTICLE.sub("", key)
         hits: dict[int, float] = {}
         for choices, query in ((self.keys, key), (self.bare, bare)):
-            for _, score, pos in process.extract(query, choices, scorer=_score, limit=8, score_cutoff=self.minimum):
-                hits[pos] = max(hits.get(pos, 0.0), float(score))
+            for pos, score in _best(query, choices, limit=8, cutoff=self.minimum):
+                hits[pos] = max(hits.get(pos, 0.0), score)
         return sorted(hits.items(), key=lambda kv: (-kv[1], kv[0]))
 
     def resolve(self, mention: str, prefer: list[str] | None = None) -> Resolution:
@@ -244,6 +247,20 @@ _COMMON = {
 def _score(a: str, b: str, **_: object) -> float:
     """Whole-title similarity: the best of plain and word-order-insensitive ratios."""
     return max(fuzz.ratio(a, b), fuzz.token_sort_ratio(a, b))
+
+
+def _best(query: str, choices: list[str], limit: int, cutoff: float) -> list[tuple[int, float]]:
+    """``process.extract(query, choices, scorer=_score, limit=limit, score_cutoff=cutoff)`` as (position, score):
+    the same scores, order (score, then position) and cut, but each ratio scored over every choice by rapidfuzz's
+    native ``cdist`` instead of a Python call per title."""
+    native = min(max(cutoff, 0.0), 100.0)  # rapidfuzz's range; the exact cut is applied below
+    scores = np.maximum(
+        process.cdist([query], choices, scorer=fuzz.ratio, dtype=np.float64, score_cutoff=native)[0],
+        process.cdist([query], choices, scorer=fuzz.token_sort_ratio, dtype=np.float64, score_cutoff=native)[0],
+    )
+    idx = np.flatnonzero(scores >= cutoff)
+    order = idx[np.lexsort((idx, -scores[idx]))][:limit]
+    return [(int(p), float(scores[p])) for p in order]
 
 
 def _as_int(value: float) -> int | None:

@@ -1,0 +1,184 @@
+"""`recagent eval scale`: how the index grows with the catalogue, on synthetic catalogues (retrieval.synth).
+
+Each size runs in a child process of its own (``python -m eval.scale``), so that its peak memory is its own. A size
+generates its catalogue, builds the index as `recagent ingest` does (embedding every item, filling Chroma, fitting
+CF: EASE up to its limit, ALS past it), reloads it from disk as a server would, times ``retrieve`` (k=50) with and
+without a genre filter, and measures quality on the catalogue's own leave-last-out split (test part, seeded random
+ties, CF fitted on what the test part may see): the fused retriever against popularity, content and the
+collaborative and sequential sources alone. The catalogue is removed afterwards unless asked to keep it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def measure(items: int, users: int, seed: int = 0, queries: int = 200, eval_users: int = 500, k: int = 50,
+            keep: bool = False, progress: bool = True) -> dict[str, Any]:
+    """One size, in this process: build, reload, time, evaluate (see the module docstring)."""
+    from eval.metrics import summarise
+    from retrieval.catalog import catalog_root, load_catalog
+    from retrieval.catalog_store import save_and_index
+    from retrieval.filters import Filters
+    from retrieval.home import recagent_home
+    from retrieval.index import load_index, read_manifest
+    from retrieval.splits import SplitSpec, split_catalog
+    from retrieval.synth import SynthConfig, synth_catalog
+    from retrieval.vector_store import delete_collection, make_client
+
+    name = f"scale-{items}x{users}-s{seed}"
+    out: dict[str, Any] = {"items": items, "users": users, "seed": seed}
+    t0 = time.perf_counter()
+    catalog = synth_catalog(name, SynthConfig(items=items, users=users, seed=seed))
+    out["generate_s"] = round(time.perf_counter() - t0, 2)
+    out["interactions"] = int(len(catalog.interactions))
+    chroma_dir = recagent_home() / "chroma"
+    chroma_before = folder_bytes(chroma_dir)
+    t0 = time.perf_counter()
+    manifest = save_and_index(catalog, progress=progress)
+    out["build_s"] = round(time.perf_counter() - t0, 2)
+    out["build_items_per_s"] = round(items / out["build_s"], 1)
+    out["collaborative"] = manifest.cf.fitted
+    out["weights"] = manifest.fusion.weights
+    root = catalog_root(name)
+    out["disk_mb"] = {"catalogue_and_index": round(folder_bytes(root) / 1e6, 1),
+                      "chroma_delta": round((folder_bytes(chroma_dir) - chroma_before) / 1e6, 1)}
+    try:
+        t0 = time.perf_counter()
+        stored = load_catalog(name)
+        index = load_index(stored)
+        retriever = index.retriever("fused")
+        out["load_s"] = round(time.perf_counter() - t0, 2)
+
+        histories = stored.histories("random", seed)
+        rng = random.Random(seed)
+        chosen = rng.sample(sorted(histories), min(queries, len(histories)))
+        genre_counts: dict[str, int] = {}
+        for genres in stored.genres_by_pos:
+            for g in genres:
+                genre_counts[g] = genre_counts.get(g, 0) + 1
+        genre = "Drama" if "Drama" in genre_counts else max(genre_counts, key=genre_counts.__getitem__)
+        out["filter"] = {"genre": genre, "share_of_items": round(genre_counts[genre] / stored.n_items, 3)}
+        latency: dict[str, dict[str, float]] = {}
+        for label, filters in (("unfiltered", None), ("genre_filter", Filters(genres=[genre]))):
+            retriever.retrieve(histories[chosen[0]], k=k, filters=filters)  # warm-up
+            lat = []
+            for user in chosen:
+                t = time.perf_counter()
+                retriever.retrieve(histories[user], k=k, filters=filters)
+                lat.append((time.perf_counter() - t) * 1000)
+            latency[label] = {"p50_ms": round(statistics.median(lat), 2),
+                              "p95_ms": round(float(np.quantile(lat, 0.95)), 2)}
+        out["retrieve"] = latency
+
+        spec = SplitSpec()
+        split = split_catalog(stored, spec)
+        cases = split.test
+        rng = random.Random(seed)
+        cases = rng.sample(cases, min(eval_users, len(cases)))
+        cf = index.fit_cf(split.fit_histories("test"))
+        methods = ["fused", "mostpop", "content", "sequential", cf.collaborative or "ease"]
+        quality = {}
+        for method in methods:
+            r = index.retriever(method, cf=cf)
+            ranks = []
+            for case in cases:
+                got = [c.item_id for c in r.retrieve(case.history, k=k)]
+                ranks.append(got.index(case.target) + 1 if case.target in got else None)
+            s = summarise(ranks, n_boot=500, seed=seed)
+            quality[method] = {m: s[m] for m in ("ndcg@10", "recall@50")}
+        out["quality"] = {"split": spec.describe(), "part": "test", "users": len(cases), "methods": quality}
+    finally:
+        if not keep:
+            final = read_manifest(root / "index")
+            client = make_client()
+            for collection in ([final.collection, *(r.name for r in final.retired)] if final else []):
+                delete_collection(client, collection)
+            shutil.rmtree(root, ignore_errors=True)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def run_child(items: int, users: int, seed: int, queries: int, eval_users: int, keep: bool,
+              timeout_s: float | None = None) -> dict[str, Any]:
+    """:func:`measure` in a fresh Python process (its own peak memory); progress goes to stderr."""
+    argv = [sys.executable, "-m", "eval.scale", "--items", str(items), "--users", str(users), "--seed", str(seed),
+            "--queries", str(queries), "--eval-users", str(eval_users)] + (["--keep"] if keep else [])
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout_s, check=False)
+    if proc.returncode != 0:
+        return {"items": items, "users": users, "error": f"exit {proc.returncode}"}
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Scale: synthetic catalogues ({report['date']})", "",
+             f"Machine: {report['machine']}. Command: `{report['command']}`. One run per size, each in its own "
+             "process (peak memory is that process's). Quality: test part of each catalogue's own leave-last-out "
+             "split, seeded random ties, CF fitted on what the test part may see, a seeded sample of users, 95% "
+             "bootstrap intervals.", "",
+             "| items | users | interactions | collaborative | build | peak memory | on disk (index + Chroma) | "
+             "retrieve p50 / p95 | with a genre filter p50 / p95 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["sizes"]:
+        if "error" in r:
+            lines.append(f"| {r['items']:,} | {r['users']:,} | failed: {r['error']} | | | | | | |")
+            continue
+        disk = r["disk_mb"]
+        lat = r["retrieve"]
+        lines.append(
+            f"| {r['items']:,} | {r['users']:,} | {r['interactions']:,} | {r['collaborative']} | "
+            f"{r['build_s']:.0f} s | "
+            f"{r['peak_rss_mb'] / 1024:.2f} GiB | {disk['catalogue_and_index'] + disk['chroma_delta']:.0f} MB | "
+            f"{lat['unfiltered']['p50_ms']:.1f} / {lat['unfiltered']['p95_ms']:.1f} ms | "
+            f"{lat['genre_filter']['p50_ms']:.1f} / {lat['genre_filter']['p95_ms']:.1f} ms "
+            f"({r['filter']['genre']}, {r['filter']['share_of_items']:.0%} of items) |")
+    lines += ["", "## Quality on each catalogue's own split", ""]
+    for r in report["sizes"]:
+        if "error" in r:
+            continue
+        q = r["quality"]
+        lines += [f"### {r['items']:,} items ({q['users']} test users)", "", "| method | NDCG@10 | Recall@50 |",
+                  "|---|---|---|"]
+        for method, m in q["methods"].items():
+            lines.append(f"| {method} | {m['ndcg@10']['mean']:.3f} [{m['ndcg@10']['lo']:.3f}, "
+                         f"{m['ndcg@10']['hi']:.3f}] | {m['recall@50']['mean']:.3f} [{m['recall@50']['lo']:.3f}, "
+                         f"{m['recall@50']['hi']:.3f}] |")
+        lines.append("")
+    lines += report.get("notes", [])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="one size of `recagent eval scale` (prints one JSON line)")
+    parser.add_argument("--items", type=int, required=True)
+    parser.add_argument("--users", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--eval-users", type=int, default=500)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args(argv)
+    from retrieval.home import configure_offline_environment
+
+    configure_offline_environment()
+    result = measure(args.items, args.users, args.seed, args.queries, args.eval_users, keep=args.keep)
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -156,7 +156,8 @@ class Runtime:
         plain = RecommenderService(index, backend=None, n_candidates=service.n_candidates)
         chat = None
         if self.chat_agent is not None:
-            chat = type(self.chat_agent)(service, self.chat_agent.store, self.chat_agent.config)
+            chat = type(self.chat_agent)(service, self.chat_agent.store, self.chat_agent.config,
+                                         chat_model=self.chat_agent.chat_model)
         if service.reranker is not None:
             service.reranker.warm_up()
         _ = index.embedder.model  # loaded here, not on a request thread
@@ -173,6 +174,13 @@ class Runtime:
         url = self.settings.sessions_url or self.settings.chat_sessions_path
         store = open_session_store(url, ttl_s=self.settings.chat_session_ttl_s)
         logger.info("chat sessions in %r", store)
+        backend = self.service.backend
+        if self.settings.chat_tool_calling and backend is not None:
+            from agent.chat.config import ChatConfig
+            from agent.llm.langchain_chat import chat_model_for
+
+            model = chat_model_for(getattr(backend, "inner", backend))
+            return ChatAgent(self.service, store, ChatConfig(tool_calling=True), chat_model=model)
         return ChatAgent(self.service, store)
 
     def close(self) -> None:

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
         default=600.0, ge=0, description="a replaced Chroma collection is deleted this long after its replacement "
         "(so that every replica has moved on)",
     )
+    chat_tool_calling: bool = Field(
+        default=False, description="with RECAGENT_LLM=openai on a server that makes tool calls (vLLM with "
+        "--enable-auto-tool-choice), chat turns pick their items through the recommender's LangChain tools",
+    )
     micro_batch: bool = Field(
         default=True, description="batch score requests that arrive together (in-process LLM)"
     )

@@ -106,16 +106,26 @@ def eval_chat(
     users: int = typer.Option(30, "--users", min=1, help="simulated users (test cases sampled with --seed)"),
     turns: int = typer.Option(5, "--turns", min=1, max=20),
     k: int = typer.Option(5, "-k", "--k", min=1, max=20),
-    seed: int = typer.Option(0, "--seed", help="seeds the user sample and the random tie order"),
+    seed: int = typer.Option(0, "--seed", help="seeds the user sample, their phrasing and the random tie order"),
     ties: str = ties_option(),
-    no_llm: bool = typer.Option(False, "--no-llm", help="only the retrieval-only agent"),
+    no_llm: bool = typer.Option(False, "--no-llm", help="only the agents without the LLM (no model is loaded)"),
+    heldout: bool = typer.Option(True, "--heldout/--no-heldout", help="run the held-out conversations too"),
+    heldout_only: bool = typer.Option(
+        False, "--heldout-only",
+        help="only the held-out conversations; the report keeps the simulated-user results it already holds",
+    ),
+    heldout_file: Path | None = typer.Option(None, "--heldout-file", help="held-out set (default: the project's)"),
     as_json: bool = typer.Option(False, "--json"),
     n_boot: int = typer.Option(1000, "--bootstrap"),
 ) -> None:
-    """Simulated users with hidden targets: success@turns and turns to success, LLM agent vs retrieval only."""
+    """Simulated users with hidden targets (success@turns and turns to success, LLM agent vs retrieval only) and
+    the held-out conversations (each turn checked against the catalogue; pass rate of the rules-only agent and
+    the LLM agent, overall and by who decided the turn)."""
     setup()
     spec = split_spec(ties, seed)
     from agent.service import build_service
+    from eval.chat_heldout import DATA, evaluate_heldout
+    from eval.chat_heldout import markdown as heldout_markdown
     from eval.chat_sim import evaluate_chat, markdown
     from eval.machine import machine_line
 
@@ -126,29 +136,71 @@ def eval_chat(
         if not as_json and (done % 5 == 0 or done == total):
             console.print(f"{name}: {done}/{total} users", highlight=False)
 
-    payload = evaluate_chat(service, n_users=users, max_turns=turns, seed=seed, n_boot=n_boot, k=k, progress=progress,
-                            spec=spec)
+    def heldout_progress(name: str, done: int, total: int) -> None:
+        if not as_json and (done % 10 == 0 or done == total):
+            console.print(f"held-out, {name}: {done}/{total} conversations", highlight=False)
+
+    json_path, md_path = REPORTS / f"chat-{catalog}.json", REPORTS / f"chat-{catalog}.md"
+    payload: dict[str, Any] = {}
+    retriever = service.retriever  # the simulated users swap in CF fitted without their targets
+    if heldout_only:  # keep the simulated-user results of the last full run
+        if json_path.exists():
+            payload = {key: value for key, value in json.loads(json_path.read_text()).items() if key != "heldout"}
+    else:
+        payload = evaluate_chat(service, n_users=users, max_turns=turns, seed=seed, n_boot=n_boot, k=k,
+                                progress=progress, spec=spec)
+    sim_seconds = time.perf_counter() - t0
+    if heldout or heldout_only:
+        t1 = time.perf_counter()
+        # the held-out turns run on the service as built (CF fitted on all interactions): they check what the
+        # answers satisfy against metadata, not hidden targets
+        service.retriever = retriever
+        payload["heldout"] = evaluate_heldout(service, k=k, path=heldout_file or DATA, n_boot=n_boot,
+                                              progress=heldout_progress)
+        payload["heldout"]["seconds"] = round(time.perf_counter() - t1, 1)
     seconds = time.perf_counter() - t0
-    notes = [
-        f"command: recagent eval chat --catalog {catalog} --users {users} --turns {turns} -k {k} --seed {seed} "
-        f"--ties {spec.ties}{' --no-llm' if no_llm else ''}",
-        "simulator: opens with two items of the user's visible history, then answers misses with the hidden "
-        "target's genres, decade and a description keyword (never its title or id)",
-        f"protocol: test targets of the split ({spec.describe()}); CF models fitted without them; no user id is "
-        "passed to the agent",
-        f"LLM: {payload['model'] or 'none'}; {seconds:.0f}s in all; machine: {machine_line()}",
-    ]
+    flags = f"{' --no-llm' if no_llm else ''}{' --heldout-only' if heldout_only else ''}"
+    notes = [n for n in payload.get("notes", []) if heldout_only and not n.startswith("held-out:")]
+    if not heldout_only:
+        notes = [
+            f"command: recagent eval chat --catalog {catalog} --users {users} --turns {turns} -k {k} --seed {seed} "
+            f"--ties {spec.ties}{flags}",
+            "simulator: opens with two items of the user's visible history, then answers misses with the hidden "
+            "target's genres, decade and a description keyword (never its title or id), each message drawn "
+            "(seeded per user) from the simulator's own templates with paraphrases and typos (eval/chat_sim.py)",
+            f"protocol: test targets of the split ({spec.describe()}); CF models fitted without them; no user id is "
+            "passed to the agent",
+            f"LLM: {payload['model'] or 'none'}; simulated users {sim_seconds:.0f}s; machine: {machine_line()}",
+        ]
+    if "heldout" in payload:
+        agents = ", ".join(payload["heldout"]["results"])
+        notes.append(
+            f"held-out: `recagent eval chat --catalog {catalog}{flags}`; agents {agents}; "
+            f"{payload['heldout']['seconds']:.0f}s; {'no LLM was loaded (--no-llm)' if no_llm else ''}".rstrip("; ")
+        )
     payload["notes"] = notes
     REPORTS.mkdir(exist_ok=True)
-    (REPORTS / f"chat-{catalog}.md").write_text(markdown(payload, notes))
-    (REPORTS / f"chat-{catalog}.json").write_text(json.dumps(payload, indent=2))
+    text = report_markdown(payload, notes, markdown, heldout_markdown)
+    md_path.write_text(text)
+    json_path.write_text(json.dumps(payload, indent=2))
     if as_json:
-        print_json(
-            {
-                name: {key: r[key] for key in (f"success@{turns}", "turns_to_success")}
-                for name, r in payload["results"].items()
-            }
-        )
+        summary: dict[str, Any] = {
+            name: {key: r[key] for key in (f"success@{payload['max_turns']}", "turns_to_success")}
+            for name, r in payload.get("results", {}).items()
+        }
+        if "heldout" in payload:
+            summary["heldout"] = {name: {key: r["summary"][key] for key in ("rate", "passed", "turns", "by_decided_by")}
+                                  for name, r in payload["heldout"]["results"].items()}
+        print_json(summary)
         return
-    out.print(markdown(payload, notes))
-    console.print(f"report: {REPORTS / f'chat-{catalog}.md'}")
+    out.print(text)
+    console.print(f"report: {md_path} ({seconds:.0f}s)")
+
+
+def report_markdown(payload: dict[str, Any], notes: list[str], sim_markdown: Any, heldout_markdown: Any) -> str:
+    """The chat report: the simulated users' section (when the payload has one), then the held-out section."""
+    extra = heldout_markdown(payload["heldout"]) if "heldout" in payload else []
+    if "results" in payload:
+        return str(sim_markdown(payload, notes, extra=extra))
+    lines = [f"# Chat evaluation: {payload['heldout'].get('catalog', '')}".rstrip(": "), "", *extra]
+    return "\n".join([*lines, "## Notes", "", *(f"- {n}" for n in notes)]) + "\n"

@@ -2,7 +2,10 @@
 
 Each simulated user is a test case of the leave-last-out split: it opens by naming two items of its visible
 history and then, while the agent misses, answers with attributes of its hidden target (genres, decade, a
-keyword of its description), never its title or id. Success: the target is among a turn's picks within
+keyword of its description), never its title or id. Users speak in varied phrasing: each message is drawn (seeded
+per user) from templates written for the simulator, with paraphrases and a few typos (:data:`OPENINGS`,
+:data:`GENRE_HINTS`, ...), not from the rules' lexicon, so the evaluation also measures how well requests are
+understood. Success: the target is among a turn's picks within
 ``turns`` turns. The LLM agent and a retrieval-only agent (``use_llm=False``) meet the same users, and both
 retrieve with CF models fitted without the test targets.
 """
@@ -57,6 +60,57 @@ _STOP = {
 }
 
 
+# Templates of the simulated users' messages (written for the simulator, not taken from the rules' lexicon;
+# some with typos). {a}/{b}: catalogue titles; {g1}/{g2}/{g3}: genre names (lower case); {d}: a decade's first
+# year; {dd}: its two digits; {dw}: it in words; {kw}: a word of the target's description.
+OPENINGS = (
+    "I liked {a} and {b}. What should I watch next?",
+    "{a} and {b} were great, what else would I enjoy?",
+    "Big fan of {a}, and {b} too. Any suggestions?",
+    "i really enjoyed {a} and {b} - reccomend me somethin",
+    "loved {a} and {b}!! whats next",
+    "I've been watching {a} and {b} lately and liked both. Ideas?",
+)
+GENRE_HINTS = (
+    "Not quite. I'd like something {g1} and {g2}.",
+    "hmm no, more in the mood for {g1} and {g2}",
+    "Nah. Got any {g1} films? {g2} would be nice too",
+    "not really my thing, looking for {g1} / {g2} stuff",
+    "none of those grab me. I want a {g1} {g2} movie",
+)
+GENRE_HINTS_ONE = (
+    "Not quite. I'd like something {g1}.",
+    "nah, more in the mood for {g1}",
+    "Got any {g1} films?",
+    "not my thing. looking for {g1} stuff",
+)
+DECADE_HINTS = (
+    "Something from the {d}s.",
+    "ideally made in the {dd}s",
+    "preferably from the {dw}",
+    "anything from around {d}-{d9}?",
+    "somethng from the {dd}s pls",
+)
+KEYWORD_HINTS = (
+    "Maybe something with {kw}.",
+    "ideally one involving {kw}",
+    "one with {kw} in it, if possible",
+    "maybe a story with {kw}?",
+)
+EXTRA_GENRE_HINTS = (
+    "Something {g3} too.",
+    "a bit of {g3} would be good as well",
+    "{g3} too, if there is any",
+)
+FALLBACKS = (
+    "None of those. Something else, please.",
+    "nope, none of these. other ideas?",
+    "still no. show me different ones",
+)
+_DECADE_WORDS = {1920: "twenties", 1930: "thirties", 1940: "forties", 1950: "fifties", 1960: "sixties",
+                 1970: "seventies", 1980: "eighties", 1990: "nineties"}
+
+
 @dataclass
 class SimulatedUser:
     """Holds the hidden target; speaks only in attributes of it."""
@@ -65,14 +119,18 @@ class SimulatedUser:
     opening_titles: list[str]
     target: str = field(repr=False)
     hints: list[str] = field(default_factory=list)
+    opening_template: str = OPENINGS[0]
+    fallback: str = FALLBACKS[0]
 
     def opening(self) -> str:
-        return f"I liked {' and '.join(self.opening_titles)}. What should I watch next?"
+        if len(self.opening_titles) < 2:
+            return f"I liked {' and '.join(self.opening_titles)}. What should I watch next?"
+        return self.opening_template.format(a=self.opening_titles[0], b=self.opening_titles[1])
 
     def answer(self, turn: int) -> str:
         """The message for turn ``turn`` (2, 3, ...) after a miss."""
         i = turn - 2
-        return self.hints[i] if i < len(self.hints) else "None of those. Something else, please."
+        return self.hints[i] if i < len(self.hints) else self.fallback
 
 
 def _keyword(description: str, title: str) -> str | None:
@@ -83,23 +141,33 @@ def _keyword(description: str, title: str) -> str | None:
     return max(words, key=len).lower() if words else None
 
 
-def make_user(catalog: Catalog, case: Case) -> SimulatedUser:
+def make_user(catalog: Catalog, case: Case, seed: int = 0) -> SimulatedUser:
+    """The simulated user of ``case``; its phrasing is drawn from the templates with a generator seeded by
+    ``seed`` and the user's id (both agents meet the same messages)."""
+    rng = random.Random(f"{seed}:{case.user_id}")
     target = catalog.item(case.target)
     visible = [i for i in dict.fromkeys(reversed(case.history)) if i != case.target][:2]
     titles = [str(catalog.item(i)["title"]) for i in visible]
     hints = []
     genres = [str(g) for g in target["genres"]]  # type: ignore[attr-defined]
     if genres and genres != ["unknown"]:
-        hints.append(f"Not quite. I'd like something {' and '.join(genres[:2])}.")
+        low = [g.lower() for g in genres]
+        if len(low) >= 2:
+            hints.append(rng.choice(GENRE_HINTS).format(g1=low[0], g2=low[1]))
+        else:
+            hints.append(rng.choice(GENRE_HINTS_ONE).format(g1=low[0]))
     year = target["year"]
     if isinstance(year, int):
-        hints.append(f"Something from the {year // 10 * 10}s.")
+        d = year // 10 * 10
+        templates = [t for t in DECADE_HINTS if "{dw}" not in t or d in _DECADE_WORDS]
+        hints.append(rng.choice(templates).format(d=d, dd=f"{d % 100:02d}", dw=_DECADE_WORDS.get(d, ""), d9=d + 9))
     keyword = _keyword(str(target["description"]), str(target["title"]))
     if keyword:
-        hints.append(f"Maybe something with {keyword}.")
+        hints.append(rng.choice(KEYWORD_HINTS).format(kw=keyword))
     if len(genres) > 2:
-        hints.append(f"Something {genres[2]} too.")
-    return SimulatedUser(user_id=case.user_id, opening_titles=titles, target=case.target, hints=hints)
+        hints.append(rng.choice(EXTRA_GENRE_HINTS).format(g3=genres[2].lower()))
+    return SimulatedUser(user_id=case.user_id, opening_titles=titles, target=case.target, hints=hints,
+                         opening_template=rng.choice(OPENINGS), fallback=rng.choice(FALLBACKS))
 
 
 @dataclass
@@ -135,7 +203,7 @@ def sample_users(catalog: Catalog, n_users: int, seed: int = 0, spec: SplitSpec 
     cases = [c for c in split.test if len({i for i in c.history if i != c.target}) >= 2]
     rng = random.Random(seed)
     chosen = rng.sample(cases, min(n_users, len(cases)))
-    return [make_user(catalog, c) for c in chosen]
+    return [make_user(catalog, c, seed=seed) for c in chosen]
 
 
 def summarise_agent(episodes: list[Episode], max_turns: int, n_boot: int) -> dict[str, Any]:
@@ -215,7 +283,8 @@ def evaluate_chat(
     return payload
 
 
-def markdown(payload: dict[str, Any], notes: list[str]) -> str:
+def markdown(payload: dict[str, Any], notes: list[str], extra: list[str] | None = None) -> str:
+    """The report; ``extra``: lines put before the notes (the held-out section)."""
     t = payload["max_turns"]
     lines = [
         f"# Chat evaluation (simulated users): {payload['catalog']}",
@@ -246,5 +315,6 @@ def markdown(payload: dict[str, Any], notes: list[str]) -> str:
         + "; ".join(f"{name}: {r['decided_by']}" for name, r in payload["results"].items()),
         "",
     ]
+    lines += list(extra or [])
     lines += ["## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

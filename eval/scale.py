@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import shutil
@@ -112,6 +113,7 @@ def measure(items: int, users: int, seed: int = 0, queries: int = 200, eval_user
                 delete_collection(client, collection)
             shutil.rmtree(root, ignore_errors=True)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]  # other work on the machine skews the timings
     return out
 
 
@@ -132,7 +134,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"Machine: {report['machine']}. Command: `{report['command']}`. One run per size, each in its own "
              "process (peak memory is that process's). Quality: test part of each catalogue's own leave-last-out "
              "split, seeded random ties, CF fitted on what the test part may see, a seeded sample of users, 95% "
-             "bootstrap intervals.", "",
+             "bootstrap intervals. Load average at the end of each size: "
+             + ", ".join(f"{r['items']:,}: {r.get('loadavg_at_end', ['?'])[0]}" for r in report["sizes"]) + ".", "",
              "| items | users | interactions | collaborative | build | peak memory | on disk (index + Chroma) | "
              "retrieve p50 / p95 | with a genre filter p50 / p95 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["sizes"]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.service import RecommenderService
-from eval.chat_sim import evaluate_chat, markdown, sample_users
+from eval.chat_sim import OPENINGS, evaluate_chat, markdown, sample_users
 from retrieval.catalog import Catalog
 from retrieval.index import Index
 
@@ -15,7 +15,17 @@ def test_simulator_never_reveals_the_target(tiny_catalog: Catalog) -> None:
         title = str(tiny_catalog.item(user.target)["title"]).lower()
         for message in [user.opening(), *(user.answer(t) for t in range(2, 7))]:
             assert title not in message.lower() and user.target not in message.split()
-        assert user.hints and any(g in user.hints[0] for g in tiny_catalog.item(user.target)["genres"])  # type: ignore[attr-defined]
+        genres = [str(g).lower() for g in tiny_catalog.item(user.target)["genres"]]  # type: ignore[attr-defined]
+        assert user.hints and any(g in user.hints[0].lower() for g in genres)
+
+
+def test_simulated_users_vary_their_phrasing_reproducibly(tiny_catalog: Catalog) -> None:
+    users = sample_users(tiny_catalog, 8, seed=1)
+    again = sample_users(tiny_catalog, 8, seed=1)
+    assert [(u.opening(), u.hints) for u in users] == [(u.opening(), u.hints) for u in again]  # seeded
+    openings = {u.opening_template for u in users}
+    assert len(openings) > 1 and any(t not in OPENINGS[:1] for t in openings)
+    assert len({u.hints[0].split()[0] for u in users if u.hints}) > 1  # not one template for every user
 
 
 def test_evaluate_chat_report(tiny_index: Index) -> None:

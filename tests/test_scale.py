@@ -32,7 +32,7 @@ def test_synthetic_catalogue_has_popularity_and_sequential_structure() -> None:
     assert counts[:30].sum() / counts.sum() > 0.1  # the top 1% of items take far more than 1% of events
 
     # a history moves along its topic's chain: the next item is often one of the next three ids
-    steps = Counter()
+    steps: Counter[str] = Counter()
     for history in catalog.histories().values():
         numbers = [int(i[1:]) for i in history]
         steps.update("chain" if 1 <= b - a <= 3 else "other" for a, b in zip(numbers, numbers[1:], strict=False))

@@ -21,27 +21,42 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from itertools import zip_longest
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 import prompts
+from agent.chat import lexicon as lx
 from agent.chat import reply as rp
 from agent.chat.config import ChatConfig
 from agent.chat.intent import GenreLexicon, Intent, LLMIntent, llm_intent, merge, parse_rules
-from agent.chat.models import ChatItem, PendingChoice, SessionState, Turn, TurnItems, TurnRecord
+from agent.chat.models import ChatItem, Constraints, PendingChoice, SessionState, Turn, TurnItems, TurnRecord
 from agent.chat.state import SessionNotFoundError, SessionStore, valid_session_id
 from agent.chat.titles import Resolution, TitleResolver, normalise_title
 from agent.explain import Reason
+from agent.schemas import RecommendedItem
 from agent.service import Ranked, RecommenderService, UnknownUserError
 from retrieval.filters import Filters
+
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
 
 logger = logging.getLogger(__name__)
 _SPLIT_AND = re.compile(r"\s+(?:and|&|or|y|et|und)\s+", re.I)
 _ALSO = re.compile(r"\b(also|too|as well|and|plus)\b", re.I)
+_ALSO_MOOD = re.compile(r"\b(also|too|as well|plus|even more)\b", re.I)
 _ORDINALS = {"first": 0, "second": 1, "third": 2, "fourth": 3, "fifth": 4, "sixth": 5, "seventh": 6,
              "eighth": 7, "ninth": 8, "tenth": 9, "last": -1}
 _ORDINAL = re.compile(
     r"^(?:is\s+)?(?:the\s+)?(?:(?P<word>" + "|".join(_ORDINALS) + r")|(?:number\s+|#)?(?P<n>\d{1,2})(?:st|nd|rd|th)?)"
     r"(?:\s+(?:one|pick|film|movie|suggestion))?$",
+    re.I,
+)
+
+_ORDINAL_IN = re.compile(
+    r"\b(?:the\s+)?(?:(?P<word>" + "|".join(_ORDINALS) + r")|(?:number\s+|#)?(?P<n>\d{1,2})(?:st|nd|rd|th)?)"
+    r"(?:\s+(?:one|pick|film|movie|suggestion))?\b",
     re.I,
 )
 
@@ -56,6 +71,8 @@ class _Notes:
 
     lines: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
+    message: str = ""  # the turn's cleaned message
+    decided_by: str | None = None  # set when a later stage (the tool-calling loop) decided the picks
 
 
 @dataclass
@@ -69,13 +86,19 @@ class _Reasons:
 
 
 class ChatAgent:
-    def __init__(self, service: RecommenderService, store: SessionStore, config: ChatConfig | None = None) -> None:
+    def __init__(self, service: RecommenderService, store: SessionStore, config: ChatConfig | None = None,
+                 chat_model: BaseChatModel | None = None) -> None:
+        """``chat_model``: the LangChain chat model the LLM reads with (default: the service's backend through
+        :class:`agent.llm.langchain_chat.RecagentChatModel`); with ``config.tool_calling`` and a model that makes
+        tool calls, it also picks the items through the recommender's tools."""
         self.service = service
+        self.chat_model = chat_model
         self.store = store
         self.config = config or ChatConfig()
         self.catalog = service.catalog
         self.genres = GenreLexicon(self.catalog.all_genres)
         self._resolver: TitleResolver | None = None
+        self._unit: np.ndarray | None = None  # unit item vectors, for a reference's content neighbours
 
     # --- public ----------------------------------------------------------------------
     @property
@@ -208,12 +231,19 @@ class ChatAgent:
         rules = parse_rules(message, self.genres)
         llm: LLMIntent | None = None
         wanted = self.config.llm_intent == "always" or not rules.signals()
-        if self._llm_enabled() and wanted and rules.kind not in ("empty", "meta", "smalltalk"):
-            assert self.service.backend is not None
+        # the LLM reads through LangChain: a chat model set on the agent (``agent.chat_model``, e.g. ChatOpenAI), else
+        # the service's backend as a LangChain chat model (agent.llm.langchain_chat), under the intent form's schema
+        chat_model = self.chat_model
+        enabled = self._llm_enabled() or (
+            chat_model is not None and self.config.use_llm and self.config.llm_intent != "never"
+        )
+        if enabled and wanted and rules.kind not in ("empty", "meta", "smalltalk"):
+            model = chat_model if chat_model is not None else self.service.backend
+            assert model is not None
             last = [self.resolver.label(i) for i in state.last_items]
             try:
                 llm = llm_intent(
-                    self.service.backend,
+                    model,
                     message,
                     last,
                     self.catalog.all_genres,
@@ -241,8 +271,11 @@ class ChatAgent:
 
     def _turn(self, state: SessionState, raw: str, notes: _Notes, explain: bool = True) -> tuple[Turn, _Reasons | None]:
         message = self._clean(raw, notes)
+        notes.message = message
         resolved: dict[str, list[str]] = {}
-        if state.pending is not None and (choice := self._pending_choice(state, message)) is not None:
+        choice = self._pending_choice(state, message) if state.pending is not None else None
+        pending = choice is not None
+        if choice is not None:
             intent, decided_by = Intent(kind="recommend"), "rules"
             notes.lines.append(f"Got it: {self.resolver.label(choice)}.")
         else:
@@ -260,10 +293,12 @@ class ChatAgent:
         elif intent.kind in ("why", "about"):
             text = self._answer(state, intent, resolved)
         else:
-            self._update(state, intent, message, notes, resolved)
+            self._update(state, intent, message, notes, resolved, free_text=not pending)
             text, items, why_degraded, job = self._recommend(state, notes, explain)
             if why_degraded:
                 degraded_reasons.append(why_degraded)
+            degraded_reasons += [d for d in notes.degraded if d not in degraded_reasons]
+            decided_by = notes.decided_by or decided_by
         reply = " ".join([*notes.lines, text]).strip()
         intent_out: dict[str, object] = {
             **intent.model_dump(exclude_defaults=True),
@@ -354,13 +389,21 @@ class ChatAgent:
         if pending.chosen in slot and best != pending.chosen:
             slot[slot.index(pending.chosen)] = best
             state.named.append(best)
+            if pending.chosen in state.reference:
+                state.reference[state.reference.index(pending.chosen)] = best
         return best
 
     # --- state ----------------------------------------------------------------------
     def _update(
-        self, state: SessionState, intent: Intent, message: str, notes: _Notes, resolved: dict[str, list[str]]
+        self, state: SessionState, intent: Intent, message: str, notes: _Notes, resolved: dict[str, list[str]],
+        free_text: bool = True,
     ) -> None:
-        liked = self._resolve_mentions(intent.liked, "liked", state, notes, resolved)
+        # a reference ("something like Heat", or a title written beside "similar" / "more like that") is liked too
+        refs = intent.liked if intent.scanned and lx.SIMILAR_HINT.search(message) else intent.reference
+        reference = self._resolve_mentions([m for m in intent.liked if m in refs], "liked", state, notes, resolved)
+        liked = reference + self._resolve_mentions(
+            [m for m in intent.liked if m not in refs], "liked", state, notes, resolved
+        )
         disliked = self._resolve_mentions(intent.disliked, "disliked", state, notes, resolved)
         for i in liked:
             state.liked = [x for x in state.liked if x != i] + [i]
@@ -369,49 +412,93 @@ class ChatAgent:
             state.disliked = [x for x in state.disliked if x != i] + [i]
             state.liked = [x for x in state.liked if x != i]
         state.named = list(dict.fromkeys(state.named + liked + disliked))
+        if reference:  # retrieval starts from the reference's neighbours
+            state.reference = list(dict.fromkeys(reference))
+            resolved["reference"] = state.reference
+        elif liked:  # a plain like: back to everything liked
+            state.reference = []
         rejected: list[str] = []
-        if intent.reject_last and state.last_items:
+        if intent.reject_all and state.last_items:
+            rejected.extend(state.last_items)
+            notes.lines.append("Okay, none of those.")
+        elif intent.reject_last and state.last_items:
             rejected.append(state.last_items[0])
         for title in intent.reject:
             res = self.resolver.resolve(title, prefer=state.last_items)
             if res.item_id is not None and res.item_id in state.recommended and res.score >= self.config.fuzzy_min:
                 rejected.append(res.item_id)
-        for i in rejected:
+        for i in dict.fromkeys(rejected):
             if i not in state.rejected:
                 state.rejected.append(i)
-            notes.lines.append(f"Okay, not {self.resolver.label(i)}.")
-        resolved["rejected"] = rejected
-        self._update_constraints(state, intent, message)
+            if not intent.reject_all or i not in state.last_items:
+                notes.lines.append(f"Okay, not {self.resolver.label(i)}.")
+        resolved["rejected"] = list(dict.fromkeys(rejected))
+        kept, dropped = self._update_constraints(state, intent, message, new_reference=bool(reference),
+                                                 free_text=free_text)
+        if reference and (kept or dropped):
+            said = [f"Keeping: {kept}" if kept else "", f"dropped: {rp.join_words(dropped)}" if dropped else ""]
+            note = "; ".join(s for s in said if s)
+            notes.lines.append(note[0].upper() + note[1:] + ".")
 
-    def _update_constraints(self, state: SessionState, intent: Intent, message: str) -> None:
+    def _update_constraints(self, state: SessionState, intent: Intent, message: str, new_reference: bool = False,
+                            free_text: bool = True) -> tuple[str, list[str]]:
+        """Apply the turn's constraints. Genres and years the user states are hard filters; moods ("funnier") are
+        soft boosts. A new reference item drops the earlier genre requests and moods the message does not restate
+        (genres stated as a must, exclusions and years stay). Returns (what is kept, what was dropped) for the
+        reply."""
         c = state.constraints
+        dropped: list[str] = []
+        if new_reference:
+            dropped += [g for g in c.genres if g not in intent.genres and g not in c.strict]
+            c.genres = [g for g in c.genres if g in c.strict]
+            dropped += [f"leaning {g}" for g in c.boost if g not in intent.boost and g not in intent.genres]
+            c.boost = []
+            if c.mood and not intent.mood:
+                dropped.append(f'"{prompts.clean_text(c.mood, 40)}"')
+                c.mood = ""
         if intent.exclude_genres:
             c.exclude_genres = list(dict.fromkeys(c.exclude_genres + intent.exclude_genres))
             c.genres = [g for g in c.genres if g not in intent.exclude_genres]
+            c.strict = [g for g in c.strict if g not in intent.exclude_genres]
         if intent.genres:
-            keep = c.genres if _ALSO.search(message) else []
+            keep = c.genres if _ALSO.search(message) else [g for g in c.genres if g in c.strict]
             c.genres = list(dict.fromkeys(keep + intent.genres))
             c.exclude_genres = [g for g in c.exclude_genres if g not in intent.genres]
+        c.strict = list(dict.fromkeys([g for g in c.strict if g in c.genres] + intent.strict))
+        if intent.boost:
+            keep = c.boost if _ALSO_MOOD.search(message) and not intent.reject_all else []
+            c.boost = list(dict.fromkeys(keep + intent.boost))
+        c.boost = [g for g in c.boost if g not in c.exclude_genres]
         if intent.era:
             ref = [self.catalog.item(i)["year"] for i in (state.last_items or state.liked)]
             years = [int(y) for y in ref if isinstance(y, int)]
             if not years:
                 years = [int(y) for y in self.catalog.years_by_pos if y == y]
             pivot = int(statistics.median(years)) if years else 1990
+            # older / newer than the last picks: the other bound (a decade asked for before) no longer holds
             if intent.era == "older":
-                c.year_max = pivot - 1
-                if c.year_min is not None and c.year_min > c.year_max:
-                    c.year_min = None
+                c.year_min, c.year_max = None, pivot - 1
             else:
-                c.year_min = pivot + 1
-                if c.year_max is not None and c.year_max < c.year_min:
-                    c.year_max = None
-        if intent.year_min is not None or intent.year_max is not None:
+                c.year_min, c.year_max = pivot + 1, None
+        # a decade or a range sets both bounds; one bound ("before 2000") keeps the other unless they cross
+        if intent.year_min is not None and intent.year_max is not None:
             c.year_min, c.year_max = intent.year_min, intent.year_max
-        if c.year_min is not None and c.year_max is not None and c.year_min > c.year_max:
-            c.year_min = None
+        elif intent.year_min is not None:
+            c.year_min = intent.year_min
+            if c.year_max is not None and c.year_max < c.year_min:
+                c.year_max = None
+        elif intent.year_max is not None:
+            c.year_max = intent.year_max
+            if c.year_min is not None and c.year_min > c.year_max:
+                c.year_min = None
         if intent.mood:
             c.mood = intent.mood
+        elif free_text and intent.kind == "recommend" and not intent.signals():
+            # nothing understood ("sword and sorcery, dragons"): the message's own words are the text query
+            words = [w for w in re.findall(r"[A-Za-z][\w'-]+", message) if w.lower() not in lx.STOPWORDS]
+            if words:
+                c.mood = prompts.clean_text(" ".join(words), 80)
+        return rp.constraint_text(c), dropped
 
     # --- answers ----------------------------------------------------------------------
     def facts(self, item_id: str) -> rp.ItemFacts:
@@ -435,20 +522,29 @@ class ChatAgent:
         )
 
     def _answer(self, state: SessionState, intent: Intent, resolved: dict[str, list[str]]) -> str:
-        ordinal = _ORDINAL.match(intent.target.strip()) if intent.target else None
-        if ordinal is not None and state.last_items:  # "why the second one?": a position in the last list
+        asked = intent.target.strip()
+        ordinal = _ORDINAL.match(asked) if asked else None
+        target: str | None = None
+        if ordinal is None and asked:
+            res = self.resolver.resolve(asked, prefer=state.last_items + state.recommended)
+            sure = res.item_id is not None and res.via == "fuzzy" and res.score >= self.config.fuzzy_accept
+            target = res.item_id
+            if not sure:  # "is the second one any good": a position said among other words wins a weak match
+                ordinal = _ORDINAL_IN.search(asked)
+                if ordinal is not None:
+                    target = None
+                elif target is None:
+                    return f'I couldn\'t find "{prompts.clean_text(asked, 60)}" in the catalogue.'
+        if ordinal is not None:  # "why the second one?": a position in the last list
+            if not state.last_items:
+                return "I haven't recommended anything yet. " + rp.ASK
             n = _ORDINALS[ordinal["word"].lower()] if ordinal["word"] else int(ordinal["n"]) - 1
             if not -len(state.last_items) <= n < len(state.last_items):
                 return f"I only suggested {len(state.last_items)} this time."
             target = state.last_items[n]
-        elif intent.target:
-            res = self.resolver.resolve(intent.target, prefer=state.last_items + state.recommended)
-            if res.item_id is None:
-                return f'I couldn\'t find "{prompts.clean_text(intent.target, 60)}" in the catalogue.'
-            target = res.item_id
-        elif state.last_items:
+        elif target is None and state.last_items:
             target = state.last_items[0]
-        else:
+        elif target is None:
             return "I haven't recommended anything yet. " + rp.ASK
         resolved["target"] = [target]
         if target not in state.recommended:
@@ -457,31 +553,85 @@ class ChatAgent:
         if intent.kind == "about":
             return rp.about_answer(facts)
         likes = [self.facts(i) for i in state.liked]
+        stated = set(state.liked) - set(state.seeded)
         given = state.reasons.get(target)
-        text = rp.why_answer(facts, given, likes, set(state.liked) - set(state.seeded))
+        liked = target in state.liked and target not in state.recommended
+        evidence = None if liked else self._evidence(state, target)
+        because = None
+        if evidence is not None:  # the item's own evidence, in the words the picks' reasons use
+            because, _ = rp.compose_reason(facts, likes, stated, Constraints(), [], link=evidence[0],
+                                           signal=evidence[1])
+        text = rp.why_answer(facts, given, likes, stated, because=because,
+                             because_of=evidence[0] if evidence else None, liked=liked)
         # the stored reason passed its checks when it was given (templates by construction, LLM sentences by the
         # explainer's and this agent's checks); what is composed now is checked here
         if not rp.claims_hold(text.replace(given, " ") if given else text, [facts, *likes], self.catalog.all_genres):
             logger.error("why answer failed the metadata check session=%s item=%s", state.session_id, target)
+            if evidence is not None:
+                return f"I suggested {facts.label} because you liked {evidence[0].label}."
             return f"{facts.label} is {rp.join_words(facts.genres)}."
         return text
+
+    def _evidence(self, state: SessionState, target: str) -> tuple[rp.ItemFacts, str] | None:
+        """The liked item ``target`` rests on and by which signal ("cf" or "content"): the evidence its reason cited
+        when it was suggested, else its strongest link to the liked items (:mod:`retrieval.evidence`, through the
+        explainer, as the picks' reasons are built)."""
+        history = [i for i in state.evidence.get(target, []) if i in state.liked]
+        history = history or [i for i in state.liked if i != target]
+        if not history or not self.catalog.has_item(target):
+            return None
+        try:
+            links = self.service.explainer.links(self.service.history_inputs(history),
+                                                 self.service.history_inputs([target]))
+        except Exception as exc:  # evidence is a courtesy in an answer, never fatal
+            logger.warning("why evidence failed session=%s item=%s error=%s", state.session_id, target, exc)
+            return None
+        link = links.get(target)
+        if link is None or link.evidence not in state.liked:
+            return None
+        return self.facts(link.evidence), link.signal
 
     def _recommend(
         self, state: SessionState, notes: _Notes, explain: bool = True
     ) -> tuple[str, list[ChatItem], str | None, _Reasons | None]:
-        """The picks with template reasons, and the reasons the LLM is still to write (None without the LLM)."""
+        """The picks with template reasons, and the reasons the LLM is still to write (None without the LLM).
+
+        Retrieval starts from the reference items when the user named some ("something like Heat"), else from
+        everything liked. Genres and years are filters; genres stated as a must filter alone (the others of the
+        request then lean, as moods do). Moods ("funnier") and the reference's genres re-rank a wider pool of
+        candidates softly (:func:`_soft_order`): nothing is filtered by them."""
         c = state.constraints
-        filters = Filters(genres=c.genres, exclude_genres=c.exclude_genres, year_min=c.year_min, year_max=c.year_max)
+        hard = c.strict or c.genres
+        mood = list(c.boost)
+        asked = [g for g in c.genres if g not in hard and g not in mood]  # beside a must, a request's genres lean
+        filters = Filters(genres=hard, exclude_genres=c.exclude_genres, year_min=c.year_min, year_max=c.year_max)
         query = " ".join(x for x in [c.mood, *c.genres] if x).strip() or None
-        if not state.liked and query is None and filters.is_empty():
+        references = [i for i in state.reference if i in state.liked]
+        history = references or state.liked
+        if not history and query is None and filters.is_empty() and not mood:
             return rp.ASK, [], None, None
+        ref_genres = {g for i in references for g in self.facts(i).genres}
+        soft = bool(mood or asked or ref_genres)
+        pool = max(self.config.k, self.config.soft_pool) if soft else self.config.k
         excluded = state.excluded()
         use_llm = self.config.use_llm and self.service.reranker is not None
         deadline = time.monotonic() + self.config.turn_deadline_s
         degraded: str | None = None
 
+        tool_ids = self._tool_picks(state, notes, deadline) if self.config.tool_calling else []
+        if tool_ids:  # the tool-calling LLM chose the items: ranked as it listed them, no soft re-rank
+            soft, use_llm = False, False
+
         def rank(use_llm: bool, **llm_options: Any) -> Ranked:
-            return self.service.rank(state.liked, k=self.config.k, filters=filters, query=query,
+            if tool_ids:
+                given = self.service.rank_given(history, tool_ids, k=len(tool_ids), use_llm=False)
+                order = {item_id: n for n, item_id in enumerate(tool_ids)}
+                given.answer.items.sort(key=lambda rec: order.get(rec.item_id, len(order)))
+                return given
+            if soft:  # a mood or a reference: candidates gathered here (see _soft_pool), ranked as given
+                ids = self._soft_pool(history, filters, query, excluded, pool, mood, reference=bool(ref_genres))
+                return self.service.rank_given(history, ids, k=max(len(ids), 1), use_llm=use_llm, **llm_options)
+            return self.service.rank(history, k=pool, filters=filters, query=query,
                                      exclude=sorted(excluded), use_llm=use_llm, **llm_options)
 
         try:
@@ -504,6 +654,10 @@ class ChatAgent:
                 logger.error("dropped an item that breaks the session rules item=%s", rec.item_id)
                 continue
             kept.append(rec)
+        if soft:
+            kept = _soft_order(kept, set(mood), set(asked), ref_genres, self.config.mood_boost,
+                               self.config.reference_weight)
+        kept = [rec.model_copy(update={"rank": n}) for n, rec in enumerate(kept[: self.config.k], 1)]
         by_id = {cand.item_id: cand for cand in ranked.candidates}
         links = self.service.explainer.links(ranked.history, [by_id[r.item_id] for r in kept if r.item_id in by_id])
         likes = [self.facts(i) for i in state.liked]
@@ -534,6 +688,7 @@ class ChatAgent:
         state.recommended = list(dict.fromkeys(state.recommended + [i.item_id for i in items]))
         state.last_items = [i.item_id for i in items]
         state.reasons.update({i.item_id: i.reason for i in items})
+        state.evidence.update({i.item_id: list(i.evidence) for i in items})
         if not items:
             return rp.NOTHING_FOUND, [], degraded, None
         job = None
@@ -542,6 +697,93 @@ class ChatAgent:
                            items, deadline)
         picks = rp.join_words([self.resolver.label(i.item_id) for i in items])
         return f"{self._lead(state)}{picks}.", items, degraded, job
+
+    def _tool_picks(self, state: SessionState, notes: _Notes, deadline: float) -> list[str]:
+        """The items a tool-calling chat model picks through the recommender's LangChain tools
+        (:func:`agent.chat.tool_loop.tool_turn`): catalogue ids its tools returned, minus the session's exclusions
+        and anything breaking its constraints. Empty (the usual path decides) without such a model or when the loop
+        fails; a failure is noted as degraded."""
+        from agent.chat.tool_loop import tool_turn
+        from agent.llm.langchain_chat import supports_tool_calls
+
+        model = self.chat_model
+        if model is None or not self.config.use_llm or not supports_tool_calls(model):
+            return []
+        try:
+            result = tool_turn(self.service, state, notes.message, model, k=self.config.k, deadline=deadline)
+        except Exception as exc:  # the loop catches tool errors itself; this is the model or the server failing
+            notes.degraded.append(f"tool-calling LLM failed ({type(exc).__name__}); rules used")
+            return []
+        if result.stopped in ("error", "deadline") and not result.items:
+            notes.degraded.append(f"tool-calling LLM stopped ({result.stopped}: {result.error or 'no items'}); "
+                                  "rules used")
+        if result.items:
+            notes.decided_by = result.decided_by
+        logger.info("tool loop session=%s stopped=%s steps=%d items=%s dropped=%s", state.session_id,
+                    result.stopped, result.steps, result.items, result.dropped)
+        return list(result.items)
+
+    def _soft_pool(self, history: list[str], filters: Filters, query: str | None, excluded: set[str], n: int,
+                   lean: list[str], reference: bool) -> list[str]:
+        """The candidates a soft re-rank orders (:func:`_soft_order`), in retrieval order: the service retriever's
+        neighbours of ``history``, interleaved, for a reference (``reference``), with its content neighbours and its
+        neighbours that share its genres, and with a few neighbours that have the mood's genres (``lean``), so that a
+        mood has something to lift. All pass the filters; none is excluded."""
+        retriever = self.service.retriever
+        want = n + len(excluded)
+        skip = excluded | set(history)
+        lists = [[c.item_id for c in retriever.retrieve(history, k=want, filters=filters, query=query)
+                  if c.item_id not in skip]]
+        hard = set(filters.genres)
+
+        ref_genres = {g for i in history for g in self.facts(i).genres} if reference else set()
+
+        def within(genres: list[str], limit: int) -> list[str]:
+            """The retriever's neighbours that have one of ``genres``, those sharing more of the reference's genres
+            first."""
+            narrowed = filters.model_copy(update={"genres": genres})
+            ids = [c.item_id for c in retriever.retrieve(history, k=want, filters=narrowed, query=query)
+                   if c.item_id not in skip and (not hard or hard & set(self.facts(c.item_id).genres))]
+            if ref_genres:
+                ids.sort(key=lambda i: -len(ref_genres & set(self.facts(i).genres)))
+            return ids[:limit]
+
+        if reference:  # its neighbours in content, and its neighbours that share its genres
+            lists.append(self._content_neighbours(history, filters, excluded, n))
+            lists.append(within(sorted(ref_genres), n))
+        if lean:
+            lists.append(within(lean, max(2, n // 4)))
+        merged = [i for row in zip_longest(*lists) for i in row if i is not None]
+        return list(dict.fromkeys(merged))[: n + max(2, n // 4) * (len(lists) - 1)]
+
+    def _content_neighbours(self, history: list[str], filters: Filters, excluded: set[str], n: int) -> list[str]:
+        """The items closest to ``history`` in the index's item embeddings (the vectors the evidence's "content"
+        signal compares), 2n of them that pass the filters, the better-known first (the retriever's popularity):
+        a reference's neighbours in content, which the fusion weights may mute for histories."""
+        index = self.service.index
+        if self._unit is None or len(self._unit) != len(index.item_vectors):
+            norms = np.linalg.norm(index.item_vectors, axis=1, keepdims=True)
+            self._unit = index.item_vectors / np.where(norms > 0, norms, 1.0)
+        positions = [self.catalog.item_index[h] for h in history if self.catalog.has_item(h)]
+        if not positions:
+            return []
+        sims = self._unit @ self._unit[positions].mean(axis=0)
+        skip = excluded | set(history)
+        found: list[int] = []
+        for pos in np.argsort(-sims)[: max(5000, 50 * n)]:
+            item_id = self.catalog.item_ids[int(pos)]
+            facts = self.catalog.item(item_id)
+            year = facts["year"]
+            if item_id in skip or not _passes(list(facts["genres"]), year if isinstance(year, int) else None,  # type: ignore[call-overload]
+                                              filters):
+                continue
+            found.append(int(pos))
+            if len(found) >= 2 * n:
+                break
+        popularity = getattr(self.service.retriever, "popularity", None)
+        if popularity is not None:
+            found.sort(key=lambda p: -float(popularity[p]))
+        return [self.catalog.item_ids[p] for p in found[:n]]
 
     def _write_reasons(self, state: SessionState, turn: Turn, job: _Reasons,
                        cancelled: Callable[[], bool] | None) -> Iterator[Reason]:
@@ -570,6 +812,7 @@ class ChatAgent:
                     item.evidence = list(got.evidence)
                     item.reason_source = "llm"
                     state.reasons[item.item_id] = item.reason
+                    state.evidence[item.item_id] = list(item.evidence)
                 elif got.source == "llm" or got.rejected:
                     logger.info("llm reason refused session=%s item=%s check=%s", state.session_id, item.item_id,
                                 got.rejected or "chat metadata check")
@@ -609,6 +852,10 @@ class ChatAgent:
         n = len(state.last_items)
         picks = "here is a pick" if n == 1 else f"here are {n} picks"
         within = f" ({constraint})" if constraint else ""
+        reference = [i for i in state.reference if i in state.liked]
+        if reference:
+            like = rp.join_words([self.resolver.label(i) for i in reference[-3:]])
+            return f"For films like {like}{within}, {picks}: "
         if stated:
             liked = rp.join_words([self.resolver.label(i) for i in stated[-3:]])
             return f"Since you liked {liked}{within}, {picks}: "
@@ -636,3 +883,26 @@ def _passes(genres: list[str], year: int | None, filters: Filters) -> bool:
     if filters.year_min is not None and (year is None or year < filters.year_min):
         return False
     return not (filters.year_max is not None and (year is None or year > filters.year_max))
+
+
+def _soft_order(recs: list[RecommendedItem], mood: set[str], asked: set[str], ref_genres: set[str], boost: float,
+                ref_weight: float) -> list[RecommendedItem]:
+    """The candidates re-ranked softly: each keeps its rank as a score (1 for the first, falling evenly), plus
+    ``boost`` when it has one of the mood's genres (``mood``), half that for one of the other genres asked for beside
+    a must (``asked``), and ``ref_weight`` times the share of the reference
+    items' genres it has. Nothing is dropped, so a mood never empties the list or overrides a strong neighbour."""
+    n = max(len(recs), 1)
+
+    def score(pos: int, rec: RecommendedItem) -> float:
+        genres = set(rec.genres)
+        s = 1.0 - pos / n
+        if mood & genres:
+            s += boost
+        elif asked & genres:
+            s += boost / 2
+        if ref_genres:
+            s += ref_weight * len(ref_genres & genres) / len(ref_genres)
+        return s
+
+    order = sorted(range(len(recs)), key=lambda p: (-score(p, recs[p]), p))
+    return [recs[p] for p in order]

@@ -16,6 +16,10 @@ class ChatConfig(BaseModel):
         "nothing (the default: the small model is slow and the rules win where they match anyway), or never",
     )
     rerank_mode: Literal["score", "generate"] = "score"
+    tool_calling: bool = Field(
+        default=False, description="a chat model that makes tool calls (a served model behind ChatOpenAI) picks the "
+        "items through the recommender's LangChain tools (agent.chat.tool_loop); the usual path when it picks none",
+    )
     llm_explain: bool = Field(
         default=True,
         description="with the LLM on, one LLM-written reason per item (agent.explain: all items decoded as one "
@@ -42,3 +46,15 @@ class ChatConfig(BaseModel):
     )
     max_turns_kept: int = Field(default=50, ge=1, description="turns stored per session (oldest dropped)")
     stream_chunk_words: int = Field(default=3, ge=1)
+    soft_pool: int = Field(
+        default=20, ge=1, le=100,
+        description="candidates re-ranked softly when a mood ('funnier') or a reference item ('like Heat') is in play",
+    )
+    mood_boost: float = Field(
+        default=0.5, ge=0,
+        description="added to a candidate's rank score (1 for the first, falling evenly to 0) when it has one of the "
+        "mood's genres: moods re-rank, never filter",
+    )
+    reference_weight: float = Field(
+        default=0.5, ge=0, description="added, times the share of the reference item's genres a candidate has"
+    )

@@ -39,11 +39,17 @@ class TurnItems(BaseModel):
 
 
 class Constraints(BaseModel):
-    genres: list[str] = Field(default_factory=list)
+    genres: list[str] = Field(default_factory=list, description="hard: every pick has one of these")
     exclude_genres: list[str] = Field(default_factory=list)
     year_min: int | None = None
     year_max: int | None = None
     mood: str = ""
+    boost: list[str] = Field(
+        default_factory=list, description="soft: a mood's genres ('funnier'), moved up among the candidates"
+    )
+    strict: list[str] = Field(
+        default_factory=list, description="genres stated as a must: they outlive a new reference item"
+    )
 
 
 class PendingChoice(BaseModel):
@@ -80,6 +86,13 @@ class SessionState(BaseModel):
     last_items: list[str] = Field(default_factory=list)
     reasons: dict[str, str] = Field(default_factory=dict, description="reason given for each recommended id")
     constraints: Constraints = Field(default_factory=Constraints)
+    reference: list[str] = Field(
+        default_factory=list,
+        description="items the user asked to match ('something like Heat'): the history retrieval starts from",
+    )
+    evidence: dict[str, list[str]] = Field(
+        default_factory=dict, description="liked ids each recommended item's reason rests on"
+    )
     pending: PendingChoice | None = None
     turns: list[TurnRecord] = Field(default_factory=list)
 

@@ -15,6 +15,7 @@ from agent.chat.models import Constraints
 
 CF_SOURCES = {"sequential", "ease"}
 _YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
+_YEAR_SUFFIX = re.compile(r"\s*\(\d{4}\)\s*$")
 
 
 @dataclass
@@ -109,14 +110,23 @@ def compose_reason(
     return text + ".", [like.item_id] if like is not None else []
 
 
-def why_answer(item: ItemFacts, reason: str | None, likes: Sequence[ItemFacts], stated: set[str]) -> str:
+def why_answer(item: ItemFacts, reason: str | None, likes: Sequence[ItemFacts], stated: set[str],
+               because: str | None = None, because_of: ItemFacts | None = None, liked: bool = False) -> str:
     """Why ``item`` was suggested: the reason the chat gave for it (the LLM's sentence when it wrote one, as
-    stored in the session), then the item's own facts."""
+    stored in the session), the evidence it rests on when that reason does not name it (``because``: the
+    :func:`compose_reason` sentence for the liked item ``because_of`` that the system's signals tie to it), then
+    the item's own facts. ``liked``: the item is one the user said they liked (not a pick)."""
     facts = f"It is {join_words(item.genres) or 'a film'}{' from ' + str(item.year) if item.year else ''}."
+    if liked:
+        return f"{item.label} is one you told me you liked, so my picks start from it. {facts}"
+    named = because_of is not None and bool(reason) and _YEAR_SUFFIX.sub("", because_of.label) in str(reason)
+    cited = because if because and not named else ""
     if reason:
-        return f"I suggested {item.label}. {reason} {facts}"
-    like, shared = closest_like(item, likes, stated)
+        return " ".join(x for x in (f"I suggested {item.label}.", reason, cited, facts) if x)
     text = f"I haven't recommended {item.label} in this chat. {facts}"
+    if cited:
+        return f"{text} What ties it to your likes: {cited}"
+    like, shared = closest_like(item, likes, stated)
     if like is not None and shared:
         text += f" It shares {join_words(shared)} with {like.label}, which you liked."
     return text
@@ -132,8 +142,10 @@ def about_answer(item: ItemFacts) -> str:
 
 def constraint_text(c: Constraints) -> str:
     parts = []
-    if c.genres:
-        parts.append(join_words(c.genres, "or"))
+    if c.strict:
+        parts.append("must be " + join_words(c.strict, "or"))
+    if [g for g in c.genres if g not in c.strict]:
+        parts.append(("preferably " if c.strict else "") + join_words([g for g in c.genres if g not in c.strict], "or"))
     if c.exclude_genres:
         parts.append("no " + join_words(c.exclude_genres, "or"))
     if c.year_min is not None and c.year_max is not None:
@@ -144,6 +156,8 @@ def constraint_text(c: Constraints) -> str:
         parts.append(f"up to {c.year_max}")
     if c.mood:
         parts.append(f'"{prompts.clean_text(c.mood, 40)}"')
+    if c.boost:
+        parts.append("leaning " + join_words(c.boost, "or"))
     return ", ".join(parts)
 
 

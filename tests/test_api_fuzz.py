@@ -35,6 +35,7 @@ def fuzz_app(tiny_index: Index) -> Any:
 OPERATIONS = [
     "GET /healthz", "GET /readyz", "GET /metrics", "POST /v1/recommendations", "POST /v1/rerank",
     "GET /v1/items/{item_id}", "GET /v1/items", "POST /v1/chat", "POST /v1/chat/completions", "GET /v1/models",
+    "POST /v1/admin/reload",
 ]
 
 

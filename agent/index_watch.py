@@ -69,6 +69,8 @@ class IndexWatcher:
                                 seconds=round(seconds, 3), deleted=self._purge(index.manifest))
 
     def _purge(self, manifest: Any) -> list[str]:
+        if not manifest.retired:  # the usual case on each watch tick: no Chroma client, no work
+            return []
         try:
             return purge_retired(manifest, make_client(), self.grace_s)
         except Exception as exc:  # housekeeping: never fails a reload

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from retrieval.index import Index
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[type[object]]:
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., SessionStore]]:
     """A factory: ``make_store(ttl_s)`` opens a store of the parametrised kind (each call a new client of the
     same data, as another replica would open it)."""
     opened: list[SessionStore] = []
@@ -43,7 +43,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[type[
         opened.append(store)
         return store
 
-    yield make  # type: ignore[misc]
+    yield make
     for store in opened:
         store.close()
 

@@ -93,10 +93,13 @@ def eval_embedder(
     seed: int = typer.Option(0, "--seed", help="seeds the random tie order, the cold items and the bootstrap"),
     n_boot: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the 95% intervals"),
     sasrec: bool = typer.Option(True, "--sasrec/--no-sasrec", help="also fit the SASRec-style baseline (~7 min)"),
+    cold_only: bool = typer.Option(False, "--cold-only", help="only the cold-start rows (and the query cost): no warm "
+                                   "tables, no SASRec; writes reports/embedder-CATALOG-cold.{md,json}"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The tuned encoder (`recagent train embedder`) against the frozen one, CF and the fusion on the same split;
-    cold-start hit rates; the cost of a user's query vector. Writes reports/embedder-CATALOG.{md,json,png}."""
+    cold-start hit rates; the cost of a user's query vector. Writes reports/embedder-CATALOG.{md,json,png}
+    (with --cold-only: reports/embedder-CATALOG-cold.{md,json})."""
     setup()
     spec = split_spec(ties, seed)
     from eval import embedder_eval as ee
@@ -110,13 +113,17 @@ def eval_embedder(
         fail(f"the index of '{catalog}' uses the frozen encoder; run `recagent train embedder --catalog {catalog}` "
              "first (it re-indexes with the tuned one)")
     t0 = time.perf_counter()
-    report = ee.run(cat, live, split_catalog(cat, spec), spec, cold_share, cold_minutes, n_boot, sasrec)
+    report = ee.run(cat, live, split_catalog(cat, spec), spec, cold_share, cold_minutes, n_boot, sasrec,
+                    cold_only=cold_only)
     command = (f"recagent eval embedder --catalog {catalog} --ties {spec.ties} --seed {spec.seed} "
-               f"--cold-share {cold_share:g} --cold-minutes {cold_minutes:g}{'' if sasrec else ' --no-sasrec'}")
+               f"--cold-share {cold_share:g} --cold-minutes {cold_minutes:g}{'' if sasrec else ' --no-sasrec'}"
+               f"{' --cold-only' if cold_only else ''}")
     report.update(command=command, machine=machine_info(), seconds=round(time.perf_counter() - t0, 1))
     REPORTS.mkdir(exist_ok=True)
-    plot = REPORTS / f"embedder-{catalog}.png"
-    ee.plot_validation(report["training"]["train"]["log"], plot)
+    stem = f"embedder-{catalog}-cold" if cold_only else f"embedder-{catalog}"  # a cold-only run keeps the full report
+    plot = None if cold_only else REPORTS / f"{stem}.png"
+    if plot is not None:
+        ee.plot_validation(report["training"]["train"]["log"], plot)
     training = report["training"]
     notes = [f"catalogue: {catalog} ({cat.n_items} items); protocol: {spec.describe()}; full ranking over all items "
              "minus the history; CF fitted only on what each part may see",
@@ -127,13 +134,16 @@ def eval_embedder(
              f"best checkpoint chosen on {training['validation']['users']} validation users: "
              f"{training['validation']['kept']}",
              f"command: {command} ({report['seconds'] / 60:.1f} min)", f"machine: {machine_line()}"]
-    (REPORTS / f"embedder-{catalog}.md").write_text(ee.markdown(report, notes, plot.name))
-    (REPORTS / f"embedder-{catalog}.json").write_text(json.dumps(report, indent=2, default=str))
+    (REPORTS / f"{stem}.md").write_text(ee.markdown(report, notes, plot.name if plot else None))
+    (REPORTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     if as_json:
-        print_json({part: {m: {k: round(v["mean"], 5) for k, v in ms.items()} for m, ms in methods.items()}
-                    for part, methods in report["warm"]["results"].items()})
+        if cold_only:
+            print_json({"cold hit@50": {m: round(v["mean"], 5) for m, v in report["cold"]["hit@50"].items()}})
+        else:
+            print_json({part: {m: {k: round(v["mean"], 5) for k, v in ms.items()} for m, ms in methods.items()}
+                        for part, methods in report["warm"]["results"].items()})
         return
-    console.print(f"report: {REPORTS / f'embedder-{catalog}.md'}")
+    console.print(f"report: {REPORTS / f'{stem}.md'}")
 
 
 @eval_app.command("rerank")

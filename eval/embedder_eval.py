@@ -6,7 +6,10 @@
   The frozen index is built beside the live one for the run and removed afterwards.
 * **Cold start**: a seeded share of items is removed from every history before anything is fitted (CF and a
   second tuned encoder trained for this run); for the test users whose held-out item is one of them, how often
-  each retriever puts it in its top 50.
+  each retriever puts it in its top 50. Each encoder's content source is measured twice, by cosine only and with
+  the popularity prior (the tuned one's weight as served, the frozen one's chosen on validation); the cold items
+  have no interactions, so the prior gives them the median (:func:`~retrieval.sources.popularity_prior`).
+  ``cold_only`` runs this part (and the query cost) without the warm tables.
 * **Query cost**: embedding a 50-item history into the tuned encoder's user vector.
 """
 
@@ -93,20 +96,31 @@ def warm_comparison(live: Index, frozen: Index, split: Split, n_boot: int, seed:
     return WarmResult(tuning=tuning, results=results, frozen_prior=prior)
 
 
+def with_prior_weight(index: Index, weight: float) -> Index:
+    """``index`` with its content source's popularity-prior weight set to ``weight`` (0: cosine only); the same
+    vectors, encoder and CF."""
+    encoder = index.manifest.encoder.model_copy(update={"prior_weight": weight})
+    return dataclasses.replace(index, manifest=index.manifest.model_copy(update={"encoder": encoder}))
+
+
+def choose_prior_weight(index: Index, split: Split, cf: CFConfig, progress: bool) -> tuple[float, dict[float, float]]:
+    """The prior weight (of ``PRIOR_WEIGHTS``) whose content source is best on validation (NDCG@10; ties: the
+    smaller weight), and the validation NDCG@10 per weight."""
+    weights = {"content": 1.0}
+    by_weight: dict[float, float] = {}
+    for weight in PRIOR_WEIGHTS:
+        lists = rv.collect_lists(with_prior_weight(index, weight), split, "validation", progress, cf_config=cf,
+                                 weights=weights)
+        by_weight[weight] = summarise(lists.ranks(weights), n_boot=1)["ndcg@10"]["mean"]
+    return max(PRIOR_WEIGHTS, key=lambda w: (by_weight[w], -w)), by_weight
+
+
 def frozen_prior(frozen: Index, split: Split, cf: CFConfig, progress: bool) -> dict[str, Any]:
     """The frozen encoder's content source with the popularity prior whose weight is best on validation."""
     weights = {"content": 1.0}
-
-    def with_prior(weight: float) -> Index:
-        encoder = frozen.manifest.encoder.model_copy(update={"prior_weight": weight})
-        return dataclasses.replace(frozen, manifest=frozen.manifest.model_copy(update={"encoder": encoder}))
-
-    by_weight: dict[float, float] = {}
-    for weight in PRIOR_WEIGHTS:
-        lists = rv.collect_lists(with_prior(weight), split, "validation", progress, cf_config=cf, weights=weights)
-        by_weight[weight] = summarise(lists.ranks(weights), n_boot=1)["ndcg@10"]["mean"]
-    best = max(PRIOR_WEIGHTS, key=lambda w: (by_weight[w], -w))
-    parts = {part: rv.collect_lists(with_prior(best), split, part, progress, cf_config=cf, weights=weights)
+    best, by_weight = choose_prior_weight(frozen, split, cf, progress)
+    parts = {part: rv.collect_lists(with_prior_weight(frozen, best), split, part, progress, cf_config=cf,
+                                    weights=weights)
              for part in rv.PARTS}
     return {"weight": best, "validation_ndcg@10": {f"{w:g}": round(v, 5) for w, v in by_weight.items()},
             "results": {part: summarise(pl.ranks(weights)) for part, pl in parts.items()}}
@@ -118,21 +132,44 @@ def cold_items(catalog: Catalog, share: float, seed: int) -> set[str]:
     return {str(i) for i in rng.choice(np.asarray(catalog.item_ids, dtype=object), size=n, replace=False)}
 
 
+def content_variants(encoder: str, index: Index, prior_weight: float | None) -> list[tuple[str, Index]]:
+    """The content source of ``encoder`` by cosine only and with the popularity prior, labelled as the warm table
+    labels them: a tuned encoder's index is served with its prior (its weight chosen on validation, maybe 0), so
+    ``content, X encoder`` is that and ``..., cosine only`` the one without; a frozen encoder's is served without
+    one: ``content, X encoder`` and, given ``prior_weight``, ``content, X encoder + popularity prior``."""
+    label = f"content, {encoder} encoder"
+    if index.manifest.encoder.kind == "tuned":
+        return [(f"{label}, cosine only", with_prior_weight(index, 0.0)), (label, index)]
+    rows = [(label, index)]
+    if prior_weight is not None:
+        rows.append((f"{label} + popularity prior", with_prior_weight(index, prior_weight)))
+    return rows
+
+
 def cold_hits(indexes: Mapping[str, Index], split: Split, cold: set[str], weights: Mapping[str, float],
-              cf_config: CFConfig, progress: bool = True) -> dict[str, Any]:
-    """Top-50 hit rate of the held-out cold item per retriever (histories without cold items everywhere)."""
+              cf_config: CFConfig, progress: bool = True,
+              prior_weights: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Top-50 hit rate of the held-out cold item per retriever (histories without cold items everywhere). Each
+    encoder's content source is measured by cosine only and with the popularity prior (a tuned encoder's served
+    weight, a frozen one's ``prior_weights[encoder]``); CF and the fusion (``weights``) with the ``tuned`` index
+    only. ``prior_weights`` in the result: the weight of each encoder's row with the prior."""
     fit = {u: [i for i in h if i not in cold] for u, h in split.fit_histories("test").items()}
     cases = [c for c in split.test if c.target in cold]
     out: dict[str, Any] = {"cases": len(cases), "cold_items": len(cold)}
     rows: dict[str, np.ndarray] = {}
+    used: dict[str, float] = {}
     cf = next(iter(indexes.values())).fit_cf(fit, cf_config)  # CF does not depend on the encoder: fitted once
     for encoder, index in indexes.items():
         available = index.sources(cf)
-        for name in ("content",) if encoder == "frozen" else COLD_RETRIEVERS:
+        variants = content_variants(encoder, index, (prior_weights or {}).get(encoder))
+        used[encoder] = max(v.manifest.encoder.prior_weight for _, v in variants)
+        retrievers = [(label, v.retriever("content", cf=cf)) for label, v in variants]
+        for name in () if encoder == "frozen" else [n for n in COLD_RETRIEVERS if n != "content"]:
             if name != "fused" and name not in available:
                 continue
-            retriever = index.retriever(name, cf=cf, weights=weights if name == "fused" else None)
-            label = f"{name}, {encoder} encoder" if name in ("content", "fused") else name
+            label = f"{name}, {encoder} encoder" if name == "fused" else name
+            retrievers.append((label, index.retriever(name, cf=cf, weights=weights if name == "fused" else None)))
+        for label, retriever in retrievers:
             hits = []
             for case in tqdm(cases, desc=f"cold start: {label}", unit="user", disable=not progress):
                 history = [i for i in case.history if i not in cold]
@@ -141,6 +178,8 @@ def cold_hits(indexes: Mapping[str, Index], split: Split, cold: set[str], weight
             rows[label] = np.asarray(hits)
     out["hit@50"] = {label: {"mean": float(v.mean()) if v.size else float("nan"),
                              **dict(zip(("lo", "hi"), bootstrap_ci(v), strict=True))} for label, v in rows.items()}
+    out["prior_weights"] = used  # the weight of each encoder's "with the prior" row
+    out["fusion_weights"] = dict(weights)
     return out
 
 
@@ -177,7 +216,9 @@ def cold_encoder(catalog: Catalog, spec: SplitSpec, cold: set[str], minutes: flo
 
 
 def run(catalog: Catalog, live: Index, split: Split, spec: SplitSpec, cold_share: float, cold_minutes: float,
-        n_boot: int, sasrec: bool = True, progress: bool = True) -> dict[str, Any]:
+        n_boot: int, sasrec: bool = True, progress: bool = True, cold_only: bool = False) -> dict[str, Any]:
+    """The report. ``cold_only`` skips the warm tables and SASRec: the frozen prior's weight is then chosen on
+    validation alone (as the warm part chooses it) and the cold fusion uses the live index's tuned weights."""
     ref = live.manifest.encoder
     assert ref.kind == "tuned" and ref.path is not None
     provenance = load_provenance(Path(ref.path))
@@ -186,22 +227,28 @@ def run(catalog: Catalog, live: Index, split: Split, spec: SplitSpec, cold_share
                                            "train": provenance.train, "validation": provenance.validation,
                                            "config": provenance.config}}
     with side_index(catalog, EncoderRef(), live.manifest.cf) as frozen:
-        warm = warm_comparison(live, frozen, split, n_boot, spec.seed, progress)
-        report["warm"] = {"fusion_weights": warm.tuning, "results": warm.results, "frozen_prior": warm.frozen_prior}
-        if sasrec:
-            from eval.sasrec import evaluate_sasrec
+        if cold_only:
+            frozen_weight, _ = choose_prior_weight(frozen, split, live.manifest.cf, progress)
+            fusion = dict(live.manifest.fusion.weights)
+        else:
+            warm = warm_comparison(live, frozen, split, n_boot, spec.seed, progress)
+            report["warm"] = {"fusion_weights": warm.tuning, "results": warm.results,
+                              "frozen_prior": warm.frozen_prior}
+            frozen_weight, fusion = warm.frozen_prior["weight"], warm.tuning["tuned"]
+            if sasrec:
+                from eval.sasrec import evaluate_sasrec
 
-            fitted = evaluate_sasrec(catalog, split, progress=progress)
-            for part in rv.PARTS:
-                warm.results[part][SASREC] = summarise(fitted[part], n_boot=n_boot, seed=spec.seed)
-            report["warm"]["sasrec"] = {"best_epochs": fitted["best_epochs"], "log": fitted["log"]}
+                fitted = evaluate_sasrec(catalog, split, progress=progress)
+                for part in rv.PARTS:
+                    warm.results[part][SASREC] = summarise(fitted[part], n_boot=n_boot, seed=spec.seed)
+                report["warm"]["sasrec"] = {"best_epochs": fitted["best_epochs"], "log": fitted["log"]}
         cold = cold_items(catalog, cold_share, spec.seed)
         with tempfile.TemporaryDirectory(prefix="recagent-cold-encoder-") as tmp:
             folder = Path(tmp) / "encoder"
             report["cold_training"] = cold_encoder(catalog, spec, cold, cold_minutes, folder, provenance.config)
             with side_index(catalog, tuned_ref(folder), live.manifest.cf) as cold_index:
-                report["cold"] = cold_hits({"frozen": frozen, "tuned": cold_index}, split, cold,
-                                           warm.tuning["tuned"], live.manifest.cf, progress)
+                report["cold"] = cold_hits({"frozen": frozen, "tuned": cold_index}, split, cold, fusion,
+                                           live.manifest.cf, progress, prior_weights={"frozen": frozen_weight})
         report["cold"]["share"] = cold_share
     report["query_cost"] = query_cost(live, split)
     return report
@@ -215,20 +262,8 @@ def markdown(report: Mapping[str, Any], notes: list[str], plot: str | None) -> s
     lines = [f"# Fine-tuned encoder: {report['catalog']}", ""] + [f"- {n}" for n in notes] + [""]
     if plot:
         lines += [f"![validation curve]({plot})", ""]
-    for part in ("test", "validation"):
-        lines += [f"## Warm items, {part} split (full ranking)", "", "| method | " + " | ".join(METRICS) + " |",
-                  "|---|" + "---|" * len(METRICS)]
-        for method, metrics in report["warm"]["results"][part].items():
-            lines.append(f"| {method} | " + " | ".join(_cell(metrics[m]) for m in METRICS) + " |")
-        lines.append("")
-    lines += [f"The content rows rank Chroma's nearest neighbours by cosine plus a popularity prior, weight times "
-              f"log(1 + training interactions) (in-batch negatives leave popularity out of the trained cosine): "
-              f"weight {report['encoder']['prior_weight']:g} for the tuned encoder (chosen on validation during "
-              f"training), {report['warm']['frozen_prior']['weight']:g} for the frozen one's prior row (chosen on "
-              "validation here); the plain frozen row has none.", ""]
-    weights = report["warm"]["fusion_weights"]
-    lines += ["Fusion weights chosen on validation: " + "; ".join(
-        f"{enc} encoder {', '.join(f'{k} {v:g}' for k, v in sorted(w.items()))}" for enc, w in weights.items()), ""]
+    if "warm" in report:
+        lines += warm_markdown(report)
     cold = report["cold"]
     lines += ["## Cold items", "",
               f"{cold['cold_items']} items ({cold['share']:.0%}, seeded) removed from every history before CF and a "
@@ -236,6 +271,14 @@ def markdown(report: Mapping[str, Any], notes: list[str], plot: str | None) -> s
               "users whose held-out cold item is in the retriever's top 50:", "",
               "| retriever | hit@50 [95% interval] |", "|---|---|"]
     lines += [f"| {label} | {_cell(m)} |" for label, m in cold["hit@50"].items()]
+    if "prior_weights" in cold:
+        pw = cold["prior_weights"]
+        lines += ["", "Each encoder's content source is measured by cosine only and with the popularity prior as "
+                  f"served (weight x log(1 + training interactions)): weight {pw.get('tuned', 0):g} for the cold "
+                  f"tuned encoder (chosen on validation during its training), {pw.get('frozen', 0):g} for the "
+                  "frozen one (chosen on validation here). The cold items have no training interactions, so the "
+                  "prior gives them the median prior of the items that have some. The fusion weights: "
+                  + ", ".join(f"{k} {v:g}" for k, v in sorted(cold.get("fusion_weights", {}).items())) + "."]
     ct = report["cold_training"]
     lines += ["", f"The cold encoder trained {ct['minutes']:g} min ({ct['train']['steps']} steps, "
               f"{ct['train']['pairs_seen']} pairs); its validation NDCG@10 {ct['validation']['best']['ndcg@10']}.", ""]
@@ -244,6 +287,26 @@ def markdown(report: Mapping[str, Any], notes: list[str], plot: str | None) -> s
               f"p50 {qc['p50_ms']} ms, p95 {qc['p95_ms']} ms.", "",
               "Cells: mean over users [bootstrap 95% interval]."]
     return "\n".join(lines) + "\n"
+
+
+def warm_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The warm tables and their notes."""
+    lines: list[str] = []
+    for part in ("test", "validation"):
+        lines += [f"## Warm items, {part} split (full ranking)", "", "| method | " + " | ".join(METRICS) + " |",
+                  "|---|" + "---|" * len(METRICS)]
+        for method, metrics in report["warm"]["results"][part].items():
+            lines.append(f"| {method} | " + " | ".join(_cell(metrics[m]) for m in METRICS) + " |")
+        lines.append("")
+    lines += [f"The content rows rank Chroma's nearest neighbours by cosine plus a popularity prior, weight times "
+              f"log(1 + training interactions), the median for items without any (in-batch negatives leave "
+              f"popularity out of the trained cosine): weight {report['encoder']['prior_weight']:g} for the tuned "
+              f"encoder (chosen on validation during training), {report['warm']['frozen_prior']['weight']:g} for the "
+              "frozen one's prior row (chosen on validation here); the plain frozen row has none.", ""]
+    weights = report["warm"]["fusion_weights"]
+    lines += ["Fusion weights chosen on validation: " + "; ".join(
+        f"{enc} encoder {', '.join(f'{k} {v:g}' for k, v in sorted(w.items()))}" for enc, w in weights.items()), ""]
+    return lines
 
 
 def plot_validation(log: list[dict[str, Any]], path: Path) -> None:

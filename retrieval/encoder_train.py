@@ -30,12 +30,14 @@ from retrieval.encoder import PROVENANCE, EncoderProvenance, HistoryText, encode
 from retrieval.full_ranking import full_ranks, ndcg_at_10
 from retrieval.index import item_texts
 from retrieval.provenance import command_line, git_commit, utc_now
+from retrieval.sources import popularity_prior
 from retrieval.splits import Case, SplitSpec, split_catalog
 
 logger = logging.getLogger(__name__)
 _LAYER = re.compile(r"\.layer\.(\d+)\.")
-# weights of the popularity prior added to the cosine (beta * log(1 + interactions)): in-batch negatives are drawn
-# in proportion to popularity, so the trained cosine leaves popularity out (the logQ correction puts it back)
+# weights of the popularity prior added to the cosine (beta * log(1 + interactions), never-seen items at the median:
+# retrieval.sources.popularity_prior, as served): in-batch negatives are drawn in proportion to popularity, so the
+# trained cosine leaves popularity out (the logQ correction puts it back)
 PRIOR_WEIGHTS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1)
 
 
@@ -147,7 +149,7 @@ class EncoderTrainer:
         counts = np.zeros(self.catalog.n_items)
         for history in train.values():  # what the served prior counts, from the training part only
             np.add.at(counts, history, 1)
-        log_popularity = np.log1p(counts)
+        log_popularity = popularity_prior(counts, 1.0)  # as served: never-seen items at the median
         log: list[dict[str, Any]] = []
         started = time.perf_counter()
 

@@ -33,6 +33,7 @@ from retrieval.sources import (
     PopularitySource,
     SequentialSource,
     Source,
+    popularity_prior,
 )
 from retrieval.vector_store import ItemVectorStore, delete_collection, make_client
 
@@ -258,9 +259,10 @@ class Index:
         return user_vector_fn(self.manifest.encoder, self.embedder, item_texts(self.catalog))
 
     def content_prior(self, cf: CFModels) -> np.ndarray | None:
-        """The tuned encoder's popularity prior over items, from ``cf``'s counts (None without one)."""
+        """The tuned encoder's popularity prior over items, from ``cf``'s counts (None without one); items ``cf``
+        has never seen get the median prior (:func:`~retrieval.sources.popularity_prior`)."""
         weight = self.manifest.encoder.prior_weight
-        return weight * np.log1p(cf.popularity.astype(np.float64)) if weight > 0 else None
+        return popularity_prior(cf.popularity, weight) if weight > 0 else None
 
     def sources(self, cf: CFModels | None = None) -> dict[str, Source]:
         cf = cf or self.cf

@@ -100,12 +100,30 @@ OVERFETCH_MIN_SHARE = 0.05  # via Chroma: below this share of items passing the 
 OVERFETCH_SLACK = 1.25  # via Chroma: unfiltered neighbours fetched per one needed, over the share that passes
 
 
+def popularity_prior(counts: np.ndarray, weight: float) -> np.ndarray:
+    """The content source's popularity prior per item: ``weight * log(1 + interactions)`` from the training
+    ``counts``, except that an item with no interactions gets the median prior of the items that have some.
+
+    An item the training data has never seen (a cold item, or one added to a live catalogue after CF was fitted)
+    says nothing about its popularity; a prior of 0 would put it below every warm item with the same cosine and, at
+    the weights chosen on validation, out of the top 50 altogether. The median is a neutral value: such an item
+    ranks by its cosine against items of typical popularity. Items with interactions keep ``weight * log(1 + n)``.
+    With no interactions at all the prior is 0 everywhere."""
+    counts = np.asarray(counts, dtype=np.float64)
+    log_counts = np.log1p(np.clip(counts, 0.0, None))
+    seen = counts > 0
+    if seen.any() and not seen.all():
+        log_counts = np.where(seen, log_counts, float(np.median(log_counts[seen])))
+    return weight * log_counts
+
+
 class ContentSource:
     """Nearest neighbours (cosine, over the item vectors Chroma holds) of the user's vector, blended with an
     embedded free-text query when one is given. The user's vector is the encoder over their history text when
     the index has a tuned encoder (``user_vector``), else the recency-weighted mean of their items' embeddings.
     A tuned encoder also brings a popularity prior (``prior``: its weight times log(1 + interactions), from the
-    CF models in use) that re-ranks the over-fetched neighbours.
+    CF models in use, never-seen items at the median: :func:`popularity_prior`) that re-ranks the over-fetched
+    neighbours.
 
     The neighbours are exact: a catalogue of up to ``dense_max_items`` items is scored in memory with one
     matrix product over the unit item vectors (the vectors Chroma holds; cosine, as Chroma's space), the filters

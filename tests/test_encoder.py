@@ -217,5 +217,28 @@ def test_eval_embedder_reports_every_retriever_cold_items_and_query_cost(tuned_t
             "fused, frozen encoder", "fused, tuned encoder", "sequential"} <= rows
     assert any(r.startswith("SASRec") for r in rows)
     assert report["cold"]["cold_items"] == 1 and "content, tuned encoder" in report["cold"]["hit@50"]
+    assert set(report["cold"]["hit@50"]) >= COLD_CONTENT_ROWS  # cosine only and with the prior, per encoder
+    assert report["cold"]["prior_weights"]["frozen"] == report["warm"]["frozen_prior"]["weight"]
     assert report["query_cost"]["users"] >= 1 and report["query_cost"]["p50_ms"] > 0
     assert (tmp_path / "reports" / f"embedder-{name}.png").exists()
+
+
+COLD_CONTENT_ROWS = {"content, frozen encoder", "content, frozen encoder + popularity prior",
+                     "content, tuned encoder, cosine only", "content, tuned encoder"}
+
+
+def test_eval_embedder_cold_only_skips_the_warm_tables(tuned_tiny_index: Index, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    name = tuned_tiny_index.catalog.name
+    result = CliRunner().invoke(app, ["eval", "embedder", "--catalog", name, "--cold-share", "0.1", "--cold-minutes",
+                                      "0.2", "--bootstrap", "20", "--cold-only", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "reports" / f"embedder-{name}-cold.json").read_text())
+    assert "warm" not in report and "--cold-only" in report["command"]
+    assert set(report["cold"]["hit@50"]) >= COLD_CONTENT_ROWS | {"fused, tuned encoder"}
+    assert report["cold"]["fusion_weights"] == tuned_tiny_index.manifest.fusion.weights
+    assert set(report["cold"]["prior_weights"]) == {"frozen", "tuned"}
+    markdown = (tmp_path / "reports" / f"embedder-{name}-cold.md").read_text()
+    assert "## Cold items" in markdown and "## Warm items" not in markdown and "cosine only" in markdown
+    assert not (tmp_path / "reports" / f"embedder-{name}.json").exists()  # the full report is left alone

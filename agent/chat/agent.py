@@ -710,7 +710,8 @@ class ChatAgent:
         if model is None or not self.config.use_llm or not supports_tool_calls(model):
             return []
         try:
-            result = tool_turn(self.service, state, notes.message, model, k=self.config.k, deadline=deadline)
+            result = tool_turn(self.service, state, notes.message, model, k=self.config.k, deadline=deadline,
+                               first_tool_choice=self.config.first_tool_choice)
         except Exception as exc:  # the loop catches tool errors itself; this is the model or the server failing
             notes.degraded.append(f"tool-calling LLM failed ({type(exc).__name__}); rules used")
             return []

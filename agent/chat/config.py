@@ -20,6 +20,11 @@ class ChatConfig(BaseModel):
         default=False, description="a chat model that makes tool calls (a served model behind ChatOpenAI) picks the "
         "items through the recommender's LangChain tools (agent.chat.tool_loop); the usual path when it picks none",
     )
+    first_tool_choice: Literal["auto", "required"] = Field(
+        default="required", description="the tool loop's first model call: 'required' makes it call a tool (a "
+        "server such as vLLM constrains the output to the tools' schemas, so a small model still makes a "
+        "well-formed call; the loop runs only on turns that ask for items), 'auto' lets it answer in text",
+    )
     llm_explain: bool = Field(
         default=True,
         description="with the LLM on, one LLM-written reason per item (agent.explain: all items decoded as one "

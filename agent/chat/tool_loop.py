@@ -108,16 +108,21 @@ def run_tool_loop(
     max_steps: int = MAX_STEPS,
     max_calls_per_step: int = MAX_CALLS_PER_STEP,
     deadline: float | None = None,
+    first_tool_choice: str | None = None,
 ) -> ToolLoopResult:
     """Let ``model`` call ``tools`` (see the module docstring). ``messages``: the conversation so far (messages,
     ``(role, text)`` pairs or a string). ``deadline``: a ``time.monotonic()`` time after which no further model
-    call starts. Raises :class:`LLMError` only when ``model`` cannot bind tools; a failing model call ends the loop
-    with ``stopped="error"`` (the items found so far are kept)."""
+    call starts. ``first_tool_choice``: the first model call's ``tool_choice`` (``"required"``: it must call a tool,
+    which a server like vLLM enforces by constraining the output to the tools' schemas, so that even a small model
+    makes a well-formed call; later calls are free to answer). Raises :class:`LLMError` only when ``model`` cannot
+    bind tools; a failing model call ends the loop with ``stopped="error"`` (the items found so far are kept)."""
     from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
     from langchain_core.prompt_values import PromptValue
 
     try:
         bound = model.bind_tools(list(tools))
+        first = bound if first_tool_choice in (None, "auto") else model.bind_tools(list(tools),
+                                                                                    tool_choice=first_tool_choice)
     except NotImplementedError as exc:
         raise LLMError(f"{type(model).__name__} does not make tool calls") from exc
     by_name = {t.name: t for t in tools}
@@ -141,7 +146,7 @@ def run_tool_loop(
             stopped = "deadline"
             break
         try:
-            ai = bound.invoke(history)
+            ai = (first if steps == 0 else bound).invoke(history)
         except Exception as exc:  # LLMError, HTTP errors, an open circuit: the caller falls back
             stopped, error = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
             logger.warning("tool loop: model call failed error=%s", error)
@@ -211,7 +216,7 @@ def _select(records: list[ToolCallRecord], catalog: Catalog, excluded: set[str],
 
 def tool_turn(service: RecommenderService, state: SessionState, message: str, model: BaseChatModel, *, k: int = 5,
               max_steps: int = MAX_STEPS, deadline: float | None = None,
-              tools: Sequence[BaseTool] | None = None) -> ToolLoopResult:
+              tools: Sequence[BaseTool] | None = None, first_tool_choice: str | None = None) -> ToolLoopResult:
     """One chat turn through the tool loop: the session (liked, disliked, excluded ids, constraints) and the
     message in the ``chat_tools.v1`` prompt; the session's exclusions and constraints bound the items."""
     from agent.langchain_tools import recagent_tools
@@ -233,7 +238,7 @@ def tool_turn(service: RecommenderService, state: SessionState, message: str, mo
     return run_tool_loop(model, tools if tools is not None else recagent_tools(service),
                          [(m["role"], m["content"]) for m in rendered.messages], catalog=catalog,
                          exclude=state.excluded(), filters=None if filters.is_empty() else filters, k=k,
-                         max_steps=max_steps, deadline=deadline)
+                         max_steps=max_steps, deadline=deadline, first_tool_choice=first_tool_choice)
 
 
 __all__ = ["MAX_STEPS", "ToolCallRecord", "ToolLoopResult", "run_tool_loop", "tool_turn"]

@@ -36,6 +36,9 @@ TORCH_VERSION = "2.13.0"
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PORT = 8001
 DEFAULT_MAX_MODEL_LEN = 4096
+#: vLLM's parser for tool calls in free text (``tool_choice="auto"``): Hermes-style ``<tool_call>{...}</tool_call>``.
+#: ``tool_choice="required"`` or a named tool needs no parser: vLLM then constrains the output to the tools' schemas.
+DEFAULT_TOOL_PARSER = "hermes"
 MARKER_NAME = ".recagent-vllm-ready"
 GPU_ONLY_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
 #: LoRA ranks vLLM accepts for ``--max-lora-rank``; the smallest one that fits every adapter is used.
@@ -159,6 +162,9 @@ def server_command(venv: Path, model_dir: Path, port: int = DEFAULT_PORT,
         "--disable-uvicorn-access-log",
         # compact JSON under response_format: no whitespace for a small model to wander in until max_tokens
         "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+        # tool calls for LangChain's ChatOpenAI (the chat agent's tool loop): parsed from text under "auto"
+        "--enable-auto-tool-choice", "--tool-call-parser", DEFAULT_TOOL_PARSER,
+        "--tool-strict-level", "parameter",  # required/named tool calls: arguments constrained to the tool's schema
         *extra_args,
     ]
 

@@ -98,7 +98,8 @@ def strip_titles(reason: str, titles: Iterable[str]) -> str:
     text = reason
     for title in titles:
         for v in title_variants(title):
-            text = re.sub(re.escape(v), " ", text, flags=re.IGNORECASE)
+            if v.lower() in text.lower():  # a cheap test first: most titles are absent, and compiling costs
+                text = re.sub(re.escape(v), " ", text, flags=re.IGNORECASE)
     return text
 
 
@@ -213,7 +214,8 @@ def clauses(reason: str, item_title: str, other_titles: Sequence[str]) -> list[t
     text = reason
     for title in sorted(other_titles, key=len, reverse=True):
         for v in title_variants(title):
-            text = re.sub(rf"(?<!\w){re.escape(v)}(?!\w)", " \x01 ", text, flags=re.IGNORECASE)
+            if v.lower() in text.lower():  # a cheap test first: a reason names one or two of the titles
+                text = re.sub(rf"(?<!\w){re.escape(v)}(?!\w)", " \x01 ", text, flags=re.IGNORECASE)
     text = strip_titles(text, [item_title])
     parts = re.split(r"[,;:.!?]|\s-\s|\bbut\b|\bwhile\b", text)
     return [(p.replace("\x01", " "), "\x01" in p) for p in parts if p.strip()]

@@ -122,3 +122,19 @@ def test_score_passes_go_ahead_of_a_running_generation(real_backend: LLMBackend)
     done["score"] = time.monotonic()
     thread.join()
     assert done["score"] < done["generation"]
+
+
+def test_batch_passes_are_timed_as_their_own_kind(real_backend: LLMBackend) -> None:
+    """The thread count is chosen per kind of pass: the rows' prompt chunks of a batch count as passes of their
+    size and a one-token step of many rows as "decode-batch", so the one-row decode choice (often one thread) is
+    not applied to 90-token chunks."""
+    from agent.llm.base import TextRequest
+
+    inner: Any = getattr(real_backend, "inner", real_backend)
+    governor = inner.governor
+    before = dict(governor._samples)
+    requests = [TextRequest([{"role": "user", "content": f"Describe film number {i} " + "in some detail " * 12}],
+                            max_tokens=4, stop=("\n\n\n",)) for i in range(3)]
+    list(real_backend.complete_batch(requests))
+    grown = {kind for (kind, threads), n in governor._samples.items() if n > before.get((kind, threads), 0)}
+    assert {"small", "decode-batch"} <= grown, grown

@@ -412,7 +412,11 @@ class TransformersBackend(LLMBackend):
                 if start and ((cancelled is not None and cancelled()) or
                               (deadline is not None and time.monotonic() > deadline)):
                     return
-                with self.decoding_step(), self.threads_for(int(ids[:, start:end].numel()), kind="decode"), \
+                # the threads are chosen per kind of pass: a chunk of prompt tokens as a pass of its size, a step of
+                # one token for one row or for many rows as its own kind (their best thread counts differ)
+                tokens = int(ids[:, start:end].numel())
+                kind = None if end - start > 1 else "decode" if tokens == 1 else "decode-batch"
+                with self.decoding_step(), self.threads_for(tokens, kind=kind), \
                         torch.inference_mode():
                     out = self.model(input_ids=ids[:, start:end], attention_mask=mask[:, : mask.shape[1] - width + end],
                                      position_ids=positions[:, start:end], cache=cache, use_cache=True,

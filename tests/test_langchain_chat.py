@@ -192,6 +192,21 @@ def test_agent_reads_through_a_langchain_chat_model(tiny_index: Index, store: SQ
     assert ruled.decided_by == "rules" and len(seen.calls) == 1
 
 
+def test_a_title_in_the_message_is_read_by_the_rules_not_the_fallback_llm(tiny_index: Index,
+                                                                          store: SQLiteSessionStore) -> None:
+    """A message the rules' cues miss but that names a catalogue title is theirs: the fallback LLM (here one that
+    would call it smalltalk, as the 135M model did on the held-out set) is not asked, and the title seeds the list."""
+    seen = Seen()
+    backend = ScriptedBackend(json_text=json.dumps(form(kind="smalltalk")))
+    agent = ChatAgent(RecommenderService(tiny_index), store, ChatConfig(k=3, llm_intent="fallback"))
+    agent.chat_model = RecagentChatModel(backend=backend, callbacks=[seen])  # type: ignore[attr-defined]
+    turn = agent.respond(None, "The Glass Slipper is my jam")
+    assert turn.decided_by == "rules" and not seen.calls
+    assert turn.items and "a1" not in {i.item_id for i in turn.items}
+    chatter = agent.respond(None, "put on whatever suits a rainy sunday")  # no title, no cue: the LLM reads it
+    assert len(seen.calls) == 1 and chatter.decided_by == "llm"
+
+
 def test_structured_output_failure_falls_back_to_rules(tiny_index: Index, store: SQLiteSessionStore) -> None:
     agent = ChatAgent(RecommenderService(tiny_index), store, ChatConfig(k=3, llm_intent="always"))
     # LangChain's fake chat model has neither tools nor a JSON mode: with_structured_output cannot work

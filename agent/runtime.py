@@ -113,12 +113,12 @@ class Runtime:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Load the query embedder now (its lazy load is not thread-safe, and the io threads would race) and the
-        trained ranker, if one is in use."""
+        """Load the query embedder and its runtime now (not on a request thread) and the trained ranker, if one is
+        in use."""
         embedder = getattr(self.service.index, "embedder", None)
         if embedder is not None:
             try:
-                _ = embedder.model
+                embedder.warm_up()
             except Exception as exc:  # search degrades later with a clear error; serving still starts
                 logger.warning("embedder warm-up failed error=%s", exc)
         if self.service.reranker is not None:
@@ -160,7 +160,7 @@ class Runtime:
                                          chat_model=self.chat_agent.chat_model)
         if service.reranker is not None:
             service.reranker.warm_up()
-        _ = index.embedder.model  # loaded here, not on a request thread
+        index.embedder.warm_up()  # loaded here, not on a request thread
         self.service, self.plain, self.chat_agent = service, plain, chat
         self.lanes = dataclasses.replace(self.lanes, service=service, plain=plain)
 

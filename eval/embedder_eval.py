@@ -183,24 +183,58 @@ def cold_hits(indexes: Mapping[str, Index], split: Split, cold: set[str], weight
     return out
 
 
-def query_cost(index: Index, split: Split, users: int = 100, length: int = 50) -> dict[str, float]:
-    """Milliseconds to turn a ``length``-item history into the tuned encoder's user vector (p50/p95); a catalogue
-    with fewer than two such histories is timed on its longest ones (``history_items`` says how long)."""
+def _percentiles(times: list[float]) -> dict[str, float]:
+    p95 = statistics.quantiles(times, n=20)[18] if len(times) >= 2 else max(times)
+    return {"p50_ms": round(statistics.median(times), 2), "p95_ms": round(p95, 2)}
+
+
+def query_cost(index: Index, split: Split, users: int = 100, length: int = 50) -> dict[str, Any]:
+    """Milliseconds to turn a ``length``-item history into the tuned encoder's user vector (p50/p95) through the
+    index's embedder (its runtime: ONNX Runtime by default) and, in the same run, user by user in turn, through
+    torch; the largest difference between the two runtimes' vectors; and items per second for embedding every item
+    text with each. A catalogue with fewer than two such histories is timed on its longest ones (``history_items``
+    says how long)."""
+    from retrieval.embeddings import Embedder
+    from retrieval.encoder import user_vector_fn
+    from retrieval.index import item_texts
+
     assert index.user_vector is not None, "query cost is measured for a tuned encoder"
     idx = index.catalog.item_index
     long = [h for h in split.train.values() if len(h) >= length]
     chosen = long if len(long) >= 2 else sorted((h for h in split.train.values() if h), key=len, reverse=True)
     histories = [[idx[i] for i in h[-length:]] for h in chosen[:users]]
-    for h in histories[:3]:  # warm-up
-        index.user_vector(h)
-    times = []
+    served = index.embedder
+    texts = item_texts(index.catalog)
+    torch_embedder = Embedder(served.model_dir, cache=False, name=served.name, runtime="torch")
+    encoders = {served.runtime: index.user_vector}
+    if served.runtime != "torch":
+        torch_vector = user_vector_fn(index.manifest.encoder, torch_embedder, texts)
+        assert torch_vector is not None
+        encoders["torch"] = torch_vector
+    for encode in encoders.values():  # warm-up (and the ONNX export, when there is none yet)
+        for h in histories[:3]:
+            encode(h)
+    times: dict[str, list[float]] = {name: [] for name in encoders}
+    vectors: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
     for h in histories:
+        for name, encode in encoders.items():
+            t0 = time.perf_counter()
+            vectors[name].append(encode(h))
+            times[name].append((time.perf_counter() - t0) * 1000)
+    throughput = {}
+    for name, embedder in ((served.runtime, served), ("torch", torch_embedder)):
+        if name in throughput:
+            continue
         t0 = time.perf_counter()
-        index.user_vector(h)
-        times.append((time.perf_counter() - t0) * 1000)
-    p95 = statistics.quantiles(times, n=20)[18] if len(times) >= 2 else max(times)
-    return {"users": len(times), "history_items": min(len(h) for h in histories),
-            "p50_ms": round(statistics.median(times), 2), "p95_ms": round(p95, 2)}
+        embedder.encode_uncached(texts)
+        throughput[name] = round(len(texts) / (time.perf_counter() - t0), 1)
+    out: dict[str, Any] = {"users": len(histories), "history_items": min(len(h) for h in histories),
+                           "runtime": served.runtime, **_percentiles(times[served.runtime]),
+                           "by_runtime": {name: _percentiles(t) for name, t in times.items()},
+                           "items_per_s": throughput, "item_texts": len(texts)}
+    if len(encoders) > 1:
+        out["max_abs_diff"] = float(np.abs(np.stack(vectors[served.runtime]) - np.stack(vectors["torch"])).max())
+    return out
 
 
 def cold_encoder(catalog: Catalog, spec: SplitSpec, cold: set[str], minutes: float, folder: Path,
@@ -282,11 +316,25 @@ def markdown(report: Mapping[str, Any], notes: list[str], plot: str | None) -> s
     ct = report["cold_training"]
     lines += ["", f"The cold encoder trained {ct['minutes']:g} min ({ct['train']['steps']} steps, "
               f"{ct['train']['pairs_seen']} pairs); its validation NDCG@10 {ct['validation']['best']['ndcg@10']}.", ""]
-    qc = report["query_cost"]
-    lines += ["## Query cost", "", f"Tuned encoder over a {qc['history_items']}-item history ({qc['users']} users): "
-              f"p50 {qc['p50_ms']} ms, p95 {qc['p95_ms']} ms.", "",
-              "Cells: mean over users [bootstrap 95% interval]."]
+    lines += query_cost_markdown(report["query_cost"])
+    lines.append("Cells: mean over users [bootstrap 95% interval].")
     return "\n".join(lines) + "\n"
+
+
+def query_cost_markdown(qc: Mapping[str, Any]) -> list[str]:
+    """The query-cost section: the served runtime's figure, then each runtime of the same run side by side."""
+    lines = ["## Query cost", "", f"Tuned encoder over a {qc['history_items']}-item history ({qc['users']} users), "
+             f"as served ({qc.get('runtime', 'torch')}): p50 {qc['p50_ms']} ms, p95 {qc['p95_ms']} ms.", ""]
+    if "by_runtime" in qc:
+        lines += ["| runtime | query p50 ms | query p95 ms | item texts embedded per s |", "|---|---|---|---|"]
+        lines += [f"| {name} | {t['p50_ms']} | {t['p95_ms']} | {qc['items_per_s'].get(name, 'n/a')} |"
+                  for name, t in qc["by_runtime"].items()]
+        lines.append("")
+        note = f"Same run, users timed with each runtime in turn; throughput over all {qc['item_texts']} item texts."
+        if "max_abs_diff" in qc:
+            note += f" Largest difference between the runtimes' user vectors: {qc['max_abs_diff']:.1e}."
+        lines += [note, ""]
+    return lines
 
 
 def warm_markdown(report: Mapping[str, Any]) -> list[str]:

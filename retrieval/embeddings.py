@@ -99,23 +99,33 @@ class Embedder:
                 self._model = SentenceTransformer(str(self.model_dir), device="cpu", local_files_only=True)
         return self._model
 
+    def _onnx_encoder(self) -> Any:
+        """The ONNX Runtime encoder (exported and checked on first use), or None when the runtime is torch or the
+        export failed (the runtime then falls back to torch, with a warning)."""
+        if self.runtime == "onnx" and self._onnx is None:
+            from retrieval.onnx_runtime import OnnxExportError, OnnxSentenceEncoder
+
+            model = self.model
+            with self._lock:
+                if self._onnx is None and self.runtime == "onnx":
+                    try:
+                        self._onnx = OnnxSentenceEncoder(model, self.model_dir)
+                    except OnnxExportError as exc:
+                        logger.warning("embedding through torch instead of ONNX Runtime: %s", exc)
+                        self.runtime = "torch"
+        return self._onnx
+
+    def warm_up(self) -> None:
+        """Load the model and its runtime now (the ONNX export or session too), not on a request thread."""
+        _ = self.model
+        self._onnx_encoder()
+
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
         """Unit vectors of one batch, through ONNX Runtime when chosen and exportable, else torch."""
-        if self.runtime == "onnx":
-            if self._onnx is None:
-                from retrieval.onnx_runtime import OnnxExportError, OnnxSentenceEncoder
-
-                model = self.model
-                with self._lock:
-                    if self._onnx is None:
-                        try:
-                            self._onnx = OnnxSentenceEncoder(model, self.model_dir)
-                        except OnnxExportError as exc:
-                            logger.warning("embedding through torch instead of ONNX Runtime: %s", exc)
-                            self.runtime = "torch"
-            if self._onnx is not None:
-                vectors = self._onnx.encode(texts)
-                return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        onnx = self._onnx_encoder()
+        if onnx is not None:
+            vectors = onnx.encode(texts)
+            return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False)
 

@@ -1,8 +1,8 @@
 """Sentence embeddings through ONNX Runtime: the same sentence-transformer, exported once, run without torch.
 
-On this 2-core CPU, one user's history text (about 50 tokens) takes p50 35 ms through torch and 23 ms through
-ONNX Runtime with identical vectors (cosine 1.0000), which is what the tuned encoder's per-request query vector
-needs (`recagent eval embedder` reports the query cost). Batches of item texts gain about 13%.
+A tuned encoder turns every request's history into a query vector, so that pass is on the request path;
+``recagent eval embedder`` times it through both runtimes in one run, with the largest difference between their
+vectors and each runtime's throughput over the catalogue's item texts (the "Query cost" section of its report).
 
 The whole sentence-transformer (transformer, pooling, normalisation) is exported with ``torch.onnx.export`` into
 ``<model folder>/onnx/model.onnx``, stamped with the sha256 prefix of the model's weights, and checked against
@@ -102,6 +102,10 @@ class OnnxSentenceEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
+        # no spinning after a run: ONNX Runtime's threads otherwise busy-wait on the cores the LLM's next forward
+        # pass needs (measured with `recagent eval embedder`, whose torch timings alternate with these calls)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             if fresh:
                 (folder / STAMP).unlink(missing_ok=True)

@@ -220,6 +220,9 @@ def test_eval_embedder_reports_every_retriever_cold_items_and_query_cost(tuned_t
     assert set(report["cold"]["hit@50"]) >= COLD_CONTENT_ROWS  # cosine only and with the prior, per encoder
     assert report["cold"]["prior_weights"]["frozen"] == report["warm"]["frozen_prior"]["weight"]
     assert report["query_cost"]["users"] >= 1 and report["query_cost"]["p50_ms"] > 0
+    qc = report["query_cost"]  # both runtimes timed in the same run, giving the same vectors
+    assert set(qc["by_runtime"]) == {"onnx", "torch"} and qc["max_abs_diff"] < 1e-4
+    assert all(v > 0 for v in qc["items_per_s"].values())
     assert (tmp_path / "reports" / f"embedder-{name}.png").exists()
 
 

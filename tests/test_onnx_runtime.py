@@ -45,6 +45,8 @@ def test_a_stale_export_is_replaced(model_copy: Path) -> None:
     (folder / ONNX_FILE).write_bytes(b"not an onnx graph")
     encoder = OnnxSentenceEncoder(embedder.model, model_copy)
     assert (folder / STAMP).read_text() == weights_stamp(model_copy)
+    options = encoder._session.get_session_options()  # idle threads must not spin on the LLM's cores
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     want = Embedder(model_copy, cache=False, runtime="torch").embed(["a stale export"])
     assert float(np.abs(encoder.encode(["a stale export"]) - want).max()) < 1e-5
 
@@ -76,3 +78,12 @@ def test_the_runtime_is_chosen_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECAGENT_ENCODER_RUNTIME", "tensorrt")
     with pytest.raises(ValueError, match="tensorrt.*onnx, torch"):
         Embedder(cache=False)
+
+
+def test_warm_up_exports_before_the_first_request(model_copy: Path, tmp_path: Path) -> None:
+    private = tmp_path / "model"
+    shutil.copytree(model_copy, private, ignore=shutil.ignore_patterns(ONNX_DIR))
+    embedder = Embedder(private, cache=False, runtime="onnx")
+    embedder.warm_up()  # what a server does at start-up and on an index swap
+    assert (private / ONNX_DIR / STAMP).read_text() == weights_stamp(private)
+    assert embedder.model_calls == 0 and embedder.runtime == "onnx"

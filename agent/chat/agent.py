@@ -230,10 +230,11 @@ class ChatAgent:
     def _read(self, state: SessionState, message: str, notes: _Notes) -> tuple[Intent, str]:
         rules = parse_rules(message, self.genres)
         llm: LLMIntent | None = None
-        # a catalogue title written in the message is something the rules understood (the scan below makes it a
-        # like), so the fallback LLM is not asked to read it: measured on the held-out chat set, the small model read
-        # "My all-time favourite is The Silence of the Lambs. Recommend me something" as smalltalk
-        understood = rules.signals() or (rules.kind in ("recommend", "critique") and bool(self.resolver.scan(message)))
+        # a catalogue title written in the message is something the rules understood (below it becomes a like), so
+        # the fallback LLM is not asked to read it: on the held-out chat set the small model, asked about two such
+        # messages, answered with no items both times
+        scanned = self.resolver.scan(message)  # titles written without a cue
+        understood = rules.signals() or (rules.kind in ("recommend", "critique") and bool(scanned))
         wanted = self.config.llm_intent == "always" or not understood
         # the LLM reads through LangChain: a chat model set on the agent (``agent.chat_model``, e.g. ChatOpenAI), else
         # the service's backend as a LangChain chat model (agent.llm.langchain_chat), under the intent form's schema
@@ -259,7 +260,7 @@ class ChatAgent:
                 notes.degraded.append(f"intent LLM failed ({reason}); rules used")
         intent, decided_by = merge(rules, llm, message, self.catalog.all_genres)
         if intent.kind in ("recommend", "critique") and not (intent.liked or intent.disliked):
-            for text, item_id in self.resolver.scan(message):  # titles written without a cue
+            for text, item_id in scanned:
                 if item_id not in state.last_items:
                     intent.liked.append(text)
                     intent.scanned = True

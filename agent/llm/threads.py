@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 #: Passes over at least this many new tokens are "large" (micro-batches, long prompts); fewer are "small".
 LARGE_PASS_TOKENS = 512
-KINDS = ("small", "large", "decode")
+#: "decode": one new token of one sequence; "decode-batch": one new token for each row of a batch.
+KINDS = ("small", "large", "decode", "decode-batch")
 
 
 @dataclass
@@ -31,7 +32,8 @@ def pass_kind(new_tokens: int) -> str:
 
 
 class ThreadGovernor:
-    """Chooses between one thread and ``max_threads`` per kind of pass (``small``, ``large``, ``decode``).
+    """Chooses between one thread and ``max_threads`` per kind of pass (``small``, ``large``, ``decode``,
+    ``decode-batch``).
 
     The first measurement of each choice is discarded (warm-up); after that the faster choice by smoothed
     seconds per token is used, and the other one is re-tried after ``explore_every`` passes of that kind; each

@@ -77,6 +77,9 @@ class RerankConfig(BaseModel):
     ranker: str = Field(default="zero-shot", description="which ranker scores (reported in answers)")
     adapter: str | None = Field(default=None, description="folder of the trained ranker's LoRA adapter")
     trained_prompt: str = Field(default="v1", description="version of prompts/rerank_trained.*.jinja")
+    trained_order: Literal["shuffled", "retrieval"] = Field(
+        default="shuffled", description="how a trained ranker's prompt presents the candidates: seeded shuffles "
+        "(each line naming its retrieval rank) or the retrieval order, as the ranker was trained")
     marker: str = Field(default=" §", description="single token closing each candidate line (markers scorer)")
     score_prompt: str = Field(default="v3", description="version of prompts/rerank_score.*.jinja")
     generate_prompt: str = Field(default="v2", description="version of prompts/rerank_generate.*.jinja")
@@ -109,17 +112,18 @@ class RerankConfig(BaseModel):
         if artifact is not None:
             config.use_trained(str(artifact.folder), artifact.name, artifact.provenance.prompt,
                                artifact.provenance.marker, artifact.provenance.choices.alpha,
-                               artifact.provenance.choices.window)
+                               artifact.provenance.choices.window, artifact.provenance.order)
         return config
 
     def use_trained(self, adapter: str | None, name: str, prompt: str, marker: str, alpha: float,
-                    window: int) -> None:
+                    window: int, order: Literal["shuffled", "retrieval"] = "shuffled") -> None:
         """Score with a trained ranker: its prompt, marker and adapter, with the alpha and window chosen for it
         on validation (no content-free calibration: the ranker was trained on these prompts)."""
         self.scorer = "markers"
         self.adapter = adapter
         self.ranker = name
         self.trained_prompt = prompt.rsplit(".", 1)[-1]
+        self.trained_order = order
         self.marker = marker
         self.calibrate = False
         self.max_candidates = window
@@ -328,10 +332,12 @@ class Reranker:
                 total[cand] += odds[slot]
         return total / len(orders)
 
-    @staticmethod
-    def marker_orders(history: Sequence[RankInput], candidates: Sequence[RankInput], perms: int) -> list[list[int]]:
-        """Presentation orders of the trained ranker's prompt: seeded shuffles (the ranker was trained on
-        shuffled candidates, each line naming its retrieval rank)."""
+    def marker_orders(self, history: Sequence[RankInput], candidates: Sequence[RankInput],
+                      perms: int) -> list[list[int]]:
+        """Presentation orders of the trained ranker's prompt, as it was trained: the retrieval order (one pass
+        whatever ``perms``), or seeded shuffles, each line naming its retrieval rank."""
+        if self.config.trained_order == "retrieval":
+            return [list(range(len(candidates)))]
         rng = random.Random(_seed(history, candidates))
         orders = []
         for _ in range(perms):

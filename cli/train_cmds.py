@@ -20,7 +20,13 @@ def train_ranker(
     windows: str = typer.Option("20,30,50", "--windows", help="serving windows compared on validation"),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     lr: float = typer.Option(3e-4, "--lr", min=1e-7),
-    per_user: int = typer.Option(8, "--per-user", min=1, help="training steps per user (latest of the train part)"),
+    per_user: int = typer.Option(16, "--per-user", min=1, help="training steps per user (latest of the train part)"),
+    objective: str = typer.Option("residual", "--objective", help="residual (learn corrections to the retrieval "
+                                  "order) or listwise (rank from the ranker's scores alone)"),
+    prompt: str = typer.Option("v2", "--prompt", help="version of prompts/rerank_trained.*.jinja"),
+    order: str = typer.Option("retrieval", "--order", help="candidate presentation: retrieval or shuffled"),
+    insert_missing: bool = typer.Option(False, "--insert-missing/--no-insert-missing", help="put the next item "
+                                        "in when the retriever missed it (default: drop such steps)"),
     val_users: int = typer.Option(150, "--val-users", min=1, help="validation users measured during training"),
     eval_every: int = typer.Option(60, "--eval-every", min=1, help="optimiser steps between validation passes"),
     top_layers: int = typer.Option(10, "--top-layers", min=1, help="LoRA on the top N transformer layers"),
@@ -45,10 +51,15 @@ def train_ranker(
         fail(f"--windows '{windows}': give comma-separated integers, e.g. 20,30,50")
     if not serving_windows or min(serving_windows) < 2 or max(serving_windows) > 100:
         fail(f"--windows '{windows}': each window must be between 2 and 100")
-    config = guarded(lambda: TrainConfig(window=window, windows=serving_windows, batch_size=batch_size, lr=lr,
-                                         per_user=per_user, val_users=val_users, eval_every=eval_every,
-                                         top_layers=top_layers, seed=seed, max_minutes=minutes,
-                                         max_steps=max_steps))
+    config = guarded(lambda: TrainConfig.model_validate(dict(
+        window=window, windows=serving_windows, batch_size=batch_size, lr=lr, per_user=per_user,
+        val_users=val_users, eval_every=eval_every, top_layers=top_layers, seed=seed, max_minutes=minutes,
+        max_steps=max_steps, objective=objective, prompt=prompt, order=order, insert_missing=insert_missing)))
+    import prompts
+
+    if f"rerank_trained.{prompt}" not in prompts.available():
+        fail(f"--prompt '{prompt}': no prompts/rerank_trained.{prompt}.jinja (have: "
+             f"{', '.join(p for p in prompts.available() if p.startswith('rerank_trained.'))})")
     cat = guarded(lambda: ensure_catalog(catalog))
     index = guarded(lambda: load_index(cat))
     llm = LLMConfig.from_env()

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -38,6 +39,8 @@ class RankerProvenance(BaseModel):
     catalog: str
     content_hash: str
     prompt: str = Field(description="prompt template id the ranker was trained and is served with")
+    order: Literal["shuffled", "retrieval"] = Field(default="shuffled", description="candidate presentation "
+                                                   "order it was trained and is served with")
     marker: str
     base_model: str
     command: str

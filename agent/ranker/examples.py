@@ -8,7 +8,9 @@ the other folds' training histories (a retriever fitted on everyone's training p
 transitions: the next item was in its top-20 for 64% of training examples against 26% when serving).
 
 When the next item was not retrieved it is put in (``insert_missing``) at a slot drawn from where retrieved
-targets sit, displacing the window's last candidate, so an inserted target looks like a retrieved one.
+targets sit, displacing the window's last candidate, so an inserted target looks like a retrieved one (it takes
+the retrieval score of the candidate it precedes). Without ``insert_missing`` such steps are dropped: the ranker
+then learns only where serving can use it, inside a window that holds the next item.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Example:
     candidates: list[str]  # retrieval order
     target: int | None  # index of the next item among the candidates (None: not retrieved)
     inserted: bool = False
-    scores: tuple[float, ...] = ()  # retrieval scores (evaluation examples: the fusion with the ranker uses them)
+    scores: tuple[float, ...] = ()  # retrieval scores (the fusion with the ranker, and the residual loss, use them)
 
 
 @dataclass
@@ -69,9 +71,10 @@ def training_examples(index: Index, train: Mapping[str, Sequence[str]], window: 
             if fold_of[user] != fold:
                 continue
             for t in range(max(min_history, len(hist) - per_user), len(hist)):
-                ids = [c.item_id for c in retriever.retrieve(hist[:t], k=window)]
+                found = retriever.retrieve(hist[:t], k=window)
+                ids = [c.item_id for c in found]
                 target = ids.index(hist[t]) if hist[t] in ids else None
-                raw.append(Example(user, list(hist[:t]), ids, target))
+                raw.append(Example(user, list(hist[:t]), ids, target, scores=tuple(c.score for c in found)))
                 bar.update()
     bar.close()
     stats = ExampleStats(examples=len(raw), retrieved=sum(e.target is not None for e in raw))
@@ -85,7 +88,9 @@ def training_examples(index: Index, train: Mapping[str, Sequence[str]], window: 
             slot = min(rng.choice(slots), len(e.candidates))
             nxt = train[e.user_id][len(e.history)]
             cands = (e.candidates[:slot] + [nxt] + e.candidates[slot:])[:window]
-            e = Example(e.user_id, e.history, cands, slot, inserted=True)
+            filler = e.scores[min(slot, len(e.scores) - 1)] if e.scores else 0.0
+            scores = (e.scores[:slot] + (filler,) + e.scores[slot:])[:window]
+            e = Example(e.user_id, e.history, cands, slot, inserted=True, scores=scores)
             stats.inserted += 1
         out.append(e)
     rng.shuffle(out)

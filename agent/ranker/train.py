@@ -1,12 +1,20 @@
 """`recagent train ranker`: LoRA fine-tuning of the in-process model to rank the retriever's candidates.
 
-Each example is rendered with the serving prompt (``Reranker.marker_request``: candidates shuffled, each line
-with its retrieval rank, title and year, closed by a marker token). The score of a candidate is the
-log-odds of the marker after its line, read from one forward pass, as ``Reranker.marker_scores`` computes it
-from ``score_markers`` when serving; the loss is the cross-entropy of the next item
-over the candidates' scores. Validation NDCG@10 on a fixed sample of validation users is measured every
-``eval_every`` steps and the best adapter is kept; at the end alpha and the rerank window are chosen on those
-validation users. Checkpoints (adapter, optimiser, position) allow ``--resume``.
+Each example is rendered with the serving prompt (``Reranker.marker_request``: by default ``rerank_trained.v2``,
+the candidates in retrieval order, each line closed by a marker token; ``v1`` shuffles them and names each one's
+retrieval rank). The score of a candidate is the log-odds of the marker after its line, read from one forward
+pass, as ``Reranker.marker_scores`` computes it from ``score_markers`` when serving.
+
+Objectives (``--objective``):
+* ``residual`` (default): the cross-entropy of the next item over ``beta * minmax(retrieval score) + scale *
+  ranker score``, beta and scale learned with the adapter. The retrieval order is given, so the ranker learns
+  only corrections to it, which is what the served blend ``alpha * llm + (1 - alpha) * retrieval`` uses; the loss
+  of the retrieval term alone (beta fitted on the examples) is logged as the line the ranker has to get under.
+* ``listwise``: the cross-entropy over the ranker's scores alone (the first recipe: it stayed at chance).
+
+Validation NDCG@10 on a fixed sample of validation users is measured every ``eval_every`` steps and the best
+adapter is kept; at the end alpha and the rerank window are chosen on those validation users. Checkpoints
+(adapter, optimiser, position) allow ``--resume``.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -29,7 +37,7 @@ from tqdm import tqdm
 from agent.llm.transformers_backend import TransformersBackend
 from agent.ranker.artifact import PROVENANCE, RankerChoices, RankerProvenance, rankers_dir
 from agent.ranker.examples import Example, evaluation_examples, training_examples
-from agent.rerank import RerankConfig, Reranker, fuse, log_odds
+from agent.rerank import RerankConfig, Reranker, fuse, log_odds, minmax
 from agent.service import RecommenderService
 from retrieval.catalog import atomic_write_json, swap_in
 from retrieval.index import Index
@@ -44,11 +52,16 @@ class TrainConfig(BaseModel):
     window: int = Field(default=20, ge=2, le=100, description="candidates per training example")
     windows: list[int] = Field(default_factory=lambda: [20, 30, 50], description="serving windows compared on "
                                "validation at the end")
-    per_user: int = Field(default=8, ge=1, description="next-item steps per user (the latest of the train part)")
+    per_user: int = Field(default=16, ge=1, description="next-item steps per user (the latest of the train part)")
     min_history: int = Field(default=3, ge=1, description="history items an example's query holds at least")
     folds: int = Field(default=4, ge=2, description="user folds: each fold's candidates come from CF fitted on "
                        "the other folds")
-    insert_missing: bool = True
+    insert_missing: bool = Field(default=False, description="put the next item in when it was not retrieved "
+                                 "(otherwise such steps are dropped)")
+    prompt: str = Field(default="v2", description="version of prompts/rerank_trained.*.jinja")
+    order: Literal["shuffled", "retrieval"] = Field(default="retrieval", description="candidate presentation "
+                                                   "order in training and serving")
+    objective: Literal["residual", "listwise"] = "residual"
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
@@ -85,7 +98,8 @@ class RankerTrainer:
         self.progress = progress
         self.out = out or rankers_dir(index.catalog.name)
         rerank = RerankConfig()
-        rerank.use_trained(None, "training", "rerank_trained.v1", rerank.marker, 1.0, config.window)
+        rerank.use_trained(None, "training", f"rerank_trained.{config.prompt}", rerank.marker, 1.0, config.window,
+                           config.order)
         self.service = RecommenderService(index, backend=backend, config=rerank)
         self.reranker: Reranker = self.service.reranker  # type: ignore[assignment]
         self.marker_id = backend.label_id(rerank.marker)
@@ -181,15 +195,24 @@ class RankerTrainer:
         # spread, and without it the first steps shrink them by wrecking what ranks them (ranking and the min-max
         # fusion do not depend on it, so serving ignores it)
         spread = float(np.mean([np.std(x) for x in baseline_scores if x.size > 1]) or 1.0)
-        log_scale = torch.nn.Parameter(torch.tensor(-math.log(max(spread, 1e-3))))
+        # (the residual objective starts the ranker's term small, at the retrieval term's loss, and lets it grow)
+        start = 0.3 if cfg.objective == "residual" else 1.0
+        log_scale = torch.nn.Parameter(torch.tensor(math.log(start / max(spread, 1e-3))))
+        beta0, retrieval_loss = fit_retrieval_beta(examples)
+        if cfg.objective == "residual" and self.progress:
+            tqdm.write(f"{len(examples)} training examples; the retrieval term alone: beta {beta0:.2f}, loss "
+                       f"{retrieval_loss:.4f} (the line the ranker has to get under)")
+        beta = torch.nn.Parameter(torch.tensor(beta0 if cfg.objective == "residual" else 0.0))
         params = [p for p in model.parameters() if p.requires_grad]
-        optim = torch.optim.AdamW([{"params": params, "lr": cfg.lr}, {"params": [log_scale], "lr": 1e-2}],
+        extra = [log_scale, beta] if cfg.objective == "residual" else [log_scale]
+        optim = torch.optim.AdamW([{"params": params, "lr": cfg.lr}, {"params": extra, "lr": 1e-2}],
                                   weight_decay=0.0)
         step, seen, best, history_log, elapsed0 = 0, 0, -1.0, [], 0.0
         if state is not None:
             optim.load_state_dict(state["optim"])
             with torch.no_grad():
                 log_scale.copy_(state["log_scale"])
+                beta.copy_(state.get("beta", beta.detach()))
             step, seen, best, history_log, elapsed0 = (state["step"], state["seen"], state["best"],
                                                        state["log"], state["elapsed"])
         else:  # the untrained scorer is the first candidate: a step must beat it to be kept
@@ -209,23 +232,34 @@ class RankerTrainer:
             batch = []
             for e in chunk:
                 order = list(range(len(e.candidates)))
-                rng.shuffle(order)
+                if cfg.order == "shuffled":
+                    rng.shuffle(order)
                 batch.append(self.encode(e, order))
             optim.param_groups[0]["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             scores = self.marker_scores(causal, batch)
-            loss = torch.stack([-torch.log_softmax(sc * log_scale.exp(), dim=-1)[e.target]
-                                for sc, e in zip(scores, batch, strict=True) if e.target is not None]).mean()
+            terms = []
+            for sc, e, enc in zip(scores, chunk, batch, strict=True):
+                if enc.target is None:
+                    continue
+                logits = sc * log_scale.exp()
+                if cfg.objective == "residual":
+                    ret = torch.tensor(minmax(e.scores)[enc.order], dtype=logits.dtype)
+                    logits = logits + beta * ret
+                terms.append(-torch.log_softmax(logits, dim=-1)[enc.target])
+            seen += len(chunk)
+            if not terms:  # no example of the batch holds its next item: nothing to learn from it
+                continue
+            loss = torch.stack(terms).mean()
             optim.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
             step += 1
-            seen += len(chunk)
             losses.append(float(loss.detach()))
             rate = (seen - (state["seen"] if state else 0)) / max(1e-9, time.perf_counter() - t0 - elapsed0)
             bar.update(len(chunk))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", ex_s=f"{rate:.2f}", step=step,
-                            scale=f"{float(log_scale.exp()):.3f}")
+                            scale=f"{float(log_scale.exp()):.3f}", beta=f"{float(beta):.2f}")
             if step % cfg.eval_every == 0:
                 model.eval()
                 table = ndcg_table(val_window, self.score_examples(causal, val_window))
@@ -237,7 +271,8 @@ class RankerTrainer:
                     best = table["best_fused"]
                     model.save_pretrained(str(ckpt / "best"))
                 model.save_pretrained(str(ckpt / "adapter"))
-                torch.save({"optim": optim.state_dict(), "log_scale": log_scale.detach(), "step": step, "seen": seen,
+                torch.save({"optim": optim.state_dict(), "log_scale": log_scale.detach(), "beta": beta.detach(),
+                            "step": step, "seen": seen,
                             "best": best,
                             "log": history_log, "elapsed": time.perf_counter() - t0}, ckpt / "state.pt")
         bar.close()
@@ -268,7 +303,8 @@ class RankerTrainer:
             round(stats.hit_rate, 4), "inserted": stats.inserted, "examples_seen": seen, "steps": step,
             "seconds": round(train_s, 1), "examples_per_second": round(seen / max(train_s, 1e-9), 3),
             "kept_step": max(history_log, key=lambda r: (r["best_fused"], -r["step"]))["step"],
-            "score_scale": round(float(log_scale.exp()), 4),
+            "score_scale": round(float(log_scale.exp()), 4), "beta": round(float(beta), 4),
+            "retrieval_only_loss": round(retrieval_loss, 4), "retrieval_only_beta": round(beta0, 4),
             "log": history_log}, {"users": len(val), "before_training": baseline, "windows": per_window,
                                   "chosen": choices.model_dump()})
 
@@ -281,7 +317,8 @@ class RankerTrainer:
             (staging / extra).unlink(missing_ok=True)
         provenance = RankerProvenance(
             catalog=self.index.catalog.name, content_hash=self.index.manifest.content_hash,
-            prompt=f"rerank_trained.{self.reranker.config.trained_prompt}", marker=self.reranker.config.marker,
+            prompt=f"rerank_trained.{self.reranker.config.trained_prompt}", order=self.reranker.config.trained_order,
+            marker=self.reranker.config.marker,
             base_model=self.backend.model_name, command=command_line(), commit=git_commit(),
             seed=self.config.seed, split=self.spec.provenance(), train=train, validation=validation,
             choices=choices, created=utc_now())
@@ -290,6 +327,26 @@ class RankerTrainer:
         swap_in(staging, self.out)
         shutil.rmtree(ckpt, ignore_errors=True)
         return provenance
+
+
+def fit_retrieval_beta(examples: Sequence[Example]) -> tuple[float, float]:
+    """(beta, loss): the cross-entropy of the next item over ``beta * minmax(retrieval score)`` alone, beta
+    fitted on a grid over the examples: the loss a ranker that adds nothing to the retrieval order gets."""
+    rows = [(minmax(e.scores), e.target) for e in examples if e.target is not None and len(e.scores) > 1]
+    if not rows:
+        return 0.0, float("nan")
+
+    def loss(b: float) -> float:
+        total = 0.0
+        for ret, target in rows:
+            z = b * ret
+            total += float(np.log(np.exp(z - z.max()).sum()) + z.max() - z[target])
+        return total / len(rows)
+
+    grid = [0.25 * i for i in range(0, 41)]
+    losses = [loss(b) for b in grid]
+    best = int(np.argmin(losses))
+    return grid[best], losses[best]
 
 
 def cut(example: Example, window: int) -> Example:

@@ -4,9 +4,10 @@ Modes:
 * ``score``: one forward pass per permutation. With the zero-shot model (scorer ``labels``) the label letters'
   log-probabilities rank every candidate; position bias is reduced by averaging over permutations and by
   calibrating against a content-free prompt. With a trained ranker (scorer ``markers``, ``recagent train
-  ranker``) each candidate line carries its retrieval rank and ends in a marker token, and the log-odds of the
-  marker after each line is that candidate's score (the same computation as in training); one pass scores the
-  whole window (up to 100 candidates), presented in a seeded shuffled order.
+  ranker``) each candidate line ends in a marker token, and the log-odds of the marker after each line is that
+  candidate's score (the same computation as in training); one pass scores the whole window (up to 100
+  candidates), presented as the ranker was trained: in retrieval order (``rerank_trained.v2``) or in a seeded
+  shuffled order with each line naming its retrieval rank (``v1``).
 * ``generate``: a listwise JSON list of candidate ids under a schema whose ids are an enum of the candidates
   (repeated ids are counted in ``raw_duplicates``, dropped, and the list completed in retrieval order).
 

@@ -25,8 +25,13 @@ def write_training_report(provenance: Any, reports: Path) -> Path:
              f"batch {recipe['batch_size']}, window {recipe['window']}",
              f"- examples: {train['examples_built']} built from the training part only ({recipe['per_user']} latest "
              f"steps per user, {recipe['folds']} user folds: each fold's candidates come from CF fitted on the "
-             f"other folds); next item retrieved in the window for {train['target_retrieved_rate']:.1%}, put in "
-             f"for the other {train['inserted']}",
+             f"other folds); next item retrieved in the window for {train['target_retrieved_rate']:.1%}; "
+             + (f"put in for the other {train['inserted']}" if recipe.get("insert_missing", True) else
+                f"the others dropped, {train.get('examples_used', '?')} examples trained on"),
+             f"- candidates presented in {provenance.order} order; objective {recipe.get('objective', 'listwise')}"
+             + (f": the retrieval term alone (beta {train['retrieval_only_beta']}) has a loss of "
+                f"{train['retrieval_only_loss']:.4f} on these examples, the line the ranker's training loss has to get "
+                f"under" if recipe.get("objective") == "residual" and "retrieval_only_loss" in train else ""),
              f"- trained {train['seconds'] / 60:.1f} min: {train['examples_seen']} examples seen in "
              f"{train['steps']} steps, {train['examples_per_second']:.2f} examples/s; kept the adapter of step "
              f"{train['kept_step']} (step 0 = the untrained model)",

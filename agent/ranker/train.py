@@ -299,7 +299,8 @@ class RankerTrainer:
         window = max(per_window, key=lambda w: (round(per_window[w]["best_fused"], 4), -w))
         choices = RankerChoices(alpha=per_window[window]["best_alpha"], window=window)
         return self.save(chosen, ckpt, choices, {
-            "recipe": cfg.model_dump(), "examples_built": stats.examples, "target_retrieved_rate":
+            "recipe": cfg.model_dump(), "examples_built": stats.examples, "examples_used": len(examples),
+            "target_retrieved_rate":
             round(stats.hit_rate, 4), "inserted": stats.inserted, "examples_seen": seen, "steps": step,
             "seconds": round(train_s, 1), "examples_per_second": round(seen / max(train_s, 1e-9), 3),
             "kept_step": max(history_log, key=lambda r: (r["best_fused"], -r["step"]))["step"],

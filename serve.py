@@ -277,12 +277,33 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
 
     app.mount("/web", StaticFiles(directory=web_dir()), name="web")
 
-    # -- guarded routes --------------------------------------------------------------------------------------
-    @app.get(
+    # -- guarded routes: every router below requires the API key -------------------------------------------
+    for router in (health_router(settings, holder, metrics), recommend_router(get_runtime),
+                   chat_router(get_runtime), openai_router(get_runtime), admin_router(get_runtime)):
+        app.include_router(router, dependencies=guarded)
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id", "accept"],
+            expose_headers=["x-request-id", "retry-after"],
+        )
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    return app
+
+
+def health_router(settings: Settings, holder: dict[str, Any], metrics: Metrics) -> APIRouter:
+    """Readiness and Prometheus metrics (``/healthz``, open to all, stays on the app)."""
+    router = APIRouter()
+
+    @router.get(
         "/readyz",
         response_model=Readiness,
         tags=["health"],
-        dependencies=guarded,
         responses={503: {"model": Readiness, "description": "not ready"}, 401: ERROR_RESPONSES[401]},
     )
     async def readyz() -> Response:
@@ -305,10 +326,9 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
         ready = holder["runtime"].readiness()
         return JSONResponse(ready.model_dump(), status_code=200 if ready.ready else 503)
 
-    @app.get(
+    @router.get(
         "/metrics",
         tags=["health"],
-        dependencies=guarded,
         response_class=Response,
         responses={200: {"content": {"text/plain": {}}}, 401: ERROR_RESPONSES[401]},
     )
@@ -318,11 +338,17 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post(
+    return router
+
+
+def recommend_router(get_runtime: Callable[[], Awaitable[Runtime]]) -> APIRouter:
+    """Recommendations, explainable reranking of given candidates, and the catalogue's items."""
+    router = APIRouter()
+
+    @router.post(
         "/v1/recommendations",
         response_model=RecommendationResponse,
         tags=["recommend"],
-        dependencies=guarded,
         responses=SSE_DOC,
     )
     async def recommendations(req: RecommendationRequest, request: Request, rt: Runtime = Depends(get_runtime)) -> Any:
@@ -334,11 +360,10 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
         events = await primed(rt.recommend_events(req))
         return event_stream(answer_events(events, lambda a: rt.recommendation_response(req, a)))
 
-    @app.post(
+    @router.post(
         "/v1/rerank",
         response_model=RerankResponse,
         tags=["recommend"],
-        dependencies=guarded,
         responses=SSE_DOC,
     )
     async def rerank(req: RerankRequest, request: Request, rt: Runtime = Depends(get_runtime)) -> Any:
@@ -349,22 +374,20 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
         events = await primed(rt.rerank_events(req))
         return event_stream(answer_events(events, rt.rerank_response))
 
-    @app.get(
+    @router.get(
         "/v1/items/{item_id}",
         response_model=Item,
         tags=["items"],
-        dependencies=guarded,
         responses=ERROR_RESPONSES,
     )
     async def get_item(item_id: str, rt: Runtime = Depends(get_runtime)) -> Item:
         """One catalogue item."""
         return await rt.item(item_id)
 
-    @app.get(
+    @router.get(
         "/v1/items",
         response_model=SearchResponse,
         tags=["items"],
-        dependencies=guarded,
         responses=ERROR_RESPONSES,
     )
     async def search_items(
@@ -376,7 +399,14 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
         """Search the catalogue by free text (semantic), optionally keeping some genres."""
         return await rt.search(query, k, genre)
 
-    @app.post("/v1/chat", response_model=ChatResponse, tags=["chat"], dependencies=guarded, responses=SSE_DOC)
+    return router
+
+
+def chat_router(get_runtime: Callable[[], Awaitable[Runtime]]) -> APIRouter:
+    """The conversational agent, one turn per request."""
+    router = APIRouter()
+
+    @router.post("/v1/chat", response_model=ChatResponse, tags=["chat"], responses=SSE_DOC)
     async def chat_route(req: ChatRequest, request: Request, rt: Runtime = Depends(get_runtime)) -> Any:
         """One chat turn. With ``Accept: text/event-stream``: events ``token`` ({"text"}) per reply piece, then
         ``items`` ({"session_id", "items"}: the picks, with template reasons), then, when the LLM writes the
@@ -388,8 +418,15 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
         stream = await primed(rt.chat_stream(req))
         return event_stream(chat_events(stream))
 
-    @app.post(
-        "/v1/chat/completions", tags=["openai"], dependencies=guarded, responses=SSE_DOC, response_model=None
+    return router
+
+
+def openai_router(get_runtime: Callable[[], Awaitable[Runtime]]) -> APIRouter:
+    """The OpenAI-compatible chat facade over the chat agent."""
+    router = APIRouter()
+
+    @router.post(
+        "/v1/chat/completions", tags=["openai"], responses=SSE_DOC, response_model=None
     )
     async def chat_completions(req: ChatCompletionRequest, rt: Runtime = Depends(get_runtime)) -> Any:
         """OpenAI-compatible chat completions over the chat agent (model ``recagent``; ``stream`` supported).
@@ -402,30 +439,17 @@ def create_app(settings: Settings | None = None, service: Any = None, chat: Any 
         stream = await primed(rt.chat_stream(turn, replay))
         return event_stream(completion_events(stream, rt, req.model or "recagent", turn.message))
 
-    @app.get(
+    @router.get(
         "/v1/models",
         response_model=ModelList,
         tags=["openai"],
-        dependencies=guarded,
         responses=ERROR_RESPONSES,
     )
     async def models() -> ModelList:
         """The one model this facade serves."""
         return ModelList(data=[ModelCard(id="recagent")])
 
-    if settings.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type", "x-request-id", "accept"],
-            expose_headers=["x-request-id", "retry-after"],
-        )
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
-    app.include_router(admin_router(get_runtime), dependencies=guarded)
-    return app
+    return router
 
 
 def admin_router(get_runtime: Callable[[], Awaitable[Runtime]]) -> APIRouter:

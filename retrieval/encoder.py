@@ -105,9 +105,12 @@ def save_trained_layers(model: Any, folder: Path) -> str:
 
 def materialise(folder: Path, base_model: Path | None = None) -> Path:
     """The full model folder of the tuned encoder in ``folder``: base MiniLM with its trained layers put in,
-    built once (atomically) and reused while the checkpoint matches."""
+    built once (atomically) and reused while the checkpoint matches. It is written beside the layers only for an
+    encoder trained under ``RECAGENT_HOME/encoders``; any other folder (the one shipped in this package or in
+    another checkout whose index the home still names, a user's own folder) is left as it is, and the model is
+    built under ``RECAGENT_HOME/encoders/.materialised``."""
     checkpoint = file_checksum(folder / TRAINED_LAYERS)
-    writable = not folder.resolve().is_relative_to(SHIPPED.resolve())
+    writable = folder.resolve().is_relative_to((recagent_home() / "encoders").resolve())
     target = folder / "model" if writable else encoders_dir(".materialised") / f"{folder.name}-{checkpoint}" / "model"
     stamp = target / "CHECKPOINT"
     if stamp.exists() and stamp.read_text().strip() == checkpoint:

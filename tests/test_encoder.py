@@ -144,6 +144,7 @@ def test_the_trained_layers_alone_rebuild_the_tuned_encoder(tuned_tiny_index: In
     rebuilt = Embedder(model_dir, cache=False).embed(item_texts(tuned_tiny_index.catalog))
     np.testing.assert_allclose(rebuilt, tuned_tiny_index.item_vectors, atol=1e-5)
     assert materialise(copy) == model_dir  # built once
+    assert not (copy / "model").exists()  # a folder outside the home (another checkout's shipped one) is not written
     (copy / TRAINED_LAYERS).write_bytes(b"not the layers")
     with pytest.raises(ValueError, match="do not match its provenance"):
         resolve_encoder("any", str(copy))

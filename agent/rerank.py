@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 LABELS = string.ascii_uppercase
+#: How a trained ranker's prompt presents the candidates: seeded shuffles (each line naming its retrieval rank) or
+#: the retrieval order. A ranker is served in the order it was trained with.
+TrainedOrder = Literal["shuffled", "retrieval"]
 RERANK_FILE = "rerank.json"
 
 
@@ -78,9 +81,8 @@ class RerankConfig(BaseModel):
     ranker: str = Field(default="zero-shot", description="which ranker scores (reported in answers)")
     adapter: str | None = Field(default=None, description="folder of the trained ranker's LoRA adapter")
     trained_prompt: str = Field(default="v1", description="version of prompts/rerank_trained.*.jinja")
-    trained_order: Literal["shuffled", "retrieval"] = Field(
-        default="shuffled", description="how a trained ranker's prompt presents the candidates: seeded shuffles "
-        "(each line naming its retrieval rank) or the retrieval order, as the ranker was trained")
+    trained_order: TrainedOrder = Field(default="shuffled", description="how a trained ranker's prompt presents "
+                                        "the candidates (as it was trained)")
     marker: str = Field(default=" §", description="single token closing each candidate line (markers scorer)")
     score_prompt: str = Field(default="v3", description="version of prompts/rerank_score.*.jinja")
     generate_prompt: str = Field(default="v2", description="version of prompts/rerank_generate.*.jinja")
@@ -117,7 +119,7 @@ class RerankConfig(BaseModel):
         return config
 
     def use_trained(self, adapter: str | None, name: str, prompt: str, marker: str, alpha: float,
-                    window: int, order: Literal["shuffled", "retrieval"] = "shuffled") -> None:
+                    window: int, order: TrainedOrder = "shuffled") -> None:
         """Score with a trained ranker: its prompt, marker and adapter, with the alpha and window chosen for it
         on validation (no content-free calibration: the ranker was trained on these prompts)."""
         self.scorer = "markers"

@@ -55,11 +55,6 @@ def train_ranker(
         window=window, windows=serving_windows, batch_size=batch_size, lr=lr, per_user=per_user,
         val_users=val_users, eval_every=eval_every, top_layers=top_layers, seed=seed, max_minutes=minutes,
         max_steps=max_steps, objective=objective, prompt=prompt, order=order, insert_missing=insert_missing)))
-    import prompts
-
-    if f"rerank_trained.{prompt}" not in prompts.available():
-        fail(f"--prompt '{prompt}': no prompts/rerank_trained.{prompt}.jinja (have: "
-             f"{', '.join(p for p in prompts.available() if p.startswith('rerank_trained.'))})")
     cat = guarded(lambda: ensure_catalog(catalog))
     index = guarded(lambda: load_index(cat))
     llm = LLMConfig.from_env()

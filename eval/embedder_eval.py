@@ -205,10 +205,11 @@ def query_cost(index: Index, split: Split, users: int = 100, length: int = 50) -
     histories = [[idx[i] for i in h[-length:]] for h in chosen[:users]]
     served = index.embedder
     texts = item_texts(index.catalog)
-    torch_embedder = Embedder(served.model_dir, cache=False, name=served.name, runtime="torch")
+    embedders = {served.runtime: served}
     encoders = {served.runtime: index.user_vector}
-    if served.runtime != "torch":
-        torch_vector = user_vector_fn(index.manifest.encoder, torch_embedder, texts)
+    if served.runtime != "torch":  # the same weights through torch, timed user by user in turn
+        embedders["torch"] = Embedder(served.model_dir, cache=False, name=served.name, runtime="torch")
+        torch_vector = user_vector_fn(index.manifest.encoder, embedders["torch"], texts)
         assert torch_vector is not None
         encoders["torch"] = torch_vector
     for encode in encoders.values():  # warm-up (and the ONNX export, when there is none yet)
@@ -222,9 +223,7 @@ def query_cost(index: Index, split: Split, users: int = 100, length: int = 50) -
             vectors[name].append(encode(h))
             times[name].append((time.perf_counter() - t0) * 1000)
     throughput = {}
-    for name, embedder in ((served.runtime, served), ("torch", torch_embedder)):
-        if name in throughput:
-            continue
+    for name, embedder in embedders.items():
         t0 = time.perf_counter()
         embedder.encode_uncached(texts)
         throughput[name] = round(len(texts) / (time.perf_counter() - t0), 1)

@@ -102,8 +102,8 @@ class OnnxSentenceEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
-        # no spinning after a run: ONNX Runtime's threads otherwise busy-wait on the cores the LLM's next forward
-        # pass needs (measured with `recagent eval embedder`, whose torch timings alternate with these calls)
+        # no spinning after a run: ONNX Runtime's threads otherwise busy-wait on the cores that the LLM's next
+        # forward pass (or a torch pass) needs right after
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:

@@ -141,7 +141,10 @@ def test_train_a_ranker_and_serve_it(tiny_index: Index, transformers_backend: An
     request = trainer.reranker.marker_request(history, trainer.service.history_inputs(example.candidates), order)
     request.adapter = str(out)
     served = transformers_backend.score_markers(request)
-    assert np.allclose(log_odds(np.array(served)), trained.numpy(), rtol=0.05, atol=0.1)  # bf16 passes
+    # serving merges the adapter into the (bf16) weights, training runs it beside them: the roundings differ a little,
+    # the ranking they give does not
+    assert np.allclose(log_odds(np.array(served)), trained.numpy(), rtol=0.05, atol=0.1)
+    assert (np.argsort(log_odds(np.array(served))) == np.argsort(trained.numpy())).all()
     request.adapter = None
     assert not np.allclose(transformers_backend.score_markers(request), served, atol=1e-5)  # the adapter is applied
 

@@ -15,10 +15,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from agent.rerank import TrainedOrder
 from retrieval.home import recagent_home
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ class RankerProvenance(BaseModel):
     catalog: str
     content_hash: str
     prompt: str = Field(description="prompt template id the ranker was trained and is served with")
-    order: Literal["shuffled", "retrieval"] = Field(default="shuffled", description="candidate presentation "
-                                                   "order it was trained and is served with")
+    order: TrainedOrder = Field(default="shuffled", description="candidate presentation order it was trained and "
+                                "is served with")
     marker: str
     base_model: str
     command: str

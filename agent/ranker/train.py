@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+from scipy.special import logsumexp
 from tqdm import tqdm
 
 from agent.llm.transformers_backend import TransformersBackend
 from agent.ranker.artifact import PROVENANCE, RankerChoices, RankerProvenance, rankers_dir
 from agent.ranker.examples import Example, evaluation_examples, training_examples
-from agent.rerank import RerankConfig, Reranker, fuse, log_odds, minmax
+from agent.rerank import RerankConfig, Reranker, TrainedOrder, fuse, log_odds, minmax
 from agent.service import RecommenderService
 from retrieval.catalog import atomic_write_json, swap_in
 from retrieval.index import Index
@@ -59,8 +60,8 @@ class TrainConfig(BaseModel):
     insert_missing: bool = Field(default=False, description="put the next item in when it was not retrieved "
                                  "(otherwise such steps are dropped)")
     prompt: str = Field(default="v2", description="version of prompts/rerank_trained.*.jinja")
-    order: Literal["shuffled", "retrieval"] = Field(default="retrieval", description="candidate presentation "
-                                                   "order in training and serving")
+    order: TrainedOrder = Field(default="retrieval", description="candidate presentation order in training and "
+                                "serving")
     objective: Literal["residual", "listwise"] = "residual"
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
@@ -75,6 +76,14 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=60, ge=1, description="steps between validation measurements")
     val_users: int = Field(default=150, ge=1)
     seed: int = 0
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_exists(cls, version: str) -> str:
+        import prompts
+
+        prompts.load("rerank_trained", version)  # an unknown version: ValueError listing the prompts there are
+        return version
 
 
 @dataclass
@@ -239,22 +248,18 @@ class RankerTrainer:
             scores = self.marker_scores(causal, batch)
             terms = []
             for sc, e, enc in zip(scores, chunk, batch, strict=True):
-                if enc.target is None:
-                    continue
+                assert enc.target is not None, "every training example holds its next item"
                 logits = sc * log_scale.exp()
                 if cfg.objective == "residual":
-                    ret = torch.tensor(minmax(e.scores)[enc.order], dtype=logits.dtype)
-                    logits = logits + beta * ret
+                    logits = logits + beta * torch.tensor(minmax(e.scores)[enc.order], dtype=logits.dtype)
                 terms.append(-torch.log_softmax(logits, dim=-1)[enc.target])
-            seen += len(chunk)
-            if not terms:  # no example of the batch holds its next item: nothing to learn from it
-                continue
             loss = torch.stack(terms).mean()
             optim.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
             step += 1
+            seen += len(chunk)
             losses.append(float(loss.detach()))
             rate = (seen - (state["seen"] if state else 0)) / max(1e-9, time.perf_counter() - t0 - elapsed0)
             bar.update(len(chunk))
@@ -338,11 +343,7 @@ def fit_retrieval_beta(examples: Sequence[Example]) -> tuple[float, float]:
         return 0.0, float("nan")
 
     def loss(b: float) -> float:
-        total = 0.0
-        for ret, target in rows:
-            z = b * ret
-            total += float(np.log(np.exp(z - z.max()).sum()) + z.max() - z[target])
-        return total / len(rows)
+        return float(np.mean([logsumexp(b * ret) - b * ret[target] for ret, target in rows]))
 
     grid = [0.25 * i for i in range(0, 41)]
     losses = [loss(b) for b in grid]

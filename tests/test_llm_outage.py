@@ -267,6 +267,9 @@ def test_breaker_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPa
 #: (vLLM on two shared CPU cores: one call alone takes 1.5-2 s, three at once 3-12 s)
 DEADLINE_S = 20.0
 COOLDOWN_S = 3.0
+#: "refused at once": far under any real attempt on a hung server (DEADLINE_S), above the scheduling noise of a
+#: 2-core host while the vLLM server resumes next to the test (a 50 ms bound failed at 51 ms there)
+REFUSED_WITHIN_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +363,7 @@ def assert_failed_then_refused(outcomes: list[Outcome], opened_at: float) -> Non
     refused = [o for o in outcomes if o.kind == "refused" and o.started >= opened_at]
     assert len(failed) >= 3 and refused, (len(failed), len(refused))
     assert max(o.seconds for o in failed) <= DEADLINE_S + 0.5, sorted(o.seconds for o in failed)[-3:]
-    assert max(o.seconds for o in refused) < 0.05, sorted(o.seconds for o in refused)[-3:]
+    assert max(o.seconds for o in refused) < REFUSED_WITHIN_S, sorted(o.seconds for o in refused)[-3:]
     assert all(o.error.startswith("LLM circuit open after ") for o in refused)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 from agent.errors import QueueFullError
 from agent.explain import Reason, note_degraded
 from agent.llm.base import deadline_var
+from agent.llm.priority import Priority, priority_var
 from agent.metrics import Metrics
 from agent.schemas import RecommendationAnswer
 from agent.service import Ranked, RecommenderService
@@ -66,17 +67,19 @@ async def run_io(executor: Executor, fn: Callable[[], T]) -> T:
 
 
 async def rank_with_deadline(lanes: Lanes, route: str, job: Callable[[float], Ranked], fallback: Callable[[], Ranked],
-                             use_llm: bool, deadline: float, timeout_s: float) -> Ranked:
+                             use_llm: bool, deadline: float, timeout_s: float, explain: bool = False) -> Ranked:
     """``job(deadline)`` on the score lane (or ``fallback()`` without the LLM); the retrieval order, flagged, when
-    the deadline passes first."""
+    the deadline passes first. The ranking pass of a request that goes on to ``explain`` runs behind plain score
+    requests (:class:`~agent.llm.priority.Priority`), whose callers wait for nothing else."""
     if not use_llm:
         return await run_io(lanes.io, fallback)
 
     def run() -> Ranked:
         deadline_var.set(deadline)
+        priority_var.set(Priority.BACKGROUND if explain else Priority.SCORE)
         return job(deadline)
 
-    future = lanes.score.submit(run)
+    future = lanes.score.submit(run, background=explain)
     try:
         return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, deadline - time.monotonic()))
     except TimeoutError:

@@ -85,10 +85,17 @@ class RerankConfig(BaseModel):
                                         "the candidates (as it was trained)")
     marker: str = Field(default=" §", description="single token closing each candidate line (markers scorer)")
     score_prompt: str = Field(default="v3", description="version of prompts/rerank_score.*.jinja")
-    generate_prompt: str = Field(default="v2", description="version of prompts/rerank_generate.*.jinja")
+    generate_style: Literal["letters", "json"] = Field(
+        default="letters", description="generate mode's listing. letters: the model writes the candidates' letters "
+        "one per line, each step restricted to the letters not yet written (one short pass per letter over the "
+        "prompt's KV cache; no repeats by construction); json: one JSON document of item ids under a schema "
+        "(slower, and the model repeats ids)")
+    list_prompt: str = Field(default="v1", description="version of prompts/rerank_list.*.jinja (letters)")
+    generate_prompt: str = Field(default="v2", description="version of prompts/rerank_generate.*.jinja (json)")
     max_candidates: int = Field(default=20, ge=1, le=100, description="the rerank window: candidates past it "
                                 "keep their retrieval order (the labels scorer takes at most 26)")
-    generate_window: int = Field(default=20, ge=1, le=50, description="candidates a listwise JSON prompt holds")
+    generate_window: int = Field(default=20, ge=1, le=50, description="candidates a generate-mode prompt holds "
+                                 "(letters: at most 26)")
     history_token_budget: int = Field(default=40, ge=16, description="history trimmed oldest-first to this")
     text_chars: int = Field(default=90, ge=10, description="item text cut to this many characters in prompts")
     score_years: bool = Field(default=False, description="keep the release year in score-prompt titles "
@@ -97,6 +104,12 @@ class RerankConfig(BaseModel):
     calibrate: bool = Field(default=True, description="subtract a content-free prompt's label bias")
     retries: int = Field(default=1, ge=0)
     modes: dict[str, ModeConfig] = Field(default_factory=lambda: {"score": ModeConfig(), "generate": ModeConfig()})
+
+    def generate_prompt_id(self) -> str:
+        """The prompt template generate mode uses (name.version)."""
+        if self.generate_style == "letters":
+            return f"rerank_list.{self.list_prompt}"
+        return f"rerank_generate.{self.generate_prompt}"
 
     @classmethod
     def load(cls, index: Index, ranker: str | None = None) -> RerankConfig:
@@ -431,6 +444,35 @@ class Reranker:
                                     raw_duplicates=duplicates)
 
     def _listing(self, history: Sequence[RankInput], candidates: Sequence[RankInput], k: int) -> list[str]:
+        """The model's raw list of ``k`` candidate ids, in the configured ``generate_style``."""
+        if self.config.generate_style == "letters":
+            return self._letter_listing(history, candidates, k)
+        return self._json_listing(history, candidates, k)
+
+    def _letter_listing(self, history: Sequence[RankInput], candidates: Sequence[RankInput], k: int) -> list[str]:
+        """The candidates' letters as the model writes them, one per line: each letter is the model's most likely
+        next token among the letters not yet written (a score pass whose prompt is the previous one plus one
+        line, so backends with a prefix cache compute two new tokens per step)."""
+        n = len(candidates)
+        if n > len(LABELS):
+            raise ValueError(f"letter listing takes at most {len(LABELS)} candidates, got {n}")
+        rendered = prompts.load("rerank_list", self.config.list_prompt).render(
+            history=[{"text": self._text(h)} for h in history],
+            candidates=[{"label": LABELS[i], "text": self._text(c)} for i, c in enumerate(candidates)],
+            k=min(k, n))
+        chosen: list[int] = []
+        for _ in range(min(k, n)):
+            left = [i for i in range(n) if i not in set(chosen)]
+            written = "".join(f"{LABELS[i]}\n" for i in chosen)
+            logps = self.backend.score_labels(ScoreRequest(messages=rendered.messages,  # type: ignore[arg-type]
+                                                           answer_prefix=rendered.answer_prefix + written,
+                                                           labels=[LABELS[i] for i in left]))
+            if len(logps) != len(left) or not np.all(np.isfinite(logps)):
+                raise LLMError(f"backend returned {len(logps)} label scores for {len(left)} letters")
+            chosen.append(left[int(np.argmax(logps))])
+        return [candidates[i].item_id for i in chosen]
+
+    def _json_listing(self, history: Sequence[RankInput], candidates: Sequence[RankInput], k: int) -> list[str]:
         """The model's raw list of ``k`` candidate ids (JSON under an enum schema; may repeat ids)."""
         tpl = prompts.load("rerank_generate", self.config.generate_prompt)
         rendered = tpl.render(history=[{"item_id": h.item_id, "text": self._text(h, True)} for h in history],

@@ -84,6 +84,15 @@ async def _final(events: AsyncIterator[Event]) -> RecommendationAnswer:
     raise RuntimeError("an answer stream ended without its done event")
 
 
+def serving_backend(backend: LLMBackend, settings: Settings, metrics: Metrics) -> LLMBackend:
+    """``backend`` as the server runs it: micro-batched (:class:`BatchingBackend`) when the settings ask for it
+    and the backend allows it."""
+    if settings.micro_batch and settings.workers > 1 and BatchingBackend.supports(backend):
+        return BatchingBackend(backend, settings.batch_window_ms, settings.max_batch,
+                               on_batch=metrics.batch_size.observe)
+    return backend
+
+
 class Runtime:
     """Thin async facade over :class:`RecommenderService` and the chat agent, used by the HTTP routes."""
 
@@ -102,7 +111,7 @@ class Runtime:
         self.explain_queue = WorkQueue(self.settings.explain_workers, self.settings.queue_size, self.metrics,
                                        name="explain")
         if isinstance(service.backend, BatchingBackend) and service.backend.in_flight is None:
-            service.backend.in_flight = lambda: self.queue.running
+            service.backend.in_flight = lambda: self.queue.running_foreground
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="io")
         self.lanes = Lanes(score=self.queue, explain=self.explain_queue, io=self.io, service=service,
                            plain=self.plain, metrics=self.metrics)
@@ -136,11 +145,8 @@ class Runtime:
             from agent.llm.config import LLMConfig
             from agent.llm.registry import make_backend
 
-            backend = make_backend(LLMConfig.from_env().model_copy(update={"backend": settings.llm}))
-            if settings.micro_batch and settings.workers > 1 and BatchingBackend.supports(backend):
-                backend = BatchingBackend(
-                    backend, settings.batch_window_ms, settings.max_batch, on_batch=metrics.batch_size.observe
-                )
+            backend = serving_backend(make_backend(LLMConfig.from_env().model_copy(update={"backend": settings.llm})),
+                                      settings, metrics)
         service = build_service(settings.catalog, use_llm=settings.use_llm, backend=backend)
         runtime = cls(service, settings, metrics=metrics)
         runtime.chat_agent = runtime.make_chat()
@@ -258,7 +264,8 @@ class Runtime:
             return lanes.service.rank(history, k=req.k, filters=filters, query=query, use_llm=True, mode=req.mode,
                                       exclude=req.exclude, deadline=deadline)
 
-        ranked = await rank_with_deadline(lanes, "recommendations", job, plain, use_llm, deadline, timeout_s)
+        ranked = await rank_with_deadline(lanes, "recommendations", job, plain, use_llm, deadline, timeout_s,
+                                          explain=req.explain)
         async for event in answer_events(lanes, "recommendations", ranked, req.explain, use_llm, deadline,
                                          timeout_s):
             yield event
@@ -298,7 +305,8 @@ class Runtime:
         def job(deadline: float) -> Ranked:
             return lanes.service.rank_given(req.history, candidates, k=req.k, mode=req.mode, deadline=deadline)
 
-        ranked = await rank_with_deadline(lanes, "rerank", job, plain, use_llm, deadline, timeout_s)
+        ranked = await rank_with_deadline(lanes, "rerank", job, plain, use_llm, deadline, timeout_s,
+                                          explain=req.explain)
         async for event in answer_events(lanes, "rerank", ranked, req.explain, use_llm, deadline, timeout_s):
             yield event
 

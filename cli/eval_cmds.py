@@ -262,7 +262,7 @@ def eval_rerank(
         "ranker_folder": config.adapter or "none",
         "prompt": (f"rerank_trained.{config.trained_prompt}" if config.scorer == "markers"
                    else f"rerank_score.{config.score_prompt}") if mode == "score"
-                  else f"rerank_generate.{config.generate_prompt}",
+                  else config.generate_prompt_id(),
         "perms": config.perms, "calibrate": config.calibrate, "history_token_budget": config.history_token_budget,
         "llm_threads": _threads_note(backend), "machine": machine_line(), "date": time.strftime("%Y-%m-%d"),
     }
@@ -378,8 +378,9 @@ def eval_explain(
     hol_requests: int = typer.Option(40, "--hol-requests", min=0, help="score requests timed alone and under "
                                      "explain traffic"),
     generate_users: int = typer.Option(20, "--generate-users", min=0, help="users for generate mode"),
-    baseline_users: int = typer.Option(3, "--baseline-users", min=0, help="users for the previous design (one "
-                                       "JSON document for the whole list), timed in the same run for a ratio"),
+    baseline_users: int = typer.Option(3, "--baseline-users", min=0, help="users for the previous designs (one "
+                                       "JSON document of reasons for the whole list; generate mode's JSON list "
+                                       "of ids), timed in the same run for a ratio"),
     ties: str = ties_option(),
     seed: int = typer.Option(0, "--seed", help="seeds the sampled test users and the tie order"),
     as_json: bool = typer.Option(False, "--json"),
@@ -394,11 +395,12 @@ def eval_explain(
     service = guarded(lambda: build_service(catalog))
     if service.reranker is None or service.backend is None:
         fail("the explain benchmark needs the LLM (RECAGENT_LLM is 'none')")
-    assert service.backend is not None
+    assert service.backend is not None and service.reranker is not None
     cases = eb.sample_users(service, max(users, generate_users), spec)
     result: dict[str, Any] = {"catalog": catalog, "split": spec.provenance(), "machine": machine_line(),
                               "date": time.strftime("%Y-%m-%d"), "model": service.backend.model_name,
                               "llm": os.environ.get("RECAGENT_LLM", "transformers"),
+                              "ranker": service.reranker.config.ranker,
                               "command": f"recagent eval explain --catalog {catalog} --users {users} -k {k} "
                                          f"--api-requests {api_requests} --hol-requests {hol_requests} "
                                          f"--generate-users {generate_users} --baseline-users {baseline_users} "
@@ -411,6 +413,8 @@ def eval_explain(
                                      lambda what: console.log(what)))
     if generate_users:
         result["generate"] = eb.generate_mode(service, cases[:generate_users], k)
+        if baseline_users and result["generate"]["style"] != "json":
+            result["generate_baseline"] = eb.generate_mode(service, cases[:baseline_users], k, style="json")
     REPORTS.mkdir(exist_ok=True)
     stem = f"explain-{catalog}"
     if "hol" in result:

@@ -139,20 +139,41 @@ def json_baseline(service: RecommenderService, cases: Sequence[tuple[str, list[s
 
 
 def generate_mode(service: RecommenderService, cases: Sequence[tuple[str, list[str]]], k: int,
-                  progress: bool = True) -> dict[str, Any]:
-    seconds, duplicates, listed, degraded, share = [], 0, 0, 0, []
-    for _user, history in tqdm(cases, desc="generate mode", unit="user", disable=not progress):
-        t0 = time.perf_counter()
-        answer = service.recommend(history, k=k, mode="generate", explain=True)
-        seconds.append(time.perf_counter() - t0)
-        degraded += answer.degraded
-        if answer.raw_duplicates is not None:
-            duplicates += answer.raw_duplicates
-            listed += k
-        share.append(sum(i.reason_source == "llm" for i in answer.items) / max(len(answer.items), 1))
-    return {"users": len(cases), "k": k, "p50_s": _pct(seconds, 0.5), "p95_s": _pct(seconds, 0.95),
+                  progress: bool = True, style: str | None = None) -> dict[str, Any]:
+    """Generate mode with reasons, per user: seconds, the raw duplicate rate of the model's lists, and how far
+    the model's order departs from the retrieval order it was shown (Kendall's tau between the items' LLM and
+    retrieval scores; 1: the model copied the order). ``style`` overrides the configured listing style."""
+    from scipy.stats import kendalltau
+
+    assert service.reranker is not None
+    config = service.reranker.config
+    kept = config.generate_style
+    config.generate_style = style or kept  # type: ignore[assignment]
+    seconds, duplicates, listed, degraded, share, taus = [], 0, 0, 0, [], []
+    try:
+        prompt = config.generate_prompt_id()
+        for _user, history in tqdm(cases, desc=f"generate mode ({config.generate_style})", unit="user",
+                                   disable=not progress):
+            t0 = time.perf_counter()
+            answer = service.recommend(history, k=k, mode="generate", explain=True)
+            seconds.append(time.perf_counter() - t0)
+            degraded += answer.degraded
+            if answer.raw_duplicates is not None:
+                duplicates += answer.raw_duplicates
+                listed += k
+            share.append(sum(i.reason_source == "llm" for i in answer.items) / max(len(answer.items), 1))
+            llm = [i.llm_score for i in answer.items]
+            if not answer.degraded and len(llm) > 1 and all(x is not None for x in llm):
+                tau = kendalltau(llm, [i.retrieval_score for i in answer.items]).statistic
+                if np.isfinite(tau):
+                    taus.append(float(tau))
+    finally:
+        config.generate_style = kept
+    return {"users": len(cases), "k": k, "style": style or kept, "prompt": prompt,
+            "p50_s": _pct(seconds, 0.5), "p95_s": _pct(seconds, 0.95),
             "raw_duplicate_rate": duplicates / listed if listed else None, "listed_ids": listed,
-            "degraded": degraded, "llm_share": float(np.mean(share)) if share else None}
+            "degraded": degraded, "llm_share": float(np.mean(share)) if share else None,
+            "kendall_tau_mean": float(np.mean(taus)) if taus else None}
 
 
 async def _api_parts(url: str, users: Sequence[str], k: int, requests: int, hol_requests: int,
@@ -209,11 +230,16 @@ async def _api_parts(url: str, users: Sequence[str], k: int, requests: int, hol_
 
 def through_api(service: RecommenderService, users: Sequence[str], k: int, requests: int, hol_requests: int,
                 progress: Callable[[str], None]) -> dict[str, Any]:
-    """Parts 2 and 3 against a real uvicorn server over ``service`` with the default settings."""
+    """Parts 2 and 3 against a real uvicorn server over ``service``'s index and model, with the default settings
+    (its backend wrapped as ``recagent serve`` wraps it: micro-batched score passes)."""
+    from agent.metrics import Metrics
+    from agent.runtime import serving_backend
     from agent.settings import Settings
     from serve import create_app, running_server
 
     settings = Settings()
+    if service.backend is not None:
+        service = RecommenderService(service.index, backend=serving_backend(service.backend, settings, Metrics()))
     app = create_app(settings, service=service)
     with running_server(app) as url:
         result = asyncio.run(_api_parts(url, users, k, requests, hol_requests, progress))
@@ -250,6 +276,10 @@ def _rate(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def _target(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -257,7 +287,8 @@ def _target(ok: bool) -> str:
 def markdown(r: dict[str, Any], plot_file: str | None) -> str:
     e = r["explain"]
     lines = [f"# Explanations: {r['catalog']}", "",
-             f"Model `{r['model']}` (backend {r['llm']}), {r['date']}. Users: test users of the split "
+             f"Model `{r['model']}` (backend {r['llm']}, ranker {r.get('ranker', 'zero-shot')}), {r['date']}. "
+             "Users: test users of the split "
              f"({r['split']['description']}), their histories without the held-out item; nothing measured here "
              "uses a held-out item. Evidence links use the served index. Reasons: one sentence per item, written "
              "by the LLM about the history item the system's CF/embedding signals link to it, all items decoded "
@@ -289,6 +320,9 @@ def markdown(r: dict[str, Any], plot_file: str | None) -> str:
                   f"| latency p50 / p95 (ranking + reasons) | {_s(a['p50_s'])} / {_s(a['p95_s'])} | |",
                   f"| share of reasons written by the LLM | {_rate(a['llm_share'])} | |", "",
                   "## 3. Head-of-line blocking (same server, same run)", "",
+                  "The model lock serves score passes first, then the ranking passes of explain requests, then "
+                  "decoding steps; a waiting score pass goes ahead between two layers of a lower-priority pass "
+                  "(`agent/llm/priority.py`).", "",
                   "| score requests (no explanations) | p50 | p95 |", "|---|---|---|",
                   f"| alone ({h['requests']} requests, one at a time) | {_s(h['alone_p50_s'])} | "
                   f"{_s(h['alone_p95_s'])} |",
@@ -306,15 +340,28 @@ def markdown(r: dict[str, Any], plot_file: str | None) -> str:
                   "this machine in this run.", ""]
     if "generate" in r:
         g = r["generate"]
-        lines += [f"## 4. Generate mode ({g['users']} users, top-{g['k']}: the model lists ids, then the batched "
-                  "reasons)", "",
+        how = ("the model writes the candidates' letters one per line, each step restricted to the letters not "
+               "yet written" if g.get("style", "json") == "letters"
+               else "the model writes one JSON list of candidate ids")
+        lines += [f"## 4. Generate mode ({g['users']} users, top-{g['k']}, `{g.get('prompt', 'rerank_generate')}`: "
+                  f"{how}; then the batched reasons)", "",
                   "| measure | value | target |", "|---|---|---|",
-                  f"| seconds per user p50 / p95 | {_s(g['p50_s'])} / {_s(g['p95_s'])} | p50 <= 8 s: "
-                  f"{_target((g['p50_s'] or 99) <= 8)} |",
-                  f"| raw duplicate rate of the model's id lists | {_rate(g['raw_duplicate_rate'])} of "
-                  f"{g['listed_ids']} ids | reported |",
+                  f"| seconds per user p50 / p95 (list + reasons) | {_s(g['p50_s'])} / {_s(g['p95_s'])} | "
+                  f"p50 <= 8 s: {_target((g['p50_s'] or 99) <= 8)} |",
+                  f"| raw duplicate rate of the model's lists | {_rate(g['raw_duplicate_rate'])} of "
+                  f"{g['listed_ids']} listed"
+                  f"{' (none possible: a written letter is not offered again)' if g.get('style') == 'letters' else ''}"
+                  " | reported |",
+                  f"| agreement of the model's order with the retrieval order shown to it (Kendall's tau, mean; "
+                  f"1 = copied) | {_num(g.get('kendall_tau_mean'))} | |",
                   f"| answers degraded (LLM failed) | {g['degraded']} | |",
                   f"| share of reasons written by the LLM | {_rate(g['llm_share'])} | |", ""]
+        if "generate_baseline" in r:
+            b = r["generate_baseline"]
+            lines += [f"Same run, the previous design (`{b['prompt']}`, one JSON list of item ids under a schema, "
+                      f"{b['users']} users): p50 {_s(b['p50_s'])} per user, raw duplicate rate "
+                      f"{_rate(b['raw_duplicate_rate'])} of {b['listed_ids']} listed ids, Kendall's tau "
+                      f"{_num(b.get('kendall_tau_mean'))}.", ""]
     lines += ["## Examples", ""] + [f"- #{x['rank']} {x['title']} ({x['reason_source']}): {x['reason']}"
                                      for x in e["examples"]]
     if plot_file:

@@ -102,8 +102,8 @@ def test_concurrent_requests_share_forward_passes(tiny_index: Index, real_backen
 
 
 def test_score_passes_go_ahead_of_a_running_generation(real_backend: LLMBackend) -> None:
-    """While a long batch of reasons decodes, a score request waits at most one decoding step: it finishes
-    before the generation does (the decoding loop yields the model lock between steps)."""
+    """While a long batch of reasons decodes, a score request waits at most one layer of a decoding step: it
+    finishes before the generation does (the decoding loop offers the model lock between layers and steps)."""
     from agent.llm.base import ScoreRequest, TextRequest
 
     done: dict[str, float] = {}
@@ -124,10 +124,58 @@ def test_score_passes_go_ahead_of_a_running_generation(real_backend: LLMBackend)
     assert done["score"] < done["generation"]
 
 
+def test_a_score_pass_runs_between_the_layers_of_a_background_pass(real_backend: LLMBackend) -> None:
+    """A background ranking pass (a request that goes on to explain) offers the model to a waiting score pass
+    between two decoder layers: the score pass finishes while the background pass is inside its forward pass, and
+    each gives the scores it gives alone (the paused pass keeps its own copy of the shared prompt cache, which
+    the score pass reuses and crops meanwhile)."""
+    from agent.llm.base import ScoreRequest
+    from agent.llm.priority import Priority, priority_var
+
+    inner: Any = getattr(real_backend, "inner", real_backend)
+    system = {"role": "system", "content": "You rank films for a viewer. Answer with one letter. " * 3}
+    background = ScoreRequest([system, {"role": "user", "content": "Liked: Heat, Alien. Options: A Up B Jaws"}],
+                              "", ["A", "B"])
+    score = ScoreRequest([system, {"role": "user", "content": "Liked: Fargo. Options: A Babe B Se7en C Big"}],
+                         "", ["A", "B", "C"])
+    alone = inner.score_labels(background), inner.score_labels(score)
+    inner.score_labels(background)  # the shared cache now holds the background prompt: the score pass crops it
+
+    order: list[str] = []
+    results: dict[str, list[float]] = {}
+    at_layer = threading.Event()
+
+    def hold_at_layer_ten(module: Any, args: Any) -> None:
+        if threading.current_thread().name == "background" and not at_layer.is_set():
+            at_layer.set()
+            deadline = time.monotonic() + 30
+            while not inner._lock.waiting_before(Priority.BACKGROUND) and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    def run_background() -> None:
+        priority_var.set(Priority.BACKGROUND)
+        results["background"] = inner.score_labels(background)
+        order.append("background")
+
+    handle = inner.model.model.layers[10].register_forward_pre_hook(hold_at_layer_ten)
+    try:
+        thread = threading.Thread(target=run_background, name="background")
+        thread.start()
+        assert at_layer.wait(30), "the background pass never reached layer 10"
+        results["score"] = inner.score_labels(score)
+        order.append("score")
+        thread.join(60)
+    finally:
+        handle.remove()
+    assert order == ["score", "background"]
+    assert np.allclose(results["background"], alone[0], atol=1e-2), (results["background"], alone[0])
+    assert np.allclose(results["score"], alone[1], atol=1e-2), (results["score"], alone[1])
+
+
 def test_batch_passes_are_timed_as_their_own_kind(real_backend: LLMBackend) -> None:
     """The thread count is chosen per kind of pass: the rows' prompt chunks of a batch count as passes of their
-    size and a one-token step of many rows as "decode-batch", so the one-row decode choice (often one thread) is
-    not applied to 90-token chunks."""
+    size ("short") and a one-token step of many rows as "decode-batch", so the one-row decode choice (often one
+    thread) is not applied to 90-token chunks."""
     from agent.llm.base import TextRequest
 
     inner: Any = getattr(real_backend, "inner", real_backend)
@@ -137,4 +185,4 @@ def test_batch_passes_are_timed_as_their_own_kind(real_backend: LLMBackend) -> N
                             max_tokens=4, stop=("\n\n\n",)) for i in range(3)]
     list(real_backend.complete_batch(requests))
     grown = {kind for (kind, threads), n in governor._samples.items() if n > before.get((kind, threads), 0)}
-    assert {"small", "decode-batch"} <= grown, grown
+    assert {"short", "decode-batch"} <= grown, grown

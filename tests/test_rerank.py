@@ -41,7 +41,7 @@ def test_backend_failure_retries_once_then_degrades_to_retrieval_order() -> None
     answer = Reranker(once, RerankConfig(calibrate=False)).rerank(HISTORY, CANDIDATES, k=3, alpha=1.0)
     assert not answer.degraded and answer.items[0].item_id == CANDIDATES[1].item_id
     always = ScriptedBackend(fail_times=10)
-    answer = Reranker(always).rerank(HISTORY, CANDIDATES, k=3, mode="generate")
+    answer = Reranker(always, RerankConfig(generate_style="json")).rerank(HISTORY, CANDIDATES, k=3, mode="generate")
     assert answer.degraded and "LLM failed" in (answer.reason or "")
     assert [i.item_id for i in answer.items] == [c.item_id for c in CANDIDATES[:3]]
     assert always.calls.count("json") == 2  # one try plus one retry
@@ -49,18 +49,38 @@ def test_backend_failure_retries_once_then_degrades_to_retrieval_order() -> None
 
 def test_invalid_json_degrades_and_never_raises() -> None:
     backend = ScriptedBackend(json_text="{not json")
-    answer = Reranker(backend).rerank(HISTORY, CANDIDATES, k=2, mode="generate")
+    answer = Reranker(backend, RerankConfig(generate_style="json")).rerank(HISTORY, CANDIDATES, k=2, mode="generate")
     assert answer.degraded and "invalid JSON" in (answer.reason or "")
 
 
 def test_generate_guards_drop_unknown_and_duplicate_ids_and_count_the_duplicates() -> None:
     backend = ScriptedBackend(json_text=json.dumps({"ranking": ["999", "6", "6", "1"]}))
-    answer = Reranker(backend).rerank(HISTORY, CANDIDATES, k=4, mode="generate", alpha=1.0)
+    answer = Reranker(backend, RerankConfig(generate_style="json")).rerank(HISTORY, CANDIDATES, k=4,
+                                                                          mode="generate", alpha=1.0)
     ids = [i.item_id for i in answer.items]
     assert ids[0] == "6" and len(set(ids)) == 4 and "999" not in ids and "1" not in ids
     assert ids[1:] == ["95", "7", "8"]  # left out by the model: retrieval order
     assert answer.raw_duplicates == 1
     assert all(i.reason is None for i in answer.items)  # reasons are the explainer's job
+
+
+def test_generate_lists_letters_one_step_at_a_time_without_repeats() -> None:
+    """Letters style: each step scores only the letters not yet written, over the prompt plus the lines written
+    so far; a model that always prefers the last letter left lists the window backwards."""
+    backend = ScriptedBackend(prefer=lambda r: len(r.labels) - 1)
+    seen: list[tuple[str, list[str]]] = []
+    score = backend.score_labels
+    backend.score_labels = lambda r: seen.append((r.answer_prefix, list(r.labels))) or score(r)  # type: ignore[method-assign]
+    answer = Reranker(backend).rerank(HISTORY, CANDIDATES, k=3, mode="generate", alpha=1.0)
+    n = len(CANDIDATES)
+    assert [i.item_id for i in answer.items] == [c.item_id for c in CANDIDATES[::-1][:3]]
+    assert answer.raw_duplicates == 0 and answer.mode == "generate"
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:n]
+    last = letters[-1]
+    assert seen[0] == ("", list(letters))
+    assert seen[1] == (f"{last}\n", list(letters[:-1]))
+    assert seen[2] == (f"{last}\n{letters[-2]}\n", list(letters[:-2]))
+    assert len(seen) == 3 and backend.calls.count("json") == 0
 
 
 def test_deadline_already_passed_degrades_without_calling_the_llm() -> None:

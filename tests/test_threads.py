@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.llm.threads import LARGE_PASS_TOKENS, ThreadGovernor, pass_kind
+from agent.llm.threads import LARGE_PASS_TOKENS, SHORT_PASS_TOKENS, ThreadGovernor, pass_kind
 
 
 def _run(governor: ThreadGovernor, kind: str, seconds_per_token: dict[int, float], passes: int) -> list[int]:
@@ -46,6 +46,7 @@ def test_kinds_are_measured_separately() -> None:
     _run(governor, "large", {1: 0.002, 2: 0.001}, 10)
     assert governor.choose("small") == 1 and governor.choose("large") == 2
     assert pass_kind(LARGE_PASS_TOKENS - 1) == "small" and pass_kind(LARGE_PASS_TOKENS) == "large"
+    assert pass_kind(SHORT_PASS_TOKENS - 1) == "short" and pass_kind(SHORT_PASS_TOKENS) == "small"
 
 
 def test_one_thread_machines_have_nothing_to_choose() -> None:

@@ -1,5 +1,7 @@
 """Micro-batching for the in-process model: ``score`` requests that reach it together (from different worker
-threads) share one left-padded forward pass that computes only the last position's logits."""
+threads) share one left-padded forward pass that computes only the last position's logits. Background ranking
+passes (:data:`~agent.llm.priority.priority_var`: a request that goes on to explain) are not batched: they run on
+the backend's own chunked path, behind the score passes."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from agent.llm.base import (
     TextRequest,
     deadline_var,
 )
+from agent.llm.priority import Priority, priority_var
 
 
 @dataclass
@@ -52,8 +55,9 @@ class BatchingBackend(LLMBackend):
         self.window_s = window_ms / 1000
         self.max_batch = max_batch
         self.on_batch = on_batch
-        #: how many LLM jobs are running now (the work queue's count): the batcher stops waiting for company
-        #: once that many requests have arrived, and does not wait at all for a lone request
+        #: how many score jobs are running now (the work queue's count, background jobs left out: they do not
+        #: come to the batcher): it stops waiting for company once that many requests have arrived, and does not
+        #: wait at all for a lone request
         self.in_flight = in_flight
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="score-batcher", daemon=True)
@@ -76,6 +80,8 @@ class BatchingBackend(LLMBackend):
     def score_labels_batch(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         if not requests:
             return []
+        if priority_var.get() >= Priority.BACKGROUND:
+            return [self.inner.score_labels(r) for r in requests]
         pending = _Pending(list(requests), deadline=deadline_var.get())
         self._queue.put(pending)
         return pending.future.result()

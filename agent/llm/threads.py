@@ -12,10 +12,15 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-#: Passes over at least this many new tokens are "large" (micro-batches, long prompts); fewer are "small".
+#: Passes over at least this many new tokens are "large" (micro-batches, long prompts); fewer are "small"; fewer
+#: than SHORT_PASS_TOKENS are "short" (prompt chunks, a row's own prompt part). Kinds keep passes of like size
+#: together because the per-token figure is not size-free: a pass has a fixed cost (tens of ms here) that a
+#: short pass spreads over few tokens, so short passes timed with the others would make their thread count look
+#: slow.
 LARGE_PASS_TOKENS = 512
+SHORT_PASS_TOKENS = 160
 #: "decode": one new token of one sequence; "decode-batch": one new token for each row of a batch.
-KINDS = ("small", "large", "decode", "decode-batch")
+KINDS = ("short", "small", "large", "decode", "decode-batch")
 
 
 @dataclass
@@ -28,12 +33,11 @@ class ForwardPass:
 
 
 def pass_kind(new_tokens: int) -> str:
-    return "large" if new_tokens >= LARGE_PASS_TOKENS else "small"
+    return "large" if new_tokens >= LARGE_PASS_TOKENS else "small" if new_tokens >= SHORT_PASS_TOKENS else "short"
 
 
 class ThreadGovernor:
-    """Chooses between one thread and ``max_threads`` per kind of pass (``small``, ``large``, ``decode``,
-    ``decode-batch``).
+    """Chooses between one thread and ``max_threads`` per kind of pass (:data:`KINDS`).
 
     The first measurement of each choice is discarded (warm-up); after that the faster choice by smoothed
     seconds per token is used, and the other one is re-tried after ``explore_every`` passes of that kind; each

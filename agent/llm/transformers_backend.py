@@ -12,8 +12,10 @@
   history) is computed once, each row's own suffix is padded in between, and every decoding step is one batched
   forward pass. Finished rows leave the batch; the loop checks ``cancelled()`` before each step.
 
-Scoring has priority over decoding: a decoding loop takes the model lock one step at a time and waits while a
-score pass is waiting for it, so a long generation never holds score requests for more than one step.
+One lock serves the model (:class:`~agent.llm.priority.PriorityLock`): score passes go first, then the ranking
+passes of requests that go on to explain (``BACKGROUND``), then generation, which takes the lock one step at a
+time. A hook before every decoder layer offers the lock to waiting passes of a higher priority, so a score
+request waits for at most one layer of a background pass or of a decoding step, which then resume.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from agent.llm.base import (
     deadline_var,
 )
 from agent.llm.config import LLMConfig, torch_dtype
+from agent.llm.priority import Priority, PriorityLock, priority_var
 from agent.llm.threads import ForwardPass, ThreadGovernor, pass_kind
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 MIN_REUSE = 8  # reuse a cached prefix only when at least this many tokens match
-SUFFIX_CHUNK = 96  # tokens of a batch's own prompt parts per forward pass (bounds how long score passes wait)
+SUFFIX_CHUNK = 512  # tokens of a batch's own prompt parts per forward pass (bounds the attention's size)
 
 
 class TransformersBackend(LLMBackend):
@@ -72,9 +75,9 @@ class TransformersBackend(LLMBackend):
         self.dtype = getattr(torch, torch_dtype(self.config))
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
         self.model.eval()
-        self._lock = threading.RLock()
-        self._score_waiting = 0  # score passes waiting for the lock: decoding steps let them go first
-        self._waiting_lock = threading.Lock()
+        self._lock = PriorityLock()
+        self._paused = threading.local()  # seconds this thread's pass spent waiting inside hooks
+        self._hook_layers(self.model)
         self._caches: dict[str, tuple[list[int], Any]] = {}  # per model: the ids its KV cache holds, the cache
         self._rankers: dict[str, Any] = {}
         self._grammars: dict[str, Any] = {}
@@ -108,6 +111,17 @@ class TransformersBackend(LLMBackend):
             self._label_ids[label] = ids[0]
         return self._label_ids[label]
 
+    def _hook_layers(self, model: Any) -> None:
+        """Before each decoder layer of ``model``: let waiting passes of a higher priority run (the lock's
+        :meth:`~agent.llm.priority.PriorityLock.offer`); the wait is kept out of the pass's timing."""
+        def offer(module: Any, args: Any) -> None:
+            waited = self._lock.offer()
+            if waited:
+                self._paused.seconds = getattr(self._paused, "seconds", 0.0) + waited
+
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(offer)
+
     @contextmanager
     def threads_for(self, new_tokens: int, kind: str | None = None) -> Iterator[ForwardPass]:
         """Run the enclosed forward pass(es) on the thread count chosen for their kind, and time them per token
@@ -117,31 +131,27 @@ class TransformersBackend(LLMBackend):
         if self.torch.get_num_threads() != n:
             self.torch.set_num_threads(n)
         step = ForwardPass(kind=kind, threads=n, tokens=new_tokens)
+        paused = getattr(self._paused, "seconds", 0.0)
         t0 = time.perf_counter()
         yield step
-        self.governor.record(kind, n, step.tokens, time.perf_counter() - t0)
+        took = time.perf_counter() - t0 - (getattr(self._paused, "seconds", 0.0) - paused)
+        self.governor.record(kind, n, step.tokens, took)
+
+    @staticmethod
+    def score_priority() -> Priority:
+        """The level of a score pass on this thread: ``SCORE`` unless the request goes on to explain."""
+        return Priority.BACKGROUND if priority_var.get() >= Priority.BACKGROUND else Priority.SCORE
 
     @contextmanager
     def scoring(self) -> Iterator[None]:
-        """Hold the model lock for a score pass, ahead of any decoding loop waiting for its next step."""
-        with self._waiting_lock:
-            self._score_waiting += 1
-        try:
-            self._lock.acquire()
-        finally:
-            with self._waiting_lock:
-                self._score_waiting -= 1
-        try:
+        """Hold the model lock for a score pass, ahead of background passes and decoding steps waiting for it."""
+        with self._lock.hold(self.score_priority()):
             yield
-        finally:
-            self._lock.release()
 
     @contextmanager
     def decoding_step(self) -> Iterator[None]:
         """Hold the model lock for one decoding step, after every score pass that is waiting for it."""
-        while self._score_waiting > 0:
-            time.sleep(0.0005)
-        with self._lock:
+        with self._lock.hold(Priority.DECODE):
             yield
 
     # --- scoring -------------------------------------------------------------------------------------------
@@ -159,6 +169,7 @@ class TransformersBackend(LLMBackend):
             except Exception as exc:
                 raise LLMError(f"cannot load the ranker adapter in {adapter}: {exc}") from exc
             merged.eval()
+            self._hook_layers(merged)
             self._rankers[adapter] = merged
         return self._rankers[adapter]
 
@@ -179,6 +190,10 @@ class TransformersBackend(LLMBackend):
             if excess > 0:
                 cache.crop(-excess)
             reused = common
+            if self.score_priority() == Priority.BACKGROUND:  # score passes may run (and use the shared cache)
+                import copy  # while this pass waits between two layers
+
+                cache = copy.deepcopy(cache)
         else:
             cache = DynamicCache(config=model.config)
             reused = 0
@@ -244,13 +259,7 @@ class TransformersBackend(LLMBackend):
 
         class BetweenSteps(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                if backend._score_waiting > 0:
-                    backend._lock.release()
-                    try:
-                        while backend._score_waiting > 0:
-                            time.sleep(0.0005)
-                    finally:
-                        backend._lock.acquire()
+                backend._lock.yield_to_higher()
                 late = deadline is not None and time.monotonic() > deadline
                 return backend.torch.full((input_ids.shape[0],), late, dtype=backend.torch.bool)
 
@@ -284,7 +293,7 @@ class TransformersBackend(LLMBackend):
                       temperature: float = 0.0) -> str:
         from xgrammar.contrib.hf import LogitsProcessor
 
-        with self._lock:
+        with self._lock.hold(Priority.DECODE):
             ids = self.render(messages)
             processor = LogitsProcessor(self._grammar(schema))
             new = self._generate(ids, max_tokens, temperature, [processor], repetition_penalty=1.3,
@@ -302,7 +311,7 @@ class TransformersBackend(LLMBackend):
 
         def run() -> None:
             try:
-                with self._lock:
+                with self._lock.hold(Priority.DECODE):
                     self._generate(self.render(messages), max_tokens, temperature, [], streamer=streamer,
                                    deadline=deadline)
             except BaseException as exc:  # surfaced to the consumer below
@@ -403,8 +412,8 @@ class TransformersBackend(LLMBackend):
         for _ in range(steps + 1):
             if (cancelled is not None and cancelled()) or (deadline is not None and time.monotonic() > deadline):
                 return
-            # the rows' own prompt tokens go in chunks of about SUFFIX_CHUNK tokens, one lock hold each, so that a
-            # waiting score pass never waits for more than one chunk; then one token per row per step
+            # the rows' own prompt tokens go in chunks of about SUFFIX_CHUNK tokens, one lock hold each (score
+            # passes go first between chunks, and between layers); then one token per row per step
             width = ids.shape[1]
             chunk = max(1, SUFFIX_CHUNK // max(1, ids.shape[0]))
             for start in range(0, width, chunk):

@@ -129,11 +129,11 @@ def test_a_score_pass_runs_between_the_layers_of_a_background_pass(real_backend:
     between two decoder layers: the score pass finishes while the background pass is inside its forward pass, and
     each gives the scores it gives alone (the paused pass keeps its own copy of the shared prompt cache, which
     the score pass reuses and crops meanwhile)."""
-    from agent.llm.base import ScoreRequest
+    from agent.llm.base import ChatMessage, ScoreRequest
     from agent.llm.priority import Priority, priority_var
 
     inner: Any = getattr(real_backend, "inner", real_backend)
-    system = {"role": "system", "content": "You rank films for a viewer. Answer with one letter. " * 3}
+    system: ChatMessage = {"role": "system", "content": "You rank films for a viewer. Answer with one letter. " * 3}
     background = ScoreRequest([system, {"role": "user", "content": "Liked: Heat, Alien. Options: A Up B Jaws"}],
                               "", ["A", "B"])
     score = ScoreRequest([system, {"role": "user", "content": "Liked: Fargo. Options: A Babe B Se7en C Big"}],

@@ -30,7 +30,7 @@ def _queue_up(lock: PriorityLock, level: Priority, order: list[str], name: str) 
 
 
 def test_waiters_are_served_by_priority_then_first_come() -> None:
-    lock, order = PriorityLock(), []
+    lock, order = PriorityLock(), list[str]()
     lock.acquire(Priority.DECODE)
     threads = [_queue_up(lock, Priority.DECODE, order, "decode-1"),
                _queue_up(lock, Priority.BACKGROUND, order, "background"),
@@ -44,7 +44,7 @@ def test_waiters_are_served_by_priority_then_first_come() -> None:
 
 
 def test_a_holder_yields_only_to_higher_priorities_and_keeps_its_depth() -> None:
-    lock, order = PriorityLock(), []
+    lock, order = PriorityLock(), list[str]()
     lock.acquire(Priority.BACKGROUND)
     lock.acquire(Priority.BACKGROUND)  # re-entrant
     same = _queue_up(lock, Priority.BACKGROUND, order, "background-2")

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from agent.llm.base import ScoreRequest
 from agent.rerank import RankInput, RerankConfig, Reranker, fuse, minmax, permutations, retrieval_answer
 from tests.contracts import CANDIDATES, HISTORY
 from tests.fakes import ScriptedBackend
@@ -67,10 +68,14 @@ def test_generate_guards_drop_unknown_and_duplicate_ids_and_count_the_duplicates
 def test_generate_lists_letters_one_step_at_a_time_without_repeats() -> None:
     """Letters style: each step scores only the letters not yet written, over the prompt plus the lines written
     so far; a model that always prefers the last letter left lists the window backwards."""
-    backend = ScriptedBackend(prefer=lambda r: len(r.labels) - 1)
     seen: list[tuple[str, list[str]]] = []
-    score = backend.score_labels
-    backend.score_labels = lambda r: seen.append((r.answer_prefix, list(r.labels))) or score(r)  # type: ignore[method-assign]
+
+    class Recording(ScriptedBackend):
+        def score_labels(self, request: ScoreRequest) -> list[float]:
+            seen.append((request.answer_prefix, list(request.labels)))
+            return super().score_labels(request)
+
+    backend = Recording(prefer=lambda r: len(r.labels) - 1)
     answer = Reranker(backend).rerank(HISTORY, CANDIDATES, k=3, mode="generate", alpha=1.0)
     n = len(CANDIDATES)
     assert [i.item_id for i in answer.items] == [c.item_id for c in CANDIDATES[::-1][:3]]

@@ -259,7 +259,7 @@ def eval_rerank(
         "split": spec.describe(),
         "model": backend.model_name, "backend": backend.name, "candidates": evaluator.n_candidates,
         "ranker": config.ranker if mode == "score" else "zero-shot",
-        "ranker_folder": config.adapter or "none",
+        "ranker_folder": (config.adapter or "none") if mode == "score" else "none",
         "prompt": (f"rerank_trained.{config.trained_prompt}" if config.scorer == "markers"
                    else f"rerank_score.{config.score_prompt}") if mode == "score"
                   else config.generate_prompt_id(),

@@ -1,9 +1,12 @@
 """How one recommendation or rerank request is answered under its deadline, as a stream of events.
 
 1. **Ranking** runs on the score lane (its own work queue): past the deadline, the retrieval order is answered,
-   flagged degraded. The ranked list is the first event (``ranked``), in score-mode time.
+   flagged degraded. The ranked list is the first event (``ranked``), in score-mode time. The ranking pass of a
+   request that goes on to explain runs as background work (:class:`~agent.llm.priority.Priority`): plain score
+   requests go ahead of it.
 2. **Reasons** (``explain: true``) run on the explain lane, a separate work queue, so that long generations never
-   hold score requests (the in-process backend also lets score passes go first between decoding steps). When
+   hold score requests (the in-process backend also lets score passes go first between decoding steps and between
+   the layers of one step). When
    every explain worker is busy the reasons come from templates at once (load shedding: queued generation work
    would only miss its deadline and slow the rest). Each reason is an event (``reason``) as soon as the LLM has
    written it and the code checks have passed it.

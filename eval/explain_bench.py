@@ -11,8 +11,10 @@ Parts, each on the served index and LLM (the default in-process model unless ``R
    requests; how many answers lack a reason on any item, how many are degraded, the LLM share.
 3. **Head-of-line blocking**: score requests (no explanations) one after another, alone, then while one explain
    request per second is sent; p50 of both and their ratio, in the same run.
-4. **Generate mode** (the model lists the top-k ids, then the same batched reasons): seconds per user, and the
-   raw duplicate rate of the model's lists (repeats are dropped and the list completed in retrieval order).
+4. **Generate mode** (the model lists the top-k, in the configured listing style, then the same batched
+   reasons): seconds per user, the raw duplicate rate of the model's lists (repeats are dropped and the list
+   completed in retrieval order; the letters style cannot repeat), and Kendall's tau between the model's order
+   and the retrieval order it was shown; with ``--baseline-users``, the JSON listing timed in the same run.
 
 Users are test users of the leave-last-out split (their history without the held-out item); no held-out item is
 used by anything measured here.

@@ -119,7 +119,12 @@ class TransformersBackend(LLMBackend):
             if waited:
                 self._paused.seconds = getattr(self._paused, "seconds", 0.0) + waited
 
-        for layer in model.model.layers:
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:  # another architecture: score passes then go first between steps only
+            logger.warning("no decoder layers found on %s: score passes wait for whole steps",
+                           type(model).__name__)
+            return
+        for layer in layers:
             layer.register_forward_pre_hook(offer)
 
     @contextmanager

@@ -87,3 +87,26 @@ def test_the_window_closes_once_every_running_job_has_arrived() -> None:
     assert batcher.batches == [3]
     assert sorted(r[0] for r in results) == [0.0, 1.0, 2.0]
     batcher.close()
+
+
+def test_background_passes_bypass_the_batcher() -> None:
+    """The ranking pass of a request that goes on to explain runs on the backend's own path, behind the score
+    passes (the batcher's shared forward pass would put it level with them)."""
+    from agent.llm.priority import Priority, priority_var
+
+    calls: list[str] = []
+    batcher = _Recording(window_ms=1)
+
+    def own_path(request: ScoreRequest) -> list[float]:
+        calls.append(threading.current_thread().name)
+        return [0.5, 0.5]
+
+    batcher.inner.score_labels = own_path
+    token = priority_var.set(Priority.BACKGROUND)
+    try:
+        assert batcher.score_labels_batch([_request(), _request()]) == [[0.5, 0.5], [0.5, 0.5]]
+    finally:
+        priority_var.reset(token)
+    assert batcher.batches == [] and calls == [threading.current_thread().name] * 2
+    assert batcher.score_labels(_request()) == [0.0, 0.0] and batcher.batches == [1]
+    batcher.close()

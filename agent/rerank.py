@@ -119,11 +119,9 @@ class RerankConfig(BaseModel):
         from agent.ranker.artifact import resolve_ranker
 
         config = cls()
-        path = cls.path(index)
-        if path is not None and path.exists():
-            tuned = TunedRerank.model_validate(json.loads(path.read_text()))
-            config.calibrate = tuned.calibrate
-            config.modes.update(tuned.modes)
+        tuned = cls.stored_tuning(index)
+        config.calibrate = tuned.calibrate
+        config.modes.update(tuned.modes)
         artifact = resolve_ranker(index.catalog.name, index.manifest.content_hash, ranker)
         if artifact is not None:
             config.use_trained(str(artifact.folder), artifact.name, artifact.provenance.prompt,
@@ -147,6 +145,14 @@ class RerankConfig(BaseModel):
 
     def tuned(self) -> TunedRerank:
         return TunedRerank(calibrate=self.calibrate, modes=self.modes)
+
+    @classmethod
+    def stored_tuning(cls, index: Index) -> TunedRerank:
+        """The zero-shot choices ``eval rerank --tune`` stored for the catalogue (defaults when none)."""
+        path = cls.path(index)
+        if path is None or not path.exists():
+            return TunedRerank()
+        return TunedRerank.model_validate(json.loads(path.read_text()))
 
     @staticmethod
     def path(index: Index) -> Path | None:

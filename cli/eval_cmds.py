@@ -210,7 +210,7 @@ def eval_rerank(
         cases = rx.sample_cases(split.cases(part), users, seed)
         results[part] = evaluator.run_part(split, part, cases, mode=mode)
     alpha = config.alpha(mode)
-    if tune and config.scorer == "markers":  # a trained ranker: alpha only (no calibration), kept with the ranker
+    if tune and mode == "score" and config.scorer == "markers":  # a trained ranker: alpha only, kept with it
         from agent.ranker.artifact import store_alpha
 
         alpha, grid = rx.tune_alpha(results["validation"], seed)
@@ -238,8 +238,14 @@ def eval_rerank(
         config.modes[mode] = ModeConfig(alpha=alpha, tuned=True)
         path = RerankConfig.path(index)
         assert path is not None
-        atomic_write_json(path, config.tuned().model_dump(mode="json"))
-        console.print(f"[green]tuned[/] {mode}: alpha={alpha}, calibrate={config.calibrate}; stored in {path}")
+        # the zero-shot choices: this mode's alpha, and calibration when the zero-shot scorer was tuned (a trained
+        # ranker in use for score mode keeps its own alpha, and generate mode does not calibrate)
+        zero_shot = RerankConfig.stored_tuning(index)
+        zero_shot.modes[mode] = config.modes[mode]
+        if mode == "score":
+            zero_shot.calibrate = config.calibrate
+        atomic_write_json(path, zero_shot.model_dump(mode="json"))
+        console.print(f"[green]tuned[/] {mode}: alpha={alpha}, calibrate={zero_shot.calibrate}; stored in {path}")
     report["alpha"] = alpha
     if compare_zero_shot:
         report["zero_shot"] = _zero_shot_baseline(index, backend, split, evaluator, users, seed, mode)

@@ -169,6 +169,17 @@ def test_train_a_ranker_and_serve_it(tiny_index: Index, transformers_backend: An
     retuned = json.loads((out / PROVENANCE).read_text())
     assert retuned["choices"]["alpha"] == report["alpha"] and "alpha_retuned" in retuned["validation"]
 
+    # tuning generate mode (which the trained ranker does not serve) keeps the ranker's alpha and stores the
+    # generate alpha with the zero-shot choices
+    result = CliRunner().invoke(app, ["eval", "rerank", "--catalog", tiny_index.catalog.name, "--ranker", str(out),
+                                      "--mode", "generate", "--users", "3", "--bias-users", "0", "--tune", "--json"])
+    assert result.exit_code == 0, result.output
+    generate = json.loads((tmp_path / "reports" / f"rerank-{tiny_index.catalog.name}-generate.json").read_text())
+    assert json.loads((out / PROVENANCE).read_text())["choices"] == retuned["choices"]
+    stored = RerankConfig.stored_tuning(tiny_index)
+    assert stored.modes["generate"].tuned and stored.modes["generate"].alpha == generate["alpha"]
+    assert "score" not in stored.modes or not stored.modes["score"].tuned  # the ranker's alpha is not copied
+
 
 def test_ranker_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from agent.ranker.artifact import RankerChoices, RankerProvenance

@@ -8,8 +8,10 @@ Modes:
   candidate's score (the same computation as in training); one pass scores the whole window (up to 100
   candidates), presented as the ranker was trained: in retrieval order (``rerank_trained.v2``) or in a seeded
   shuffled order with each line naming its retrieval rank (``v1``).
-* ``generate``: a listwise JSON list of candidate ids under a schema whose ids are an enum of the candidates
-  (repeated ids are counted in ``raw_duplicates``, dropped, and the list completed in retrieval order).
+* ``generate``: the model lists the candidates. ``letters`` (the default style): it writes their letters one per
+  line, each step a score pass restricted to the letters not yet written, so it cannot repeat one. ``json``: one
+  JSON list of candidate ids under a schema whose ids are an enum of the candidates (repeated ids are counted in
+  ``raw_duplicates``, dropped, and the list completed in retrieval order).
 
 Reasons are not written here: :mod:`agent.explain` writes them for the final list.
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 import prompts
 from agent.llm.base import LLMBackend, LLMError, MarkerRequest, ScoreRequest
@@ -105,6 +107,13 @@ class RerankConfig(BaseModel):
     retries: int = Field(default=1, ge=0)
     modes: dict[str, ModeConfig] = Field(default_factory=lambda: {"score": ModeConfig(), "generate": ModeConfig()})
 
+    @model_validator(mode="after")
+    def _letters_fit(self) -> RerankConfig:
+        if self.generate_style == "letters" and self.generate_window > len(LABELS):
+            raise ValueError(f"generate_window {self.generate_window}: the letters style takes at most "
+                             f"{len(LABELS)} candidates (one letter each); use generate_style 'json' for more")
+        return self
+
     def generate_prompt_id(self) -> str:
         """The prompt template generate mode uses (name.version)."""
         if self.generate_style == "letters":
@@ -142,9 +151,6 @@ class RerankConfig(BaseModel):
         self.calibrate = False
         self.max_candidates = window
         self.modes["score"] = ModeConfig(alpha=alpha, tuned=True)
-
-    def tuned(self) -> TunedRerank:
-        return TunedRerank(calibrate=self.calibrate, modes=self.modes)
 
     @classmethod
     def stored_tuning(cls, index: Index) -> TunedRerank:
@@ -459,16 +465,15 @@ class Reranker:
         """The candidates' letters as the model writes them, one per line: each letter is the model's most likely
         next token among the letters not yet written (a score pass whose prompt is the previous one plus one
         line, so backends with a prefix cache compute two new tokens per step)."""
-        n = len(candidates)
-        if n > len(LABELS):
-            raise ValueError(f"letter listing takes at most {len(LABELS)} candidates, got {n}")
+        n = len(candidates)  # at most len(LABELS): the config's window check
         rendered = prompts.load("rerank_list", self.config.list_prompt).render(
             history=[{"text": self._text(h)} for h in history],
             candidates=[{"label": LABELS[i], "text": self._text(c)} for i, c in enumerate(candidates)],
             k=min(k, n))
         chosen: list[int] = []
         for _ in range(min(k, n)):
-            left = [i for i in range(n) if i not in set(chosen)]
+            taken = set(chosen)
+            left = [i for i in range(n) if i not in taken]
             written = "".join(f"{LABELS[i]}\n" for i in chosen)
             logps = self.backend.score_labels(ScoreRequest(messages=rendered.messages,  # type: ignore[arg-type]
                                                            answer_prefix=rendered.answer_prefix + written,

@@ -88,6 +88,12 @@ def test_generate_lists_letters_one_step_at_a_time_without_repeats() -> None:
     assert len(seen) == 3 and backend.calls.count("json") == 0
 
 
+def test_the_letters_style_takes_at_most_26_candidates() -> None:
+    with pytest.raises(ValueError, match="generate_window 30: the letters style takes at most 26"):
+        RerankConfig(generate_window=30)
+    assert RerankConfig(generate_window=30, generate_style="json").generate_window == 30
+
+
 def test_deadline_already_passed_degrades_without_calling_the_llm() -> None:
     backend = ScriptedBackend()
     answer = Reranker(backend).rerank(HISTORY, CANDIDATES, k=3, deadline=0.0)

@@ -1,7 +1,7 @@
 """Micro-batching for the in-process model: ``score`` requests that reach it together (from different worker
 threads) share one left-padded forward pass that computes only the last position's logits. Background ranking
 passes (:data:`~agent.llm.priority.priority_var`: a request that goes on to explain) are not batched: they run on
-the backend's own chunked path, behind the score passes."""
+the backend's own path, behind the score passes."""
 
 from __future__ import annotations
 

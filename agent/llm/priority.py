@@ -102,7 +102,7 @@ class PriorityLock:
             if self._owner != threading.get_ident():
                 raise RuntimeError("yield of a PriorityLock this thread does not hold")
             level = self._level
-            if not any(w < level for w, _ in self._waiting):
+            if not self.waiting_before(level):
                 return
             depth, self._owner, self._depth = self._depth, None, 0
             self._cond.notify_all()

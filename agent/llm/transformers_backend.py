@@ -20,6 +20,7 @@ request waits for at most one layer of a background pass or of a decoding step, 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -196,9 +197,7 @@ class TransformersBackend(LLMBackend):
                 cache.crop(-excess)
             reused = common
             if self.score_priority() == Priority.BACKGROUND:  # score passes may run (and use the shared cache)
-                import copy  # while this pass waits between two layers
-
-                cache = copy.deepcopy(cache)
+                cache = copy.deepcopy(cache)  # while this pass waits between two layers
         else:
             cache = DynamicCache(config=model.config)
             reused = 0
@@ -362,8 +361,6 @@ class TransformersBackend(LLMBackend):
     def _prefix_cache(self, prefix: list[int]) -> tuple[Any, int]:
         """A KV cache holding ``prefix`` (batch 1), and how many of its tokens came from the previous call's
         prefix (the static instructions at least), which is kept for the next call."""
-        import copy
-
         from transformers import DynamicCache
 
         torch = self.torch

@@ -55,6 +55,8 @@ def measure(items: int, users: int, seed: int = 0, queries: int = 200, eval_user
     manifest = save_and_index(catalog, progress=progress)
     out["build_s"] = round(time.perf_counter() - t0, 2)
     out["build_items_per_s"] = round(items / out["build_s"], 1)
+    out["build_phases"] = manifest.build_phases
+    out["encoder"] = {"name": manifest.encoder.name, "precision": manifest.encoder.precision}
     out["collaborative"] = manifest.cf.fitted
     out["weights"] = manifest.fusion.weights
     root = catalog_root(name)
@@ -129,30 +131,58 @@ def run_child(items: int, users: int, seed: int, queries: int, eval_users: int, 
     return result
 
 
+def merge(previous: dict[str, Any] | None, results: list[dict[str, Any]], run: dict[str, str]) -> dict[str, Any]:
+    """The report after a run: each size measured now (stamped with ``run``: command, date, commit, machine)
+    replaces the same size of ``previous``; the other sizes stay, each with the run that measured it."""
+    kept: dict[int, dict[str, Any]] = {}
+    for old in (previous or {}).get("sizes", []):
+        old_run = {k: old.get(k) or previous.get(k, "?") for k in ("command", "date", "machine")}  # type: ignore[union-attr]
+        kept[int(old["items"])] = {"commit": "?", **old, **old_run}
+    for result in results:
+        kept[int(result["items"])] = {**result, **run}
+    return {"sizes": [kept[n] for n in sorted(kept)], "notes": (previous or {}).get("notes", [])}
+
+
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Scale: synthetic catalogues ({report['date']})", "",
-             f"Machine: {report['machine']}. Command: `{report['command']}`. One run per size, each in its own "
-             "process (peak memory is that process's). Quality: test part of each catalogue's own leave-last-out "
-             "split, seeded random ties, CF fitted on what the test part may see, a seeded sample of users, 95% "
-             "bootstrap intervals. Load average at the end of each size: "
-             + ", ".join(f"{r['items']:,}: {r.get('loadavg_at_end', ['?'])[0]}" for r in report["sizes"]) + ".", "",
-             "| items | users | interactions | collaborative | build | peak memory | on disk (index + Chroma) | "
-             "retrieve p50 / p95 | with a genre filter p50 / p95 |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["sizes"]:
+    sizes = report["sizes"]
+    runs: list[tuple[str, str, str, str]] = []
+    for r in sizes:
+        key = (r.get("date", "?"), r.get("commit", "?"), r.get("command", "?"), r.get("machine", "?"))
+        if key not in runs:
+            runs.append(key)
+    lines = ["# Scale: synthetic catalogues", "",
+             "One run per size, each in its own process (peak memory is that process's); the run of each row is "
+             "listed under the table. Build: embedding every item text, filling Chroma, fitting CF (the seconds "
+             "of each in brackets where the run recorded them). Quality: test part of each catalogue's own "
+             "leave-last-out split, seeded random ties, CF fitted on what the test part may see, a seeded sample "
+             "of users, 95% bootstrap intervals. Load average at the end of each size: "
+             + ", ".join(f"{r['items']:,}: {r.get('loadavg_at_end', ['?'])[0]}" for r in sizes) + ".", "",
+             "| items | users | interactions | encoder | collaborative | build (embed / Chroma / CF) | peak memory | "
+             "on disk (index + Chroma) | retrieve p50 / p95 | with a genre filter p50 / p95 | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sizes:
+        run = runs.index((r.get("date", "?"), r.get("commit", "?"), r.get("command", "?"), r.get("machine", "?")))
         if "error" in r:
-            lines.append(f"| {r['items']:,} | {r['users']:,} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['items']:,} | {r['users']:,} | failed: {r['error']} | | | | | | | | {run + 1} |")
             continue
         disk = r["disk_mb"]
         lat = r["retrieve"]
+        phases = r.get("build_phases") or {}
+        split = (f" ({phases['embed_s']:.0f} / {phases['vector_store_s']:.0f} / {phases['cf_s']:.0f} s)"
+                 if phases else "")
+        encoder = r.get("encoder", {}).get("precision", "fp32")
         lines.append(
-            f"| {r['items']:,} | {r['users']:,} | {r['interactions']:,} | {r['collaborative']} | "
-            f"{r['build_s']:.0f} s | "
+            f"| {r['items']:,} | {r['users']:,} | {r['interactions']:,} | MiniLM {encoder} | {r['collaborative']} | "
+            f"{r['build_s']:.0f} s{split} | "
             f"{r['peak_rss_mb'] / 1024:.2f} GiB | {disk['catalogue_and_index'] + disk['chroma_delta']:.0f} MB | "
             f"{lat['unfiltered']['p50_ms']:.1f} / {lat['unfiltered']['p95_ms']:.1f} ms | "
             f"{lat['genre_filter']['p50_ms']:.1f} / {lat['genre_filter']['p95_ms']:.1f} ms "
-            f"({r['filter']['genre']}, {r['filter']['share_of_items']:.0%} of items) |")
+            f"({r['filter']['genre']}, {r['filter']['share_of_items']:.0%} of items) | {run + 1} |")
+    lines += ["", "Runs:", ""]
+    for i, (date, commit, command, machine) in enumerate(runs):
+        lines.append(f"{i + 1}. {date}, commit {commit}, machine: {machine}: `{command}`")
     lines += ["", "## Quality on each catalogue's own split", ""]
-    for r in report["sizes"]:
+    for r in sizes:
         if "error" in r:
             continue
         q = r["quality"]

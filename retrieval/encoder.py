@@ -30,7 +30,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from retrieval.embeddings import MINILM_NAME, Embedder, ensure_embedding_model
+from retrieval.embeddings import (
+    MINILM_NAME,
+    Embedder,
+    Precision,
+    encoder_precision,
+    ensure_embedding_model,
+    precision_name,
+)
 from retrieval.home import recagent_home
 
 logger = logging.getLogger(__name__)
@@ -50,7 +57,9 @@ class EncoderRef(BaseModel):
     """The encoder an index was built with (kept in its manifest)."""
 
     kind: Literal["frozen", "tuned"] = "frozen"
-    name: str = MINILM_NAME
+    name: str = Field(default=MINILM_NAME, description="the encoder's name, with its precision unless fp32")
+    precision: Precision = Field(default="fp32", description="the encoder's weights "
+                                               "(RECAGENT_ENCODER_PRECISION when the index was built)")
     path: str | None = Field(default=None, description="folder of a tuned encoder (model/ + provenance.json)")
     checkpoint: str | None = Field(default=None, description="sha256 prefix of the tuned weights")
     history_items: int = Field(default=20, ge=1, description="most recent items in a user's history text")
@@ -164,8 +173,17 @@ def tuned_ref(folder: Path) -> EncoderRef:
                       ease_lambda=prov.fusion.get("ease_lambda") if prov.fusion else None)
 
 
-def resolve_encoder(catalog: str, choice: str | None = None) -> EncoderRef:
-    """The encoder a new index of ``catalog`` is built with, per ``RECAGENT_ENCODER`` (read at call time)."""
+def resolve_encoder(catalog: str, choice: str | None = None, precision: str | None = None) -> EncoderRef:
+    """The encoder a new index of ``catalog`` is built with, per ``RECAGENT_ENCODER`` and
+    ``RECAGENT_ENCODER_PRECISION`` (read at call time)."""
+    ref = _resolve_encoder(catalog, choice)
+    chosen = encoder_precision(precision)
+    if chosen == "fp32":
+        return ref
+    return ref.model_copy(update={"precision": chosen, "name": precision_name(ref.name, chosen)})
+
+
+def _resolve_encoder(catalog: str, choice: str | None = None) -> EncoderRef:
     choice = choice if choice is not None else os.environ.get("RECAGENT_ENCODER", "auto")
     if choice == "frozen":
         return EncoderRef()
@@ -187,12 +205,12 @@ def resolve_encoder(catalog: str, choice: str | None = None) -> EncoderRef:
 def make_embedder(ref: EncoderRef, cache: bool = True) -> Embedder:
     """The embedder of ``ref``; a tuned one must still be on disk with the recorded weights."""
     if ref.kind == "frozen":
-        return Embedder(cache=cache)
+        return Embedder(cache=cache, precision=ref.precision)
     assert ref.path is not None
     if not (Path(ref.path) / TRAINED_LAYERS).exists():
         raise EncoderMissingError(f"the index was built with the tuned encoder in {ref.path}, which is gone; re-run "
                                   "`recagent train embedder` or re-index with RECAGENT_ENCODER=frozen")
-    return Embedder(materialise(Path(ref.path)), cache=cache, name=ref.name)
+    return Embedder(materialise(Path(ref.path)), cache=cache, name=ref.name, precision=ref.precision)
 
 
 class HistoryText:

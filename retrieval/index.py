@@ -68,6 +68,8 @@ class IndexManifest(BaseModel):
     dim: int
     built_at: str
     build_seconds: float
+    build_phases: dict[str, float] = Field(default_factory=dict, description="seconds spent embedding "
+                                           "(embed_s), filling Chroma (vector_store_s) and fitting CF (cf_s)")
     cf: CFConfig = Field(default_factory=CFConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     retired: list[RetiredCollection] = Field(
@@ -98,11 +100,15 @@ def item_texts(catalog: Catalog) -> list[str]:
             for r in catalog.items.to_dict("records")]
 
 
-def item_metadata(catalog: Catalog) -> list[dict[str, Any]]:
+def item_metadata(catalog: Catalog, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+    """Chroma metadata of items ``start:stop`` (title, year, one flag per genre for ``where`` filters); built per
+    batch, as a million items' dicts would take gigabytes."""
     genres = catalog.all_genres
     out = []
-    for item_id, title, item_genres, year in zip(catalog.item_ids, catalog.titles_by_pos, catalog.genres_by_pos,
-                                                 catalog.years_by_pos, strict=True):
+    window = slice(start, stop)
+    for item_id, title, item_genres, year in zip(catalog.item_ids[window], catalog.titles_by_pos[window],
+                                                 catalog.genres_by_pos[window], catalog.years_by_pos[window],
+                                                 strict=True):
         meta: dict[str, Any] = {"item_id": item_id, "title": title[:200],
                                 "year": -1 if np.isnan(year) else int(year)}
         meta.update({genre_key(g): g in item_genres for g in genres})
@@ -127,7 +133,8 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
     ``RECAGENT_ENCODER`` chooses for the catalogue (its tuned encoder when it has one)."""
     start = time.perf_counter()
     if encoder is None:
-        encoder = EncoderRef(name=embedder.name) if embedder is not None else resolve_encoder(catalog.name)
+        encoder = (EncoderRef(name=embedder.name, precision=embedder.precision) if embedder is not None
+                   else resolve_encoder(catalog.name))
     if embedder is None or embedder.name != encoder.name:
         embedder = make_embedder(encoder)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -135,13 +142,17 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
     client = make_client()
     collection = f"rc-{catalog.name}-{uuid.uuid4().hex[:8]}"[:60]
     old_manifest = read_manifest(dest)
+    phases: dict[str, float] = {}
     try:
-        texts = item_texts(catalog)
-        vectors = embedder.embed(texts, progress=progress)
+        clock = time.perf_counter()
+        vectors = embedder.embed(item_texts(catalog), progress=progress)
         np.save(staging / "item_vectors.npy", vectors)
+        phases["embed_s"] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
         store = ItemVectorStore(client, collection, embedder, create=True,
                                 metadata={"encoder": encoder.name, "checkpoint": encoder.checkpoint or "frozen"})
-        store.add(catalog.item_ids, vectors, texts, item_metadata(catalog))
+        store.add(catalog.item_ids, vectors, lambda a, b: item_metadata(catalog, a, b), progress=progress)
+        phases["vector_store_s"] = round(time.perf_counter() - clock, 2)
         if store.count() != catalog.n_items:
             raise RuntimeError(f"Chroma holds {store.count()} items, expected {catalog.n_items}")
         fusion, cf_config = fusion_for(encoder, old_manifest, fusion)
@@ -151,14 +162,16 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
             retired = [r for r in previous.retired if time.time() - r.at < grace_s]
             if previous.collection != collection:
                 retired.append(RetiredCollection(name=previous.collection, at=time.time()))
+        clock = time.perf_counter()
         cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, cf_config)
         cf.save(staging)
+        phases["cf_s"] = round(time.perf_counter() - clock, 2)
         cf_config, fusion = cf.config, collaborative_weights(fusion, cf.config)
         manifest = IndexManifest(
             catalog=catalog.name, content_hash=catalog.content_hash(), collection=collection,
             embed_model=embedder.name, encoder=encoder, dim=int(vectors.shape[1]),
             built_at=utc_now(),
-            build_seconds=round(time.perf_counter() - start, 2), cf=cf_config,
+            build_seconds=round(time.perf_counter() - start, 2), build_phases=phases, cf=cf_config,
             fusion=fusion, retired=retired,
         )
         atomic_write_json(staging / "manifest.json", manifest.model_dump(mode="json"))

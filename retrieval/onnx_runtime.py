@@ -9,6 +9,12 @@ The whole sentence-transformer (transformer, pooling, normalisation) is exported
 torch on probe texts before it is used; a model whose export fails or disagrees falls back to torch with a
 warning. Tokenisation stays sentence-transformers' own (``preprocess``), so truncation and padding are the
 same. (``optimum`` would do the export, but it pins transformers < 4.58, and this project runs 5.x.)
+
+Precision ``int8`` (``RECAGENT_ENCODER_PRECISION=int8``, recorded in the index manifest) runs a copy of that export
+with its weights quantised by ONNX Runtime's dynamic quantisation (``quantize_dynamic``, signed 8-bit, one scale per
+output channel), about twice as fast on this CPU; it is checked against torch by cosine (``MIN_INT8_COSINE``), since
+its vectors differ from the fp32 ones by design. ``recagent eval encoder-precision`` measures speed and retrieval
+quality of both on one catalogue.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import threading
 import warnings
 from collections.abc import Sequence
@@ -30,9 +35,12 @@ logger = logging.getLogger(__name__)
 ONNX_DIR = "onnx"
 ONNX_FILE = "model.onnx"
 STAMP = "WEIGHTS"
+PRECISIONS = ("fp32", "int8")
+INT8_FILE = "model-int8.onnx"
 PROBES = ("a", "Toy Story (1995) Animation, Children's, Comedy | Heat (1995) Action, Crime, Thriller",
           "Casablanca (1942) Drama, Romance, War " * 12)
 MAX_ABS_DIFF = 1e-4
+MIN_INT8_COSINE = 0.97  # per-channel int8 MiniLM: mean .992, min .98 against fp32 on synthetic item texts
 
 
 class OnnxExportError(RuntimeError):
@@ -88,17 +96,37 @@ def export(model: Any, target: Path) -> None:
         staging.unlink(missing_ok=True)
 
 
-class OnnxSentenceEncoder:
-    """``encode(texts) -> float32 vectors`` of a sentence-transformer through ONNX Runtime (thread-safe)."""
+def quantise(source: Path, target: Path) -> None:
+    """``target``: the ONNX graph ``source`` with int8 weights (dynamic quantisation, per output channel),
+    written atomically."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    def __init__(self, model: Any, model_dir: Path, threads: int | None = None) -> None:
+    staging = target.with_name(f".{target.name}-{os.getpid()}-{threading.get_ident()}")
+    logging.getLogger("root").disabled = True  # quantize_dynamic's "consider pre-processing" note, on the root
+    try:
+        quantize_dynamic(str(source), str(staging), weight_type=QuantType.QInt8, per_channel=True)
+        staging.replace(target)
+    finally:
+        logging.getLogger("root").disabled = False
+        staging.unlink(missing_ok=True)
+
+
+class OnnxSentenceEncoder:
+    """``encode(texts) -> float32 vectors`` of a sentence-transformer through ONNX Runtime (thread-safe), in fp32
+    or with int8 weights (``precision``)."""
+
+    def __init__(self, model: Any, model_dir: Path, threads: int | None = None, precision: str = "fp32") -> None:
         import onnxruntime as ort
 
+        if precision not in PRECISIONS:
+            raise ValueError(f"encoder precision {precision!r} is not one of: {', '.join(PRECISIONS)}")
         self._model = model
+        self.precision = precision
         folder = Path(model_dir) / ONNX_DIR
-        target = folder / ONNX_FILE
+        target = folder / (ONNX_FILE if precision == "fp32" else INT8_FILE)
+        stamp_file = folder / (STAMP if precision == "fp32" else f"{STAMP}-int8")
         stamp = weights_stamp(Path(model_dir))
-        fresh = not ((folder / STAMP).exists() and (folder / STAMP).read_text() == stamp and target.exists())
+        fresh = not (stamp_file.exists() and stamp_file.read_text() == stamp and target.exists())
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
@@ -108,23 +136,36 @@ class OnnxSentenceEncoder:
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             if fresh:
-                (folder / STAMP).unlink(missing_ok=True)
-                export(model, target)
+                stamp_file.unlink(missing_ok=True)
+                fp32 = folder / ONNX_FILE
+                if precision == "fp32" or not ((folder / STAMP).exists() and (folder / STAMP).read_text() == stamp
+                                               and fp32.exists()):
+                    export(model, fp32)
+                if precision == "int8":
+                    quantise(fp32, target)
             self._session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
             self._inputs = [i.name for i in self._session.get_inputs()]
             if fresh:
                 self._check(model)
-                staging = folder / f".{STAMP}-{os.getpid()}"
+                staging = folder / f".{stamp_file.name}-{os.getpid()}"
                 staging.write_text(stamp)
-                staging.replace(folder / STAMP)
+                staging.replace(stamp_file)
         except Exception as exc:  # the exporter's and ONNX Runtime's failures share no base class
             if fresh:
-                shutil.rmtree(folder, ignore_errors=True)
+                stamp_file.unlink(missing_ok=True)
+                target.unlink(missing_ok=True)
             raise OnnxExportError(f"could not run {model_dir} through ONNX Runtime: {exc}") from exc
 
     def _check(self, model: Any) -> None:
         got = self.encode(PROBES)
         want = model.encode(list(PROBES), convert_to_numpy=True, show_progress_bar=False)
+        if self.precision == "int8":
+            unit = got / np.linalg.norm(got, axis=1, keepdims=True)
+            cosine = float((unit * (want / np.linalg.norm(want, axis=1, keepdims=True))).sum(axis=1).min())
+            if cosine < MIN_INT8_COSINE:
+                raise OnnxExportError(f"the int8 model's vectors are at cosine {cosine:.3f} from torch's "
+                                      f"(< {MIN_INT8_COSINE})")
+            return
         diff = float(np.abs(got - want).max())
         if diff > MAX_ABS_DIFF:
             raise OnnxExportError(f"the ONNX export differs from torch by {diff:.2e} (> {MAX_ABS_DIFF})")

@@ -9,10 +9,15 @@ from pathlib import Path
 
 
 def git_commit() -> str:
-    """The short commit of the checkout this code runs from, or ``unknown``."""
+    """The short commit of the checkout this code runs from, with ``-dirty`` when tracked files differ from it (the
+    code that ran is then not the commit's), or ``unknown``."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        here = Path(__file__).parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, cwd=here).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, check=True, cwd=here).stdout.strip()
+        return f"{commit}-dirty" if changed else commit
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

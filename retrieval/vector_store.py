@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+from tqdm import tqdm
 
 from retrieval.embeddings import Embedder
 from retrieval.home import recagent_home
@@ -74,7 +75,9 @@ def make_client() -> Any:
 
 
 class ItemVectorStore:
-    """One Chroma collection of items: ids, documents (item text), metadata and our embeddings."""
+    """One Chroma collection of items: ids, our embeddings, and the metadata that ``where`` filters read. The item
+    texts stay in the catalogue (nothing reads them from Chroma, and storing them as documents made adding
+    items 1.7x slower: 571 against 969 items/s over 30,000 synthetic items)."""
 
     def __init__(self, client: Any, collection_name: str, embedder: Embedder, create: bool = False,
                  metadata: dict[str, Any] | None = None) -> None:
@@ -88,12 +91,14 @@ class ItemVectorStore:
         else:
             self.collection = client.get_collection(name=collection_name, embedding_function=ef)
 
-    def add(self, ids: Sequence[str], embeddings: np.ndarray, documents: Sequence[str],
-            metadatas: Sequence[dict[str, Any]]) -> None:
-        for start in range(0, len(ids), ADD_BATCH):
-            end = start + ADD_BATCH
-            self.collection.add(ids=list(ids[start:end]), embeddings=embeddings[start:end].tolist(),
-                                documents=list(documents[start:end]), metadatas=list(metadatas[start:end]))
+    def add(self, ids: Sequence[str], embeddings: np.ndarray,
+            metadata: Callable[[int, int], list[dict[str, Any]]], progress: bool = False) -> None:
+        """Add items in batches; ``metadata(start, stop)`` gives the metadata of items ``start:stop``."""
+        steps = range(0, len(ids), ADD_BATCH)
+        for start in tqdm(steps, desc="vector store", unit="batch", disable=not progress or len(steps) < 2):
+            end = min(start + ADD_BATCH, len(ids))
+            self.collection.add(ids=list(ids[start:end]), embeddings=embeddings[start:end],
+                                metadatas=metadata(start, end))  # type: ignore[arg-type]
 
     def count(self) -> int:
         return int(self.collection.count())

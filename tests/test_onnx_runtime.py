@@ -12,6 +12,7 @@ import pytest
 
 from retrieval.catalog import Catalog
 from retrieval.embeddings import Embedder, embedding_runtime, ensure_embedding_model
+from retrieval.encoder import resolve_encoder
 from retrieval.index import item_texts
 from retrieval.onnx_runtime import ONNX_DIR, ONNX_FILE, STAMP, OnnxSentenceEncoder, weights_stamp
 
@@ -87,3 +88,24 @@ def test_warm_up_exports_before_the_first_request(model_copy: Path, tmp_path: Pa
     embedder.warm_up()  # what a server does at start-up and on an index swap
     assert (private / ONNX_DIR / STAMP).read_text() == weights_stamp(private)
     assert embedder.model_calls == 0 and embedder.runtime == "onnx"
+
+
+def test_int8_precision_is_its_own_encoder_close_to_fp32(model_copy: Path, tiny_catalog: Catalog,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = item_texts(tiny_catalog)
+    fp32 = Embedder(model_copy, cache=False, runtime="onnx")
+    int8 = Embedder(model_copy, cache=False, runtime="onnx", precision="int8")
+    a, b = fp32.embed(texts), int8.embed(texts)
+    assert int8.runtime == "onnx" and (model_copy / ONNX_DIR / "model-int8.onnx").exists()
+    cosine = (a * b).sum(axis=1)  # both unit vectors
+    assert cosine.min() > 0.97 and not np.allclose(a, b, atol=1e-4)  # close, and quantised for real
+    # its own name (manifest, cache keys), so an int8 index never serves fp32 query vectors or cached vectors
+    assert int8.name == f"{model_copy.name}-int8" and fp32.name == model_copy.name
+    with pytest.raises(ValueError, match="needs RECAGENT_ENCODER_RUNTIME=onnx"):
+        Embedder(model_copy, cache=False, runtime="torch", precision="int8")
+    monkeypatch.setenv("RECAGENT_ENCODER_PRECISION", "int4")  # read when a new index picks its encoder
+    with pytest.raises(ValueError, match="'int4' is not one of: fp32, int8"):
+        resolve_encoder("movielens-100k", "frozen")
+    monkeypatch.setenv("RECAGENT_ENCODER_PRECISION", "int8")
+    ref = resolve_encoder("movielens-100k", "frozen")
+    assert (ref.precision, ref.name) == ("int8", "all-MiniLM-L6-v2-int8")

@@ -102,7 +102,7 @@ def test_index_past_ease_limit_records_als_and_weights_it(embedder: Embedder, sc
 
 @pytest.mark.slow
 def test_eval_scale_measures_one_small_size(embedder: Embedder) -> None:
-    from eval.scale import markdown, measure
+    from eval.scale import markdown, measure, merge
 
     result = measure(items=300, users=300, seed=0, queries=10, eval_users=80, progress=False)
     assert result["collaborative"] == "ease" and result["interactions"] > 3000
@@ -116,5 +116,19 @@ def test_eval_scale_measures_one_small_size(embedder: Embedder) -> None:
     from retrieval.catalog import list_catalogs
 
     assert not [c for c in list_catalogs() if c.startswith("scale-300x300")]  # removed afterwards
-    text = markdown({"sizes": [result], "machine": "test", "date": "today", "command": "recagent eval scale"})
-    assert "| 300 | 300 |" in text and "fused" in text
+    assert set(result["build_phases"]) == {"embed_s", "vector_store_s", "cf_s"}
+    text = markdown(merge(None, [result], {"machine": "test", "date": "today", "command": "recagent eval scale",
+                                           "commit": "abc"}))
+    assert "| 300 | 300 |" in text and "fused" in text and "today, commit abc" in text
+
+
+def test_a_scale_run_replaces_its_own_sizes_and_keeps_the_others() -> None:
+    from eval.scale import merge
+
+    previous = {"sizes": [{"items": 10, "build_s": 1}, {"items": 100, "build_s": 2}], "command": "old",
+                "date": "d0", "machine": "m"}
+    report = merge(previous, [{"items": 100, "build_s": 3}, {"items": 1000, "build_s": 4}],
+                   {"command": "new", "date": "d1", "machine": "m", "commit": "c1"})
+    assert [(r["items"], r["build_s"], r["command"]) for r in report["sizes"]] == [
+        (10, 1, "old"), (100, 3, "new"), (1000, 4, "new")]
+    assert report["sizes"][0]["date"] == "d0" and report["sizes"][0]["commit"] == "?"

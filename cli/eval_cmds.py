@@ -447,6 +447,9 @@ def eval_scale(
     timeout_min: float = typer.Option(180.0, "--timeout-min", help="give up on a size after this long"),
     precision: str = typer.Option("fp32", "--precision", help="encoder weights: fp32 or int8 (see `recagent eval "
                                   "encoder-precision`)"),
+    reuse: bool = typer.Option(False, "--reuse", help="measure a size's kept index (an earlier --keep run of the "
+                               "same catalogue) instead of building it again; the build's seconds are then its "
+                               "manifest's and the peak memory the measuring process's"),
 ) -> None:
     """Index build time, peak memory, size on disk and retrieve p50/p95 (with and without a genre filter) on
     synthetic catalogues of growing size, plus the fused retriever against its sources on each one's own split.
@@ -474,12 +477,13 @@ def eval_scale(
     for n, u in zip(sizes, counts, strict=True):
         console.print(f"[bold]{n:,} items, {u:,} users[/]")
         t0 = time.perf_counter()
-        result = run_child(n, u, seed, queries, eval_users, keep, timeout_s=timeout_min * 60)
+        result = run_child(n, u, seed, queries, eval_users, keep, timeout_s=timeout_min * 60, reuse=reuse)
         console.print(f"  done in {time.perf_counter() - t0:.0f}s: " + json.dumps(
             {k: result.get(k) for k in ("build_s", "peak_rss_mb", "retrieve", "collaborative", "error")}))
         results.append(result)
     command = f"recagent eval scale --items {items}" + (f" --users {users}" if users else "") + \
-        f" --seed {seed} --queries {queries} --eval-users {eval_users} --precision {precision}"
+        f" --seed {seed} --queries {queries} --eval-users {eval_users} --precision {precision}" + \
+        (" --keep" if keep else "") + (" --reuse" if reuse else "")
     run = {"machine": machine_line(), "date": time.strftime("%Y-%m-%d"), "command": command, "commit": git_commit()}
     previous = json.loads((REPORTS / "scale.json").read_text()) if (REPORTS / "scale.json").exists() else None
     report = merge(previous, results, run)

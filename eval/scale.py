@@ -31,8 +31,10 @@ def folder_bytes(path: Path) -> int:
 
 
 def measure(items: int, users: int, seed: int = 0, queries: int = 200, eval_users: int = 500, k: int = 50,
-            keep: bool = False, progress: bool = True) -> dict[str, Any]:
-    """One size, in this process: build, reload, time, evaluate (see the module docstring)."""
+            keep: bool = False, progress: bool = True, reuse: bool = False) -> dict[str, Any]:
+    """One size, in this process: build, reload, time, evaluate (see the module docstring). ``reuse``: when a kept
+    index of the same synthetic catalogue (same content hash) is on disk, measure it instead of building again;
+    the build's seconds are then the manifest's, and the peak memory is this (measuring) process's only."""
     from eval.metrics import summarise
     from retrieval.catalog import catalog_root, load_catalog
     from retrieval.catalog_store import save_and_index
@@ -51,9 +53,15 @@ def measure(items: int, users: int, seed: int = 0, queries: int = 200, eval_user
     out["interactions"] = int(len(catalog.interactions))
     chroma_dir = recagent_home() / "chroma"
     chroma_before = folder_bytes(chroma_dir)
-    t0 = time.perf_counter()
-    manifest = save_and_index(catalog, progress=progress)
-    out["build_s"] = round(time.perf_counter() - t0, 2)
+    kept = read_manifest(catalog_root(name) / "index") if reuse else None
+    if kept is not None and kept.content_hash == catalog.content_hash():
+        manifest = kept
+        out["build_s"] = manifest.build_seconds
+        out["build_reused"] = {"built_at": manifest.built_at}
+    else:
+        t0 = time.perf_counter()
+        manifest = save_and_index(catalog, progress=progress)
+        out["build_s"] = round(time.perf_counter() - t0, 2)
     out["build_items_per_s"] = round(items / out["build_s"], 1)
     out["build_phases"] = manifest.build_phases
     out["encoder"] = {"name": manifest.encoder.name, "precision": manifest.encoder.precision}
@@ -62,6 +70,9 @@ def measure(items: int, users: int, seed: int = 0, queries: int = 200, eval_user
     root = catalog_root(name)
     out["disk_mb"] = {"catalogue_and_index": round(folder_bytes(root) / 1e6, 1),
                       "chroma_delta": round((folder_bytes(chroma_dir) - chroma_before) / 1e6, 1)}
+    if "build_reused" in out:  # built earlier: the whole Chroma folder (this collection and any others in it)
+        out["disk_mb"]["chroma_delta"] = None
+        out["disk_mb"]["chroma_folder"] = round(folder_bytes(chroma_dir) / 1e6, 1)
     try:
         t0 = time.perf_counter()
         stored = load_catalog(name)
@@ -120,10 +131,11 @@ def measure(items: int, users: int, seed: int = 0, queries: int = 200, eval_user
 
 
 def run_child(items: int, users: int, seed: int, queries: int, eval_users: int, keep: bool,
-              timeout_s: float | None = None) -> dict[str, Any]:
+              timeout_s: float | None = None, reuse: bool = False) -> dict[str, Any]:
     """:func:`measure` in a fresh Python process (its own peak memory); progress goes to stderr."""
     argv = [sys.executable, "-m", "eval.scale", "--items", str(items), "--users", str(users), "--seed", str(seed),
-            "--queries", str(queries), "--eval-users", str(eval_users)] + (["--keep"] if keep else [])
+            "--queries", str(queries), "--eval-users", str(eval_users)] + (["--keep"] if keep else []) + \
+        (["--reuse"] if reuse else [])
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout_s, check=False)
     if proc.returncode != 0:
         return {"items": items, "users": users, "error": f"exit {proc.returncode}"}
@@ -171,10 +183,14 @@ def markdown(report: dict[str, Any]) -> str:
         split = (f" ({phases['embed_s']:.0f} / {phases['vector_store_s']:.0f} / {phases['cf_s']:.0f} s)"
                  if phases else "")
         encoder = r.get("encoder", {}).get("precision", "fp32")
+        reused = " (kept index, built " + r["build_reused"]["built_at"] + " by an earlier process)" \
+            if r.get("build_reused") else ""
+        memory = f"{r['peak_rss_mb'] / 1024:.2f} GiB" + (" (measuring only)" if reused else "")
         lines.append(
             f"| {r['items']:,} | {r['users']:,} | {r['interactions']:,} | MiniLM {encoder} | {r['collaborative']} | "
-            f"{r['build_s']:.0f} s{split} | "
-            f"{r['peak_rss_mb'] / 1024:.2f} GiB | {disk['catalogue_and_index'] + disk['chroma_delta']:.0f} MB | "
+            f"{r['build_s']:.0f} s{split}{reused} | "
+            f"{memory} | {disk['catalogue_and_index'] + (disk['chroma_delta'] or disk.get('chroma_folder', 0)):.0f} MB"
+            f"{' (Chroma: the whole folder)' if disk['chroma_delta'] is None else ''} | "
             f"{lat['unfiltered']['p50_ms']:.1f} / {lat['unfiltered']['p95_ms']:.1f} ms | "
             f"{lat['genre_filter']['p50_ms']:.1f} / {lat['genre_filter']['p95_ms']:.1f} ms "
             f"({r['filter']['genre']}, {r['filter']['share_of_items']:.0%} of items) | {run + 1} |")
@@ -205,11 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--eval-users", type=int, default=500)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--reuse", action="store_true")
     args = parser.parse_args(argv)
     from retrieval.home import configure_offline_environment
 
     configure_offline_environment()
-    result = measure(args.items, args.users, args.seed, args.queries, args.eval_users, keep=args.keep)
+    result = measure(args.items, args.users, args.seed, args.queries, args.eval_users, keep=args.keep,
+                     reuse=args.reuse)
     sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -22,6 +22,7 @@ from retrieval.catalog import Catalog, atomic_write_json, swap_in
 from retrieval.cf import CFConfig, CFModels, fit_cf
 from retrieval.embeddings import Embedder
 from retrieval.encoder import EncoderRef, make_embedder, resolve_encoder, user_vector_fn
+from retrieval.filter_blocks import FilterBlocks
 from retrieval.filters import genre_key
 from retrieval.item_text import item_text
 from retrieval.provenance import utc_now
@@ -271,6 +272,12 @@ class Index:
         """History positions -> the tuned encoder's user vector (None with the frozen encoder)."""
         return user_vector_fn(self.manifest.encoder, self.embedder, item_texts(self.catalog))
 
+    @cached_property
+    def filter_blocks(self) -> FilterBlocks:
+        """Per-filter blocks of item vectors, shared by every retriever of this index (used past the size scored
+        in memory whole: ``retrieval.filter_blocks``)."""
+        return FilterBlocks(self.item_vectors)
+
     def content_prior(self, cf: CFModels) -> np.ndarray | None:
         """The tuned encoder's popularity prior over items, from ``cf``'s counts (None without one); items ``cf``
         has never seen get the median prior (:func:`~retrieval.sources.popularity_prior`)."""
@@ -283,7 +290,8 @@ class Index:
             "mostpop": PopularitySource(cf),
             "sequential": SequentialSource(cf),
             "content": ContentSource(self.store, self.item_vectors, self.catalog.item_index, self.embed_text,
-                                     user_vector=self.user_vector, prior=self.content_prior(cf)),
+                                     user_vector=self.user_vector, prior=self.content_prior(cf),
+                                     blocks=self.filter_blocks),
         }
         if cf.ease is not None:
             sources["ease"] = EaseSource(cf)

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from retrieval.cf import CFModels
+from retrieval.filter_blocks import FilterBlocks
 from retrieval.filters import Filters
 from retrieval.vector_store import ItemVectorStore
 
@@ -128,8 +129,10 @@ class ContentSource:
     The neighbours are exact: a catalogue of up to ``dense_max_items`` items is scored in memory with one
     matrix product over the unit item vectors (the vectors Chroma holds; cosine, as Chroma's space), the filters
     applied as the query's mask, so a filtered request costs what an unfiltered one does. Larger catalogues ask
-    Chroma: for unfiltered neighbours, over-fetched by the share of items that pass and masked, or, when few
-    pass, with the filters' ``where`` clause."""
+    Chroma for unfiltered neighbours; filtered ones are scored exactly over the block of items that pass the
+    filter (``retrieval.filter_blocks``, gathered once per filter and kept), and only a filter that passes too
+    many items to block asks Chroma: unfiltered neighbours over-fetched by the share of items that pass and
+    masked, or, when too few of those pass, with the filters' ``where`` clause."""
 
     name = "content"
     overfetch_min_share = OVERFETCH_MIN_SHARE
@@ -137,7 +140,8 @@ class ContentSource:
     def __init__(self, store: ItemVectorStore, item_vectors: np.ndarray, item_index: dict[str, int],
                  embed_text: Callable[[str], np.ndarray], decay: float = 0.9, query_weight: float = 1.0,
                  user_vector: Callable[[Sequence[int]], np.ndarray] | None = None,
-                 prior: np.ndarray | None = None, dense_max_items: int = DENSE_MAX_ITEMS) -> None:
+                 prior: np.ndarray | None = None, dense_max_items: int = DENSE_MAX_ITEMS,
+                 blocks: FilterBlocks | None = None) -> None:
         self.store = store
         self.item_vectors = item_vectors
         self.item_index = item_index
@@ -147,6 +151,9 @@ class ContentSource:
         self.user_vector = user_vector
         self.prior = prior  # per item, added to the cosine of the nearest neighbours (over-fetched to re-rank)
         self.unit: np.ndarray | None = None  # unit item vectors, when neighbours are scored in memory
+        self.blocks: FilterBlocks | None = None  # per-filter vector blocks, when neighbours come from Chroma
+        if len(item_vectors) > dense_max_items:
+            self.blocks = blocks if blocks is not None else FilterBlocks(item_vectors)
         if len(item_vectors) <= dense_max_items:
             norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
             self.unit = (item_vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
@@ -190,6 +197,10 @@ class ContentSource:
             return top_of_dense(scores, passes, fetch)
         if query.filters is None or passes is None:
             return self._positions(self.store.query(vec, fetch, where=query.filters.where() if query.filters else None))
+        if self.blocks is not None:
+            exact = self.blocks.top(query.filters.model_dump_json(), passes, vec, fetch)
+            if exact is not None:
+                return exact
         share = float(passes.mean())
         if share == 0:
             return []

@@ -83,6 +83,7 @@ class ItemVectorStore:
                  metadata: dict[str, Any] | None = None) -> None:
         self.client = client
         self.name = collection_name
+        self._count: int | None = None
         ef = make_embedding_function(embedder)
         if create:  # ``metadata``: which encoder and checkpoint made the vectors
             self.collection = client.create_collection(
@@ -99,9 +100,14 @@ class ItemVectorStore:
             end = min(start + ADD_BATCH, len(ids))
             self.collection.add(ids=list(ids[start:end]), embeddings=embeddings[start:end],
                                 metadatas=metadata(start, end))  # type: ignore[arg-type]
+        self._count = None
 
     def count(self) -> int:
-        return int(self.collection.count())
+        """Items in the collection; asked of Chroma once (a collection belongs to one index build and is
+        filled before it is queried), as a count per query cost a call into Chroma each time."""
+        if self._count is None:
+            self._count = int(self.collection.count())
+        return self._count
 
     def query(self, vector: np.ndarray, n: int, where: dict[str, Any] | None = None) -> list[tuple[str, float]]:
         """Nearest items as (item_id, cosine similarity), best first."""

@@ -13,6 +13,7 @@ from rapidfuzz import process
 
 from agent.chat.titles import TitleResolver, _best, _score, normalise_title
 from retrieval.catalog import Catalog
+from retrieval.filter_blocks import FilterBlocks
 from retrieval.filters import Filters
 from retrieval.index import Index
 from retrieval.sources import ContentSource
@@ -127,13 +128,15 @@ def test_top_up_follows_popularity_then_position(tiny_index: Index) -> None:
 
 
 def content_sources(index: Index, prior: np.ndarray | None) -> dict[str, ContentSource]:
-    def make(dense_max_items: int, min_share: float) -> ContentSource:
+    def make(dense_max_items: int, min_share: float, blocks: bool = False) -> ContentSource:
         src = ContentSource(index.store, index.item_vectors, index.catalog.item_index, index.embed_text,
-                            prior=prior, dense_max_items=dense_max_items)
+                            prior=prior, dense_max_items=dense_max_items,
+                            blocks=None if blocks else FilterBlocks(index.item_vectors, max_rows=0))  # 0: never
         src.overfetch_min_share = min_share
         return src
 
-    return {"in memory": make(10**9, 0.05), "chroma, masked": make(0, 0.0), "chroma, where": make(0, 2.0)}
+    return {"in memory": make(10**9, 0.05), "filter blocks": make(0, 0.05, blocks=True),
+            "chroma, masked": make(0, 0.0), "chroma, where": make(0, 2.0)}
 
 
 @pytest.mark.parametrize("with_prior", [False, True])
@@ -193,10 +196,34 @@ def test_filtered_content_query_does_not_ask_chroma(tiny_index: Index) -> None:
     assert store.calls == 0
     big = ContentSource(store, tiny_index.item_vectors, tiny_index.catalog.item_index,  # type: ignore[arg-type]
                         tiny_index.embed_text, dense_max_items=0)
-    via_chroma = big.top(q, 3)
+    for _ in range(2):
+        via_block = big.top(q, 3)  # past dense_max_items: the block of items passing the filter, scored exactly
+        assert [p for p, _ in via_block] == [p for p, _ in got]
+        assert [s for _, s in via_block] == pytest.approx([s for _, s in got], abs=1e-5)
+    assert store.calls == 0 and big.blocks is not None and big.blocks.built == 1  # gathered once, then kept
+    unblocked = ContentSource(store, tiny_index.item_vectors, tiny_index.catalog.item_index,  # type: ignore[arg-type]
+                              tiny_index.embed_text, dense_max_items=0,
+                              blocks=FilterBlocks(tiny_index.item_vectors, max_rows=0))
+    via_chroma = unblocked.top(q, 3)
     assert [p for p, _ in via_chroma] == [p for p, _ in got]
-    assert [s for _, s in via_chroma] == pytest.approx([s for _, s in got], abs=1e-5)
-    assert store.calls == 1  # past dense_max_items: one unfiltered query, masked
+    assert store.calls == 1  # a filter too large to block: one unfiltered query, masked
+
+
+def test_filter_blocks_are_an_lru_bounded_in_entries_and_rows() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(100, 8)).astype(np.float32)
+    blocks = FilterBlocks(vectors, entries=2, max_rows=60, total_rows=80)
+    masks = {name: rng.random(100) < share for name, share in (("a", 0.3), ("b", 0.3), ("c", 0.3), ("big", 0.9))}
+    vec = vectors[0] / np.linalg.norm(vectors[0])
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for name in ("a", "b", "a", "c"):
+        got = blocks.top(name, masks[name], vec, 5)
+        assert got is not None
+        want = sorted(np.flatnonzero(masks[name]), key=lambda p: -float(unit[p] @ vec))[:5]
+        assert [p for p, _ in got] == want
+    assert list(blocks._blocks) == ["a", "c"] and blocks.built == 3  # "b" least recently used, dropped
+    assert blocks.top("big", masks["big"], vec, 5) is None  # too many rows: the caller asks Chroma
+    assert blocks.top("none", np.zeros(100, dtype=bool), vec, 5) == []
 
 
 # --- titles -------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.metrics import paired_bootstrap_diff, per_user_table, summarise
+from eval.metrics import paired_bootstrap_diff, per_user_table, rank_of, summarise
 from retrieval.embeddings import PRECISIONS, Embedder, precision_name
 from retrieval.splits import SplitSpec
 
@@ -72,8 +72,7 @@ def measure(catalog_name: str, spec: SplitSpec, users: int = 500, k: int = 50, n
             retriever = variant.retriever(method, cf=cf)
             got = []
             for case in cases:
-                ids = [c.item_id for c in retriever.retrieve(case.history, k=k)]
-                got.append(ids.index(case.target) + 1 if case.target in ids else None)
+                got.append(rank_of([c.item_id for c in retriever.retrieve(case.history, k=k)], case.target))
             ranks[precision][method] = got
             s = summarise(got, n_boot=n_boot, seed=spec.seed)
             quality[method] = {m: s[m] for m in ("ndcg@10", "recall@50")}

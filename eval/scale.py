@@ -35,7 +35,7 @@ def measure(items: int, users: int, seed: int = 0, queries: int = 200, eval_user
     """One size, in this process: build, reload, time, evaluate (see the module docstring). ``reuse``: when a kept
     index of the same synthetic catalogue (same content hash) is on disk, measure it instead of building again;
     the build's seconds are then the manifest's, and the peak memory is this (measuring) process's only."""
-    from eval.metrics import summarise
+    from eval.metrics import rank_of, summarise
     from retrieval.catalog import catalog_root, load_catalog
     from retrieval.catalog_store import save_and_index
     from retrieval.filters import Filters
@@ -113,8 +113,7 @@ def measure(items: int, users: int, seed: int = 0, queries: int = 200, eval_user
             r = index.retriever(method, cf=cf)
             ranks = []
             for case in cases:
-                got = [c.item_id for c in r.retrieve(case.history, k=k)]
-                ranks.append(got.index(case.target) + 1 if case.target in got else None)
+                ranks.append(rank_of([c.item_id for c in r.retrieve(case.history, k=k)], case.target))
             s = summarise(ranks, n_boot=500, seed=seed)
             quality[method] = {m: s[m] for m in ("ndcg@10", "recall@50")}
         out["quality"] = {"split": spec.describe(), "part": "test", "users": len(cases), "methods": quality}

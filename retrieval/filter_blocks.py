@@ -23,9 +23,9 @@ BLOCK_TOTAL_ROWS = 1_000_000  # rows kept over all blocks, about 1.5 GB at 384 d
 
 
 class FilterBlocks:
-    """``top(key, passes, vector, n)``: the ``n`` items passing the filter ``key`` (whose mask over catalogue
-    positions is ``passes``) nearest to ``vector`` by cosine, as (position, similarity), best first; None when the
-    filter passes too many items to block (the caller then asks the vector store)."""
+    """``scores(key, passes, vector)``: the catalogue positions of the items passing the filter ``key`` (whose mask
+    over positions is ``passes``), ascending, and their cosine to ``vector``; None when the filter passes too many
+    items to block (the caller then asks the vector store)."""
 
     def __init__(self, item_vectors: np.ndarray, entries: int = BLOCK_ENTRIES, max_rows: int = BLOCK_MAX_ROWS,
                  total_rows: int = BLOCK_TOTAL_ROWS) -> None:
@@ -56,15 +56,9 @@ class FilterBlocks:
                 self._blocks.popitem(last=False)
         return positions, rows
 
-    def top(self, key: str, passes: np.ndarray, vector: np.ndarray, n: int) -> list[tuple[int, float]] | None:
+    def scores(self, key: str, passes: np.ndarray, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         block = self._block(key, passes)
         if block is None:
             return None
         positions, rows = block
-        if positions.size == 0:
-            return []
-        scores = rows @ vector.astype(np.float32)
-        n = min(n, positions.size)
-        best = np.argpartition(-scores, n - 1)[:n] if positions.size > n else np.arange(positions.size)
-        best = best[np.lexsort((positions[best], -scores[best]))]  # best first, ties by position
-        return [(int(positions[i]), float(scores[i])) for i in best]
+        return positions, rows @ vector.astype(np.float32)

@@ -152,11 +152,11 @@ class ContentSource:
         self.prior = prior  # per item, added to the cosine of the nearest neighbours (over-fetched to re-rank)
         self.unit: np.ndarray | None = None  # unit item vectors, when neighbours are scored in memory
         self.blocks: FilterBlocks | None = None  # per-filter vector blocks, when neighbours come from Chroma
-        if len(item_vectors) > dense_max_items:
-            self.blocks = blocks if blocks is not None else FilterBlocks(item_vectors)
         if len(item_vectors) <= dense_max_items:
             norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
             self.unit = (item_vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        else:
+            self.blocks = blocks if blocks is not None else FilterBlocks(item_vectors)
 
     def profile(self, history: list[int], text: str | None) -> np.ndarray | None:
         vec = np.zeros(self.item_vectors.shape[1], dtype=np.float64)
@@ -198,9 +198,11 @@ class ContentSource:
         if query.filters is None or passes is None:
             return self._positions(self.store.query(vec, fetch, where=query.filters.where() if query.filters else None))
         if self.blocks is not None:
-            exact = self.blocks.top(query.filters.model_dump_json(), passes, vec, fetch)
-            if exact is not None:
-                return exact
+            block = self.blocks.scores(query.filters.model_dump_json(), passes, vec)
+            if block is not None:
+                positions, scores = block  # positions ascending: ties broken by position, as everywhere
+                return [(int(positions[i]), s) for i, s in top_of_dense(scores.astype(np.float64),
+                                                                        np.ones(len(scores), dtype=bool), fetch)]
         share = float(passes.mean())
         if share == 0:
             return []

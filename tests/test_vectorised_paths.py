@@ -16,7 +16,7 @@ from retrieval.catalog import Catalog
 from retrieval.filter_blocks import FilterBlocks
 from retrieval.filters import Filters
 from retrieval.index import Index
-from retrieval.sources import ContentSource
+from retrieval.sources import ContentSource, top_of_dense
 
 COMBOS = [
     Filters(genres=["Sci-Fi"]),
@@ -216,14 +216,21 @@ def test_filter_blocks_are_an_lru_bounded_in_entries_and_rows() -> None:
     masks = {name: rng.random(100) < share for name, share in (("a", 0.3), ("b", 0.3), ("c", 0.3), ("big", 0.9))}
     vec = vectors[0] / np.linalg.norm(vectors[0])
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    def top(name: str, mask: np.ndarray) -> list[tuple[int, float]] | None:
+        block = blocks.scores(name, mask, vec)
+        if block is None:
+            return None
+        positions, scores = block
+        return [(int(positions[i]), s) for i, s in top_of_dense(scores, np.ones(len(scores), dtype=bool), 5)]
+
     for name in ("a", "b", "a", "c"):
-        got = blocks.top(name, masks[name], vec, 5)
+        got = top(name, masks[name])
         assert got is not None
         want = sorted(np.flatnonzero(masks[name]), key=lambda p: -float(unit[p] @ vec))[:5]
         assert [p for p, _ in got] == want
     assert list(blocks._blocks) == ["a", "c"] and blocks.built == 3  # "b" least recently used, dropped
-    assert blocks.top("big", masks["big"], vec, 5) is None  # too many rows: the caller asks Chroma
-    assert blocks.top("none", np.zeros(100, dtype=bool), vec, 5) == []
+    assert top("big", masks["big"]) is None  # too many rows: the caller asks Chroma
+    assert top("none", np.zeros(100, dtype=bool)) == []
 
 
 # --- titles -------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from agent import explanation_checks as xc
 from agent.llm.base import LLMBackend, TextRequest
 from agent.schemas import RecommendationAnswer
 from retrieval.evidence import Link, strongest_links
+from retrieval.item_text import natural_title
 
 if TYPE_CHECKING:
     from agent.rerank import RankInput
@@ -59,7 +60,7 @@ class Reason:
 
 
 def _label(item: RankInput) -> str:
-    return prompts.clean_text(prompts.natural_title(item.title) if item.title else item.text, 80)
+    return prompts.clean_text(natural_title(item.title) if item.title else item.text, 80)
 
 
 def template_reason(item: RankInput, history: Sequence[RankInput], link: Link | None = None) -> tuple[str, list[str]]:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from retrieval.item_text import title_parts, title_years, without_year
+
 CHECKS = ("empty", "repetition", "unknown_item", "unknown_history_item", "already_seen", "evidence_not_in_history",
           "genre_claim", "year_claim")
 
@@ -42,7 +44,6 @@ GENRE_WORDS: dict[str, tuple[str, ...]] = {
 }
 _YEAR = re.compile(r"\b(19\d{2}|20[0-2]\d)\b")
 _DECADE = re.compile(r"(?<![\w'])(?:(19|20)|')?(\d)0'?s\b")
-_TITLE_YEAR = re.compile(r"\((\d{4})\)")
 _WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -61,7 +62,7 @@ class ItemFacts:
 
 def make_facts(item: Mapping[str, object]) -> ItemFacts:
     title = str(item.get("title", ""))
-    years = {int(y) for y in _TITLE_YEAR.findall(title)}
+    years = set(title_years(title))
     year = item.get("year")
     if isinstance(year, int | float) and year == year:
         years.add(int(year))
@@ -84,13 +85,11 @@ def title_variants(title: str) -> list[str]:
     """``"Godfather, The (1972)"`` -> "Godfather, The (1972)", "The Godfather (1972)", "The Godfather",
     "Godfather" (longest first). The catalogue's comma form counts only with its year: without it, it would
     swallow the article of a following sentence ("... Sound of Music, The Blues Brothers is ...")."""
-    year = _TITLE_YEAR.search(title)
-    base = _TITLE_YEAR.sub("", title).strip()
-    m = re.match(r"^(.*), (The|A|An|Les|La|Le|Il|El|Das|Der|Die)$", base)
-    natural = f"{m.group(2)} {m.group(1)}" if m else base
-    variants = {natural, m.group(1) if m else base}
-    if year:
-        variants |= {f"{natural} {year.group(0)}", f"{base} {year.group(0)}"}
+    parts = title_parts(title)
+    base = without_year(" ".join(title.split())).strip()
+    variants = {parts.natural, parts.body}
+    if parts.year:
+        variants |= {f"{parts.natural} ({parts.year})", f"{base} ({parts.year})"}
     return sorted((v for v in variants if len(v) >= 2), key=len, reverse=True)
 
 

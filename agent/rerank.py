@@ -40,6 +40,7 @@ import prompts
 from agent.llm.base import LLMBackend, LLMError, MarkerRequest, ScoreRequest
 from agent.schemas import Mode, RecommendationAnswer, RecommendedItem
 from retrieval.candidates import SourceHit
+from retrieval.item_text import without_year
 
 if TYPE_CHECKING:
     from retrieval.index import Index
@@ -250,7 +251,7 @@ class Reranker:
         if detailed and item.genres:
             return prompts.clean_text(f"{item.title} ({', '.join(item.genres[:3])})", self.config.text_chars)
         if item.title and not detailed and not self.config.score_years:
-            text = prompts.clean_text(prompts.without_year(item.title), self.config.text_chars)
+            text = prompts.clean_text(without_year(item.title), self.config.text_chars)
         else:
             text = prompts.clean_text(item.title or item.text, self.config.text_chars)
         return text.replace(self.config.marker.strip(), "") if self.config.scorer == "markers" else text

@@ -30,25 +30,6 @@ def clean_text(text: object, limit: int = 300) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
-_TRAILING_YEAR = re.compile(r"\s*\((?:1[89]|2[0-9])[0-9]{2}\)\s*$")
-
-
-def without_year(text: object) -> str:
-    """A title without its trailing release year ("Heat (1995)" -> "Heat"): compact prompts spend ~6 tokens on
-    each year (digits are single tokens)."""
-    return _TRAILING_YEAR.sub("", str(text))
-
-
-_ARTICLE_LAST = re.compile(r"^(?P<body>.+?),\s*(?P<art>The|A|An|Les|La|Le|Il|El|Das|Der|Die)$")
-
-
-def natural_title(text: object) -> str:
-    """A catalogue title as people write it, without its year: "Godfather, The (1972)" -> "The Godfather"."""
-    title = without_year(clean_text(text, 200)).strip()
-    m = _ARTICLE_LAST.match(title)
-    return f"{m.group('art')} {m.group('body')}" if m else title
-
-
 def quote(text: object, limit: int = 300) -> str:
     return json.dumps(clean_text(text, limit), ensure_ascii=False)
 

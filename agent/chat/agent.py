@@ -38,6 +38,7 @@ from agent.explain import Reason
 from agent.schemas import RecommendedItem
 from agent.service import Ranked, RecommenderService, UnknownUserError
 from retrieval.filters import Filters
+from retrieval.item_text import natural_title
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -849,7 +850,7 @@ class ChatAgent:
         if not got.evidence or not all(e in state.liked for e in got.evidence):
             return False
         facts = [self.facts(i) for i in (item.item_id, *got.evidence)]
-        plain = [replace(f, label=prompts.natural_title(self.catalog.item(f.item_id)["title"])) for f in facts]
+        plain = [replace(f, label=natural_title(self.catalog.item(f.item_id)["title"])) for f in facts]
         return rp.claims_hold(got.reason, [*facts, *plain], self.catalog.all_genres)
 
     def _lead(self, state: SessionState) -> str:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import prompts
 from agent.chat.models import Constraints
+from agent.explanation_checks import genre_claims, strip_titles, year_claims
+from retrieval.item_text import title_years, without_year
 
 CF_SOURCES = {"sequential", "ease"}
-_YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
-_YEAR_SUFFIX = re.compile(r"\s*\(\d{4}\)\s*$")
 
 
 @dataclass
@@ -38,21 +38,18 @@ def join_words(words: Sequence[str], last: str = "and") -> str:
 
 
 def claims_hold(text: str, facts: Sequence[ItemFacts], all_genres: Sequence[str]) -> bool:
-    """True when every catalogue genre named and every year written in ``text`` belongs to one of ``facts``.
+    """True when every genre ``text`` claims (the explanation checks' genre words for the catalogue's genres) and
+    every year or decade it names belongs to one of ``facts``.
 
-    Titles are blanked first (a year inside "Toy Story (1995)" is not a claim beyond the title itself)."""
-    body = text
-    for f in facts:
-        body = body.replace(f.label, " ")
+    Titles are blanked first, with or without their year (a year inside "Toy Story (1995)" is not a claim
+    beyond the title itself). The same checks as the API's explanations (:mod:`agent.explanation_checks`)."""
+    body = strip_titles(text, [f.label for f in facts])
     allowed_genres = {g.lower() for f in facts for g in f.genres}
-    for genre in all_genres:
-        if (
-            re.search(rf"(?<![\w-]){re.escape(genre.lower())}(?![\w-])", body.lower())
-            and genre.lower() not in allowed_genres
-        ):
-            return False
+    if genre_claims(body, all_genres) - allowed_genres:
+        return False
     allowed_years = {f.year for f in facts if f.year is not None}
-    return all(int(y) in allowed_years for y in _YEAR.findall(body))
+    years, decades = year_claims(body)
+    return years <= allowed_years and all(any(d <= y < d + 10 for y in allowed_years) for d in decades)
 
 
 def closest_like(item: ItemFacts, likes: Sequence[ItemFacts], stated: set[str]) -> tuple[ItemFacts | None, list[str]]:
@@ -88,7 +85,7 @@ def compose_reason(
         shared = [g for g in item.genres if g in link.genres]
     else:
         like, shared = closest_like(item, likes, stated)
-    year = f" from {item.year}" if item.year and not _YEAR.search(item.label) else ""
+    year = f" from {item.year}" if item.year and not title_years(item.label) else ""
     kind = f"{join_words(shared or item.genres[:2])} film" if (shared or item.genres) else "film"
     cf = signal == "cf" or (signal is None and not shared and bool(CF_SOURCES.intersection(sources)))
     if like is not None and cf:
@@ -119,7 +116,7 @@ def why_answer(item: ItemFacts, reason: str | None, likes: Sequence[ItemFacts], 
     facts = f"It is {join_words(item.genres) or 'a film'}{' from ' + str(item.year) if item.year else ''}."
     if liked:
         return f"{item.label} is one you told me you liked, so my picks start from it. {facts}"
-    named = because_of is not None and bool(reason) and _YEAR_SUFFIX.sub("", because_of.label) in str(reason)
+    named = because_of is not None and bool(reason) and without_year(because_of.label) in str(reason)
     cited = because if because and not named else ""
     if reason:
         return " ".join(x for x in (f"I suggested {item.label}.", reason, cited, facts) if x)

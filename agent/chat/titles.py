@@ -17,11 +17,11 @@ import numpy as np
 from rapidfuzz import fuzz, process
 
 from retrieval.catalog import Catalog
+from retrieval.item_text import ARTICLES, title_parts
 
 logger = logging.getLogger(__name__)
 _YEAR = re.compile(r"\(?\b(1[89]\d\d|20\d\d)\b\)?\s*$")
-_ARTICLE_SUFFIX = re.compile(r"^(?P<body>.+?),\s*(?P<art>the|a|an|la|le|les|il|el|das|der|die)\s*$", re.I)
-_DISPLAY_SUFFIX = re.compile(r"^(?P<body>.+?),\s*(?P<art>The|A|An)(?P<year>\s*\(\d{4}\))?\s*$")
+_ARTICLE_SUFFIX = re.compile(rf"^(?P<body>.+?),\s*(?P<art>{'|'.join(ARTICLES)})\s*$", re.I)
 _LEADING_ARTICLE = re.compile(r"^(the|a|an)\s+")
 
 
@@ -89,11 +89,9 @@ class TitleResolver:
     def label(self, item_id: str) -> str:
         """The display title, with the year when the title lacks one."""
         item = self.catalog.item(item_id)
-        title, year = str(item["title"]), item["year"]
-        m = _DISPLAY_SUFFIX.match(title)
-        if m:  # "Terminator, The (1984)" -> "The Terminator (1984)"
-            title = f"{m.group('art')} {m.group('body')}{m.group('year') or ''}"
-        return title if _YEAR.search(title) or year is None else f"{title} ({year})"
+        parts = title_parts(item["title"])  # "Terminator, The (1984)" -> "The Terminator (1984)"
+        year = parts.year if parts.year is not None else item["year"]
+        return parts.natural if year is None else f"{parts.natural} ({year})"
 
     def _scores(self, key: str) -> list[tuple[int, float]]:
         """Up to 8 best titles per key list (plain and without a leading article) scoring at least ``minimum``,

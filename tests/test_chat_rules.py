@@ -129,6 +129,14 @@ def test_claims_are_checked_against_metadata() -> None:
     assert "Alien (1979)" in reason and evidence == ["y"] and rp.claims_hold(reason, [item, like], ML_GENRES)
 
 
+def test_chat_claims_are_the_explanation_checks_claims() -> None:
+    """Genre words ("scary" claims Horror, "gangster" Crime) and decades count as claims, as in the API's checks."""
+    item = rp.ItemFacts("x", "Heat (1995)", ["Action", "Crime"], 1995)
+    assert rp.claims_hold("A gangster film from the 90s, like Heat.", [item], ML_GENRES)
+    assert not rp.claims_hold("A scary one.", [item], ML_GENRES)
+    assert not rp.claims_hold("An 80s classic.", [item], ML_GENRES)
+
+
 def _llm(**kw: object) -> LLMIntent:
     base: dict[str, object] = {"kind": "recommend", "liked_titles": [], "disliked_titles": [], "include_genres": [],
                                "exclude_genres": [], "era": "any", "mood": "", "asked_title": ""}

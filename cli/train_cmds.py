@@ -75,15 +75,18 @@ def train_ranker(
 @train_app.command("embedder")
 def train_embedder(
     catalog: str = typer.Option(DEFAULT_CATALOG, "--catalog", callback=catalog_name),
-    minutes: float = typer.Option(25.0, "--minutes", min=0.1, help="training time budget (the best checkpoint is "
+    minutes: float = typer.Option(28.0, "--minutes", min=0.1, help="training time budget (the best checkpoint is "
                                   "kept)"),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="stop after this many optimiser steps"),
+    epochs: float = typer.Option(1.0, "--epochs", min=0.01, help="passes over the training pairs (the learning "
+                                 "rate decays to 0 over them; the time budget may stop training earlier)"),
     batch_size: int = typer.Option(64, "--batch-size", min=2, help="pairs per batch (in-batch negatives)"),
     lr: float = typer.Option(2e-4, "--lr", min=1e-7),
     train_layers: int = typer.Option(2, "--train-layers", min=1, help="top transformer layers trained"),
-    per_user: int = typer.Option(25, "--per-user", min=1, help="latest training steps per user made into pairs"),
+    per_user: int = typer.Option(50, "--per-user", min=1, help="latest training steps per user made into pairs"),
     max_tokens: int = typer.Option(64, "--max-tokens", min=16, max=512, help="token budget of a history text"),
-    val_users: int = typer.Option(300, "--val-users", min=1, help="validation users measured during training"),
+    val_users: int = typer.Option(1000, "--val-users", min=1, help="validation users measured during training "
+                                  "(all of them when there are fewer)"),
     eval_every: int = typer.Option(100, "--eval-every", min=1, help="optimiser steps between validation passes"),
     seed: int = typer.Option(0, "--seed"),
     ties: str = ties_option(),
@@ -105,7 +108,8 @@ def train_embedder(
     spec = split_spec(ties, seed)
     config = guarded(lambda: EncoderTrainConfig(
         batch_size=batch_size, lr=lr, train_layers=train_layers, per_user=per_user, max_tokens=max_tokens,
-        val_users=val_users, eval_every=eval_every, seed=seed, max_minutes=minutes, max_steps=max_steps))
+        val_users=val_users, eval_every=eval_every, seed=seed, max_minutes=minutes, max_steps=max_steps,
+        epochs=epochs))
     cat = guarded(lambda: ensure_catalog(catalog))
     folder = output or encoders_dir(cat.name)
     trainer = EncoderTrainer(cat, config, spec, out=folder)

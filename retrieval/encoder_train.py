@@ -47,15 +47,16 @@ class EncoderTrainConfig(BaseModel):
     train_layers: int = Field(default=2, ge=1, description="top transformer layers trained (the rest stay frozen: "
                               "the backward pass stops there, about twice the pairs per second of a full fine-tune)")
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
-    per_user: int = Field(default=25, ge=1, description="latest training steps per user turned into pairs")
+    per_user: int = Field(default=50, ge=1, description="latest training steps per user turned into pairs")
     min_history: int = Field(default=1, ge=1, description="history items an anchor needs at least")
     history_items: int = Field(default=20, ge=1, description="most recent items in a history text")
     max_tokens: int = Field(default=64, ge=16, le=512, description="token budget of a history text")
     epochs: float = Field(default=1.0, gt=0)
-    max_minutes: float = Field(default=25.0, gt=0, description="training time budget (the best checkpoint is kept)")
+    max_minutes: float = Field(default=28.0, gt=0, description="training time budget (the best checkpoint is kept)")
     max_steps: int | None = Field(default=None, ge=1)
     eval_every: int = Field(default=200, ge=1, description="optimiser steps between validation passes")
-    val_users: int = Field(default=300, ge=1, description="fixed sample of validation users measured")
+    val_users: int = Field(default=1000, ge=1, description="fixed sample of validation users measured (all of "
+                           "them when there are fewer)")
     seed: int = 0
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from retrieval.item_text import title_parts, title_years, without_year
+from retrieval.item_text import title_parts, title_years
 
 CHECKS = ("empty", "repetition", "unknown_item", "unknown_history_item", "already_seen", "evidence_not_in_history",
           "genre_claim", "year_claim")
@@ -86,10 +86,9 @@ def title_variants(title: str) -> list[str]:
     "Godfather" (longest first). The catalogue's comma form counts only with its year: without it, it would
     swallow the article of a following sentence ("... Sound of Music, The Blues Brothers is ...")."""
     parts = title_parts(title)
-    base = without_year(" ".join(title.split())).strip()
     variants = {parts.natural, parts.body}
     if parts.year:
-        variants |= {f"{parts.natural} ({parts.year})", f"{base} ({parts.year})"}
+        variants |= {f"{parts.natural} ({parts.year})", f"{parts.listed} ({parts.year})"}
     return sorted((v for v in variants if len(v) >= 2), key=len, reverse=True)
 
 
@@ -136,6 +135,13 @@ def year_claims(text: str) -> tuple[set[int], set[int]]:
             decades.add((2000 if digit in "012" else 1900) + int(digit) * 10)
     no_decade_years = {y for y in years if not re.search(rf"{y}'?s\b", text)}
     return no_decade_years, decades
+
+
+def unsupported_years(text: str, true_years: set[int]) -> list[str]:
+    """The years ("1995") and decades ("1990s") ``text`` names that none of ``true_years`` supports."""
+    years, decades = year_claims(text)
+    return [str(y) for y in sorted(years) if y not in true_years] + \
+        [f"{d}s" for d in sorted(decades) if not any(d <= y < d + 10 for y in true_years)]
 
 
 def is_empty(reason: str) -> bool:
@@ -195,10 +201,7 @@ def check_explanation(history: Sequence[str], item_id: str, reason: str | None, 
             support = [item, *cited] if names_other else [item]
             true_genres = {g.lower() for f in support for g in f.genres}
             wrong_genres |= genre_claims(clause, vocabulary) - true_genres
-            true_years = {y for f in support for y in f.years}
-            years, decades = year_claims(clause)
-            wrong_years += [str(y) for y in sorted(years) if y not in true_years]
-            wrong_years += [f"{d}s" for d in sorted(decades) if not any(d <= y < d + 10 for y in true_years)]
+            wrong_years += unsupported_years(clause, {y for f in support for y in f.years})
         if wrong_genres:
             out.append(Violation(check="genre_claim", detail=f"claims {sorted(wrong_genres)}; item genres "
                                  f"{list(item.genres)}"))

@@ -29,6 +29,11 @@ class TitleParts:
         """As people write it, without the year: "The Godfather"."""
         return f"{self.article} {self.body}" if self.article else self.body
 
+    @property
+    def listed(self) -> str:
+        """As the catalogue lists it, without the year: "Godfather, The"."""
+        return f"{self.body}, {self.article}" if self.article else self.body
+
 
 def title_parts(title: object) -> TitleParts:
     text = " ".join(str(title).split())

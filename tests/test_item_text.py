@@ -37,6 +37,7 @@ def test_without_year_strips_only_a_trailing_year(title: str, bare: str) -> None
 def test_title_parts(title: str, parts: TitleParts, natural: str) -> None:
     assert title_parts(title) == parts
     assert natural_title(title) == natural
+    assert parts.listed == without_year(without_year(" ".join(title.split()))).strip()  # as listed, no years
 
 
 def test_years_in_a_title() -> None:

@@ -20,7 +20,7 @@ import secrets
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import zip_longest
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,6 @@ from agent.explain import Reason
 from agent.schemas import RecommendedItem
 from agent.service import Ranked, RecommenderService, UnknownUserError
 from retrieval.filters import Filters
-from retrieval.item_text import natural_title
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -849,9 +848,8 @@ class ChatAgent:
         the item or to those liked items (titles, with or without their year, are not claims)."""
         if not got.evidence or not all(e in state.liked for e in got.evidence):
             return False
-        facts = [self.facts(i) for i in (item.item_id, *got.evidence)]
-        plain = [replace(f, label=natural_title(self.catalog.item(f.item_id)["title"])) for f in facts]
-        return rp.claims_hold(got.reason, [*facts, *plain], self.catalog.all_genres)
+        facts = [self.facts(i) for i in (item.item_id, *got.evidence)]  # labels stripped with and without years
+        return rp.claims_hold(got.reason, facts, self.catalog.all_genres)
 
     def _lead(self, state: SessionState) -> str:
         stated = [i for i in state.liked if i not in state.seeded]

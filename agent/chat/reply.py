@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import prompts
 from agent.chat.models import Constraints
-from agent.explanation_checks import genre_claims, strip_titles, year_claims
+from agent.explanation_checks import genre_claims, strip_titles, unsupported_years
 from retrieval.item_text import title_years, without_year
 
 CF_SOURCES = {"sequential", "ease"}
@@ -47,9 +47,7 @@ def claims_hold(text: str, facts: Sequence[ItemFacts], all_genres: Sequence[str]
     allowed_genres = {g.lower() for f in facts for g in f.genres}
     if genre_claims(body, all_genres) - allowed_genres:
         return False
-    allowed_years = {f.year for f in facts if f.year is not None}
-    years, decades = year_claims(body)
-    return years <= allowed_years and all(any(d <= y < d + 10 for y in allowed_years) for d in decades)
+    return not unsupported_years(body, {f.year for f in facts if f.year is not None})
 
 
 def closest_like(item: ItemFacts, likes: Sequence[ItemFacts], stated: set[str]) -> tuple[ItemFacts | None, list[str]]:

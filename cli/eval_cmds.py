@@ -46,10 +46,13 @@ def eval_retrieval(
         tuning = rv.tune_and_store(index, split, spec, lists["validation"])
         lists["validation"], cf_config, fusion = tuning.lists, tuning.cf, index.manifest.fusion
         console.print(f"[green]tuned[/] weights {tuning.weights}, EASE lambda {cf_config.ease_lambda:g} "
-                      f"(validation NDCG@10 {tuning.score:.4f}); stored with the index")
+                      f"(validation NDCG@10 {tuning.score:.4f}); {rv.served_line(fusion.learned)}; stored with "
+                      "the index")
     lists["test"] = rv.collect_lists(index, split, "test", cf_config=cf_config)
     t0 = time.perf_counter()
-    results = rv.evaluate(lists, fusion.weights, n_boot=n_boot, seed=seed)
+    # the learned fusion's rows: the one stored, or the one just trained and not kept (it lost on validation)
+    learned = fusion.learned or (tuning.learned.fusion if tuning and tuning.learned else None)
+    results = rv.evaluate(lists, fusion.weights, n_boot=n_boot, seed=seed, learned=learned, catalog=cat)
     sensitivity = rv.tie_sensitivity(index, cat, spec, results, fusion.weights, cf_config, n_boot=n_boot)
     REPORTS.mkdir(exist_ok=True)
     command = (f"recagent eval retrieval --catalog {catalog} --ties {spec.ties} --seed {spec.seed}"
@@ -59,10 +62,12 @@ def eval_retrieval(
              "CF fitted only on what each part may see",
              f"fused weights: {json.dumps(fusion.weights, sort_keys=True)} (tuned: {fusion.tuned}); "
              f"EASE lambda {cf_config.ease_lambda:g}{' (tuned on validation)' if tuning else ''}",
+             rv.served_line(fusion.learned),
              f"command: {command}", f"machine: {machine_line()}"]
     (REPORTS / f"retrieval-{catalog}.md").write_text(
         rv.markdown(results, f"Retrieval evaluation: {catalog}", notes, sensitivity, tuning))
-    report = {"catalog": catalog, "split": spec.provenance(), "fusion": fusion.model_dump(),
+    report = {"catalog": catalog, "split": spec.provenance(), "fusion": fusion.model_dump(exclude={"learned"}),
+              "learned_fusion": fusion.learned.model_dump(exclude={"model"}) if fusion.learned else None,
               "cf": cf_config.model_dump(), "results": results, "sensitivity": sensitivity, "notes": notes}
     if tuning:
         report["tuning"] = {f"{lam:g}": dataclasses.asdict(p) for lam, p in tuning.by_lambda.items()}

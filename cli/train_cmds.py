@@ -124,7 +124,9 @@ def train_embedder(
             build_index(cat, cat.root / "index", encoder=tuned_ref(folder), progress=False)
         index = load_index(cat)
         tuning = rv.tune_and_store(index, split_catalog(cat, spec), spec, progress=False)
-        record_fusion(folder, tuning.weights, tuning.cf.ease_lambda, index.manifest.fusion.tuned_on or "validation")
+        learned = index.manifest.fusion.learned
+        record_fusion(folder, tuning.weights, tuning.cf.ease_lambda, index.manifest.fusion.tuned_on or "validation",
+                      learned=learned.model_dump(mode="json") if learned else None)
         console.print(f"[green]index rebuilt[/] with encoder {index.manifest.encoder.name}; fusion re-tuned on "
                       f"validation: {tuning.weights}, EASE lambda {tuning.cf.ease_lambda:g} (NDCG@10 "
                       f"{tuning.score:.4f})")

@@ -151,13 +151,25 @@ def load_provenance(folder: Path) -> EncoderProvenance:
     return EncoderProvenance.model_validate(json.loads(path.read_text()))
 
 
-def record_fusion(folder: Path, weights: dict[str, float], ease_lambda: float, how: str) -> None:
-    """Keep the fusion tuned with this encoder in its provenance, so a new index built with it starts there."""
+def record_fusion(folder: Path, weights: dict[str, float], ease_lambda: float, how: str,
+                  learned: dict[str, Any] | None = None) -> None:
+    """Keep the fusion tuned with this encoder in its provenance (the weights, EASE's lambda and the learned fusion
+    ranker where one beat the weights), so a new index built with it starts there."""
     from retrieval.catalog import atomic_write_json
 
     prov = load_provenance(folder)
     prov.fusion = {"weights": weights, "ease_lambda": ease_lambda, "tuned_on": how}
+    if learned is not None:
+        prov.fusion["learned"] = learned
     atomic_write_json(folder / PROVENANCE, json.loads(prov.model_dump_json()))
+
+
+def learned_fusion_of(ref: EncoderRef) -> dict[str, Any] | None:
+    """The learned fusion ranker recorded with a tuned encoder (None for the frozen one or where none was kept)."""
+    if ref.path is None or not (Path(ref.path) / PROVENANCE).exists():
+        return None
+    fusion = load_provenance(Path(ref.path)).fusion
+    return fusion.get("learned") if fusion else None
 
 
 def tuned_ref(folder: Path) -> EncoderRef:

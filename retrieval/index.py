@@ -21,10 +21,11 @@ from pydantic import BaseModel, Field
 from retrieval.catalog import Catalog, atomic_write_json, swap_in
 from retrieval.cf import CFConfig, CFModels, fit_cf
 from retrieval.embeddings import Embedder
-from retrieval.encoder import EncoderRef, make_embedder, resolve_encoder, user_vector_fn
+from retrieval.encoder import EncoderRef, learned_fusion_of, make_embedder, resolve_encoder, user_vector_fn
 from retrieval.filter_blocks import FilterBlocks
 from retrieval.filters import genre_key
 from retrieval.item_text import item_text
+from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.provenance import utc_now
 from retrieval.retriever import RETRIEVERS, BlendRetriever
 from retrieval.sources import (
@@ -50,6 +51,10 @@ class FusionConfig(BaseModel):
     pool: int = Field(default=200, ge=10, description="items each source contributes before fusion")
     tuned: bool = False
     tuned_on: str | None = None
+    learned: LearnedFusion | None = Field(
+        default=None, description="the learned fusion ranker (retrieval.learned_fusion), where it beat these weights "
+        "on validation: the fused retriever then ranks with it",
+    )
 
 
 RETIRE_GRACE_S = 600.0  # how long a replaced collection stays queryable for servers still on the old index
@@ -200,8 +205,10 @@ def fusion_for(encoder: EncoderRef, old: IndexManifest | None,
     if encoder.fusion is not None:
         if encoder.ease_lambda is not None:
             cf = cf.model_copy(update={"ease_lambda": encoder.ease_lambda})
+        learned = learned_fusion_of(encoder)
         return FusionConfig(weights=dict(encoder.fusion), tuned=True,
-                            tuned_on=f"validation, with encoder {encoder.name}"), cf
+                            tuned_on=f"validation, with encoder {encoder.name}",
+                            learned=LearnedFusion.model_validate(learned) if learned else None), cf
     return (old.fusion if old else FusionConfig()), cf
 
 
@@ -212,7 +219,14 @@ def collaborative_weights(fusion: FusionConfig, cf: CFConfig) -> FusionConfig:
     have, other = ("als", "ease") if cf.fitted == "als" else ("ease", "als")
     if other in weights:
         weights[have] = weights.get(have, 0.0) + weights.pop(other)
-    return fusion if weights == fusion.weights else fusion.model_copy(update={"weights": weights})
+    learned = fusion.learned
+    if learned is not None and other in learned.sources:  # its features name the model no longer fitted
+        logger.warning("learned fusion dropped: it reads %s, and %s is fitted now; the weights rank until "
+                       "`recagent eval retrieval --tune` re-tunes", other, have)
+        learned = None
+    if weights == fusion.weights and learned is fusion.learned:
+        return fusion
+    return fusion.model_copy(update={"weights": weights, "learned": learned})
 
 
 def read_manifest(folder: Path) -> IndexManifest | None:
@@ -305,6 +319,10 @@ class Index:
             raise ValueError(f"unknown retriever '{name}'; choose one of: {', '.join(RETRIEVERS)}")
         cf = cf or self.cf
         sources = self.sources(cf)
+        learned = self.manifest.fusion.learned
+        if name == "fused" and weights is None and learned is not None:
+            return LearnedRetriever(self.catalog, sources, learned, popularity=cf.popularity,
+                                    pool=self.manifest.fusion.pool)
         if name == "fused":
             chosen = dict(weights if weights is not None else self.manifest.fusion.weights)
             chosen = {n: w for n, w in chosen.items() if n in sources}

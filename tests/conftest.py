@@ -33,6 +33,7 @@ from retrieval.catalog import Catalog, catalog_root, load_catalog
 from retrieval.embeddings import Embedder
 from retrieval.home import configure_offline_environment
 from retrieval.index import Index, load_index, read_manifest
+from retrieval.learned_fusion import LearnedFusion
 from retrieval.vector_store import delete_collection, make_client
 
 # --- environment --------------------------------------------------------------------------------------------
@@ -304,3 +305,18 @@ def running_vllm(home: Path, max_model_len: int, extra_args: Sequence[str] = ())
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_learned_fusion(tiny_index: Index) -> LearnedFusion:
+    """A learned fusion ranker fitted on the tiny catalogue's cut examples (small trees, so that
+    eight users are enough to split on)."""
+    from eval.retrieval_eval import collect_lists, fit_learned
+    from retrieval.learned_fusion import LearnedFusionParams
+    from retrieval.splits import leave_last_out
+
+    split = leave_last_out(tiny_index.catalog.histories())
+    validation = collect_lists(tiny_index, split, "validation", progress=False)
+    params = LearnedFusionParams(cuts=3, n_estimators=20, num_leaves=3, min_child_samples=2)
+    return fit_learned(tiny_index, split, validation, dict(tiny_index.manifest.fusion.weights), params=params,
+                       progress=False).fusion

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import uuid
@@ -23,6 +24,7 @@ from retrieval.embeddings import Embedder
 from retrieval.filters import Filters
 from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, save_cf
 from retrieval.item_text import item_text
+from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.retriever import RETRIEVERS, BlendRetriever
 from retrieval.splits import Case, SplitSpec, leave_last_out, split_catalog
 
@@ -83,17 +85,28 @@ def test_empty_filter_has_no_where() -> None:
 # --- retrieval ----------------------------------------------------------------------------------------------
 
 
-def retriever_named(index: Index, name: str) -> BlendRetriever:
-    """Every retriever of the registry; "als" over ALS fitted on purpose (the tiny catalogue is EASE's size)."""
+LEARNED = "fused (learned)"
+
+
+def retriever_named(index: Index, name: str, learned: LearnedFusion | None = None) -> BlendRetriever:
+    """Every retriever of the registry; "als" over ALS fitted on purpose (the tiny catalogue is EASE's size);
+    LEARNED: "fused" where the manifest holds a learned fusion."""
+    if name == LEARNED:
+        assert learned is not None
+        fusion = index.manifest.fusion.model_copy(update={"learned": learned})
+        index = dataclasses.replace(index, manifest=index.manifest.model_copy(update={"fusion": fusion}))
+        retriever = index.retriever("fused")
+        assert isinstance(retriever, LearnedRetriever)
+        return retriever
     if name == "als":
         cf = index.fit_cf(index.catalog.histories(), CFConfig(collaborative="als", als_factors=8, als_iterations=5))
         return index.retriever("als", cf=cf)
     return index.retriever(name)
 
 
-@pytest.mark.parametrize("name", RETRIEVERS)
-def test_history_is_never_returned(tiny_index: Index, name: str) -> None:
-    retriever = retriever_named(tiny_index, name)
+@pytest.mark.parametrize("name", [*RETRIEVERS, LEARNED])
+def test_history_is_never_returned(tiny_index: Index, tiny_learned_fusion: LearnedFusion, name: str) -> None:
+    retriever = retriever_named(tiny_index, name, tiny_learned_fusion)
     n_items = tiny_index.catalog.n_items
     for user, history in tiny_index.catalog.histories().items():
         got = ids(retriever.retrieve(history, k=n_items))
@@ -101,9 +114,9 @@ def test_history_is_never_returned(tiny_index: Index, name: str) -> None:
         assert len(got) == len(set(got)) == n_items - len(set(history))
 
 
-@pytest.mark.parametrize("name", RETRIEVERS)
-def test_cold_user_with_two_items_gets_k(tiny_index: Index, name: str) -> None:
-    got = retriever_named(tiny_index, name).retrieve(["s1", "a1"], k=5)
+@pytest.mark.parametrize("name", [*RETRIEVERS, LEARNED])
+def test_cold_user_with_two_items_gets_k(tiny_index: Index, tiny_learned_fusion: LearnedFusion, name: str) -> None:
+    got = retriever_named(tiny_index, name, tiny_learned_fusion).retrieve(["s1", "a1"], k=5)
     assert len(got) == 5
     assert {"s1", "a1"}.isdisjoint(ids(got))
 
@@ -129,9 +142,11 @@ def test_free_text_is_heard_where_tuning_gave_content_no_weight(tiny_index: Inde
     assert {"a1", "a2"} & set(with_history)
 
 
-def test_genre_filter_keeps_only_that_genre(tiny_index: Index) -> None:
+@pytest.mark.parametrize("name", ["fused", LEARNED])
+def test_genre_filter_keeps_only_that_genre(tiny_index: Index, tiny_learned_fusion: LearnedFusion, name: str) -> None:
     catalog = tiny_index.catalog
-    got = tiny_index.retriever("fused").retrieve(["s1", "s2"], k=10, filters=Filters(genres=["drama"]))
+    got = retriever_named(tiny_index, name, tiny_learned_fusion).retrieve(["s1", "s2"], k=10,
+                                                                           filters=Filters(genres=["drama"]))
     assert got, "the filter allows four items"
     assert all("Drama" in catalog.item(c.item_id)["genres"] for c in got)  # type: ignore[operator]
     assert len(got) == 4  # all drama items, topped up by popularity
@@ -402,6 +417,11 @@ def test_eval_retrieval_command_tunes_and_reports_both_tie_rules(tiny_catalog: C
     assert "## Tie-rule sensitivity" in markdown_text and "--ties random --seed 2 --tune" in markdown_text
     manifest = load_index(load_catalog(scratch_catalog_name), embedder=embedder).manifest
     assert manifest.fusion.tuned and manifest.cf.ease_lambda == report["cf"]["ease_lambda"]
+    # the learned fusion was trained and measured on validation; kept (and reported on test) only where it won
+    assert "## Learned fusion" in markdown_text and LEARNED in payload["validation"] and LEARNED in payload["test"]
+    kept = manifest.fusion.learned is not None
+    assert kept == (report["learned_fusion"] is not None)
+    assert ("served fusion: the learned ranker" in markdown_text) == kept
 
 
 @pytest.mark.parametrize("command", [["retrieval"], ["rerank"], ["chat"], ["speed"], ["all"]])

@@ -173,23 +173,19 @@ class LearnedRetriever(BlendRetriever):
         if missing:
             raise ValueError(f"the learned fusion reads sources {missing} that this index lacks "
                              f"(it has {sorted(sources)}); re-tune with `recagent eval retrieval --tune`")
-        self.blend_sources = self.sources
-        self.sources = {n: sources[n] for n in fusion.sources}
+        self.learned_sources = {n: sources[n] for n in fusion.sources}  # self.sources: the blend's, for text
         self.fusion = fusion
         self.side = ItemSide.of(catalog, popularity)
 
     def retrieve(self, history: Sequence[str], k: int, filters: Filters | None = None,
                  query: str | None = None) -> list[Candidate]:
         if query:
-            self.sources, learned = self.blend_sources, self.sources
-            try:
-                return super().retrieve(history, k, filters, query)
-            finally:
-                self.sources = learned
+            return super().retrieve(history, k, filters, query)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         q = self.query(history, filters, None)
-        lists = self.source_lists(q, max(self.pool, k))
+        n = max(self.pool, k)
+        lists = {name: source.top(q, n) for name, source in self.learned_sources.items()}
         positions = np.asarray(sorted({p for ranked in lists.values() for p, _ in ranked}), dtype=np.int64)
         slot = {int(p): i for i, p in enumerate(positions)}
         norm: dict[str, np.ndarray] = {}

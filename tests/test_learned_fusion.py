@@ -79,7 +79,8 @@ def test_scores_come_from_the_ranker_and_text_queries_from_the_weights(tiny_inde
     assert not isinstance(blend, LearnedRetriever)  # explicit weights: the blend (what the evaluation grids)
     text = "astronauts and aliens on a starship in deep space"
     assert learned.retrieve(["d1"], k=4, query=text) == blend.retrieve(["d1"], k=4, query=text)
-    assert set(learned.sources) == set(tiny_learned_fusion.sources)  # restored after the text query
+    assert isinstance(learned, LearnedRetriever)
+    assert list(learned.learned_sources) == tiny_learned_fusion.sources and set(learned.sources) == set(blend.sources)
 
 
 def test_a_switch_to_als_drops_a_ranker_that_reads_ease(tiny_learned_fusion: LearnedFusion) -> None:

@@ -53,6 +53,7 @@ def eval_retrieval(
     # the learned fusion's rows: the one stored, or the one just trained and not kept (it lost on validation)
     learned = fusion.learned or (tuning.learned.fusion if tuning and tuning.learned else None)
     results = rv.evaluate(lists, fusion.weights, n_boot=n_boot, seed=seed, learned=learned, catalog=cat)
+    gain = rv.learned_gain(lists, fusion.weights, learned, cat, n_boot=n_boot, seed=seed) if learned else None
     sensitivity = rv.tie_sensitivity(index, cat, spec, results, fusion.weights, cf_config, n_boot=n_boot)
     REPORTS.mkdir(exist_ok=True)
     command = (f"recagent eval retrieval --catalog {catalog} --ties {spec.ties} --seed {spec.seed}"
@@ -65,10 +66,12 @@ def eval_retrieval(
              rv.served_line(fusion.learned),
              f"command: {command}", f"machine: {machine_line()}"]
     (REPORTS / f"retrieval-{catalog}.md").write_text(
-        rv.markdown(results, f"Retrieval evaluation: {catalog}", notes, sensitivity, tuning))
+        rv.markdown(results, f"Retrieval evaluation: {catalog}", notes, sensitivity, tuning, gain))
     report = {"catalog": catalog, "split": spec.provenance(), "fusion": fusion.model_dump(exclude={"learned"}),
               "learned_fusion": fusion.learned.model_dump(exclude={"model"}) if fusion.learned else None,
               "cf": cf_config.model_dump(), "results": results, "sensitivity": sensitivity, "notes": notes}
+    if gain:
+        report["learned_minus_weights"] = gain
     if tuning:
         report["tuning"] = {f"{lam:g}": dataclasses.asdict(p) for lam, p in tuning.by_lambda.items()}
     (REPORTS / f"retrieval-{catalog}.json").write_text(json.dumps(report, indent=2))
@@ -363,6 +366,8 @@ def eval_speed(
     else:
         built = "not measured (--skip-build)"
     weights = ", ".join(f"{n} {w:g}" for n, w in ret["weights"].items())
+    if ret.get("learned"):  # the learned fusion ranks; it reads every source, the content one included
+        weights = f"learned fusion over {', '.join(ret['learned'])}; weights {weights} for text queries"
     md = [f"# Retrieval speed: {catalog}", "", "| measure | value |", "|---|---|",
           f"| index build from nothing (empty embedding cache) | {built} |",
           f"| retrieve p50 / p95 (k={k}, filter genre={genre}) | {ret['p50_ms']:.1f} / {ret['p95_ms']:.1f} ms |",

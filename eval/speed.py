@@ -64,7 +64,8 @@ def time_retrieve(catalog: Catalog, users: int = 200, k: int = 50, seed: int = 0
             "p95_ms": float(np.quantile(filtered, 0.95)), "unfiltered_p50_ms": statistics.median(unfiltered),
             "unfiltered_p95_ms": float(np.quantile(unfiltered, 0.95)), "mean_history": mean_history,
             "index_load_seconds": load_seconds, "retriever": "fused",
-            "weights": {n: w for n, w in retriever.weights.items() if w > 0}}
+            "weights": {n: w for n, w in retriever.weights.items() if w > 0},
+            "learned": index.manifest.fusion.learned.sources if index.manifest.fusion.learned else None}
 
 
 def cpu_line() -> str:

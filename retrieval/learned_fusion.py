@@ -44,15 +44,17 @@ BASE_FEATURES = ("linear", "log_popularity", "log_history", "genre_fit", "year_g
 
 
 class LearnedFusionParams(BaseModel):
-    """How the ranker is trained (LightGBM's LGBMRanker) and on how many cuts of each training history."""
+    """How the ranker is trained (LightGBM's LGBMRanker) and on how many cuts of each training history. Defaults
+    chosen on ML-100k validation NDCG@10 among cuts 4 / 8 and min_child_samples 200 / 50 (.1218, .1222, .1238,
+    .1271; the tuned weights: .1241)."""
 
-    cuts: int = Field(default=4, ge=1, le=20, description="examples per user: the last `cuts` training items, each "
+    cuts: int = Field(default=8, ge=1, le=20, description="examples per user: the last `cuts` training items, each "
                       "predicted from the items before it with CF fitted without it")
     objective: str = Field(default="rank_xendcg", description="LightGBM ranking objective")
     n_estimators: int = Field(default=300, ge=1)
     learning_rate: float = Field(default=0.05, gt=0)
     num_leaves: int = Field(default=7, ge=2)
-    min_child_samples: int = Field(default=200, ge=1)
+    min_child_samples: int = Field(default=50, ge=1)
     seed: int = 0
 
 

@@ -421,6 +421,8 @@ def test_eval_retrieval_command_tunes_and_reports_both_tie_rules(tiny_catalog: C
     assert "## Learned fusion" in markdown_text and LEARNED in payload["validation"] and LEARNED in payload["test"]
     kept = manifest.fusion.learned is not None
     assert kept == (report["learned_fusion"] is not None)
+    gain = report["learned_minus_weights"]["test"]["ndcg@10"]
+    assert gain["lo"] <= gain["mean"] <= gain["hi"] and "Learned fusion minus the weights" in markdown_text
     assert ("served fusion: the learned ranker" in markdown_text) == kept
 
 

@@ -1,7 +1,8 @@
 """The retrieval seam: ``Retriever.retrieve(history, k, filters=None, query=None) -> list[Candidate]``.
 
-Every retriever is a linear blend of per-user min-max normalised source scores; a single-source baseline is
-a blend with one weight. Implementations are chosen by name from :data:`RETRIEVERS`.
+Every retriever here is a linear blend of per-user min-max normalised source scores; a single-source baseline is
+a blend with one weight. Implementations are chosen by name from :data:`RETRIEVERS`; "fused" is the learned fusion
+(:mod:`retrieval.learned_fusion`, a subclass of the blend) where the index holds one.
 """
 
 from __future__ import annotations

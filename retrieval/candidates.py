@@ -15,7 +15,8 @@ class SourceHit(BaseModel):
 
 class Candidate(BaseModel):
     item_id: str
-    score: float = Field(description="fused retrieval score (per-user normalised source scores, blended)")
+    score: float = Field(description="fused retrieval score: the blend of per-user normalised source scores, or the "
+                         "learned fusion's score (any real number; only the order within one list means anything)")
     sources: list[SourceHit] = Field(default_factory=list)
 
 

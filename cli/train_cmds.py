@@ -34,9 +34,15 @@ def train_ranker(
     ties: str = ties_option(),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint of an interrupted run"),
     output: Path | None = typer.Option(None, "--output", help="ranker folder (default RECAGENT_HOME/rankers/NAME)"),
+    export: Path | None = typer.Option(None, "--export", help="write the encoded examples, recipe and base model "
+                                       "to this folder for `python -m agent.ranker.accelerated` on another "
+                                       "machine, instead of training here"),
+    from_run: Path | None = typer.Option(None, "--from-run", help="finish a run of agent.ranker.accelerated (its "
+                                         "output folder): choose alpha and the window here, install the ranker"),
 ) -> None:
     """LoRA-train the in-process LLM to rank the retriever's candidates for the next item (training part of the
-    histories only); keeps the best adapter by validation NDCG@10, chooses alpha and the window on validation."""
+    histories only); keeps the best adapter by validation NDCG@10, chooses alpha and the window on validation.
+    With --export / --from-run the training itself runs on another machine (an accelerator's)."""
     setup()
     from agent.llm.config import LLMConfig
     from agent.llm.transformers_backend import TransformersBackend
@@ -63,7 +69,14 @@ def train_ranker(
     with console.status("loading the LLM"):
         backend = TransformersBackend(llm.model_copy(update={"thread_policy": "fixed"}))
     trainer = RankerTrainer(index, backend, config, spec, out=output)
-    provenance = trainer.run(resume=resume)
+    if export is not None and from_run is not None:
+        fail("--export and --from-run are two ends of one run: give one of them")
+    if export is not None:
+        folder = guarded(lambda: trainer.export(export))
+        console.print(f"[green]exported[/] to {folder}; train with `python -m agent.ranker.accelerated {folder} "
+                      "OUT`, then `recagent train ranker --from-run OUT`")
+        return
+    provenance = guarded(lambda: trainer.finish_from(from_run)) if from_run is not None else trainer.run(resume)
     from eval.ranker_report import write_training_report
 
     report = write_training_report(provenance, Path("reports"))

@@ -19,6 +19,10 @@ def write_training_report(provenance: Any, reports: Path) -> Path:
     recipe = train["recipe"]
     lines = [f"# Trained ranker: {provenance.catalog}", "",
              f"- command: `{provenance.command}` (commit {provenance.commit}, seed {provenance.seed})",
+             *([f"- trained elsewhere: exported by `{train['export_command']}`, trained by "
+                f"`{train['run_command']}` on {train['trained_on']}; alpha and the window chosen here"]
+               if "run_command" in train else []),
+             *([f"- note on that run: {train['run_note']}"] if train.get("run_note") else []),
              f"- split: {provenance.split.get('description', provenance.split)}",
              f"- base model: {provenance.base_model}; prompt {provenance.prompt}; LoRA r={recipe['lora_r']} on "
              f"{', '.join(recipe['target_modules'])} of the top {recipe['top_layers']} layers; lr {recipe['lr']}, "
@@ -37,7 +41,8 @@ def write_training_report(provenance: Any, reports: Path) -> Path:
              f"{train['kept_step']} (step 0 = the untrained model)",
              f"- validation: {val['users']} sampled validation users; chosen on them: alpha "
              f"{provenance.choices.alpha}, window {provenance.choices.window}",
-             f"- machine: {machine_line()}", "",
+             f"- machine: {machine_line()}" + (f" (training ran on {train['trained_on']})" if "trained_on" in train
+                                               else ""), "",
              f"![training curve]({stem}-training.png)", "",
              "## Validation NDCG@10 during training (window of the training examples)", "",
              "| step | examples | loss | retrieval | ranker alone | best blend | its alpha |",

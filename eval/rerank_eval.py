@@ -21,7 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from agent.llm.base import LLMBackend
-from agent.rerank import RankInput, RerankConfig, Reranker, fuse
+from agent.rerank import RankInput, RerankConfig, Reranker
+from agent.scoring import fuse
 from agent.service import RecommenderService
 from eval.metrics import bootstrap_ci, paired_bootstrap_diff
 from retrieval.index import Index

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from agent.ranker.artifact import PROVENANCE, resolve_ranker
 from agent.ranker.examples import Example, training_examples
-from agent.ranker.train import fit_retrieval_beta
-from agent.rerank import RankInput, RerankConfig, Reranker, log_odds
+from agent.ranker.loop import fit_retrieval_beta
+from agent.rerank import RankInput, RerankConfig, Reranker
+from agent.scoring import log_odds
 from cli.main import app
 from retrieval.cf import CFModels
 from retrieval.index import Index
@@ -210,3 +211,71 @@ def test_log_odds_has_no_ceiling_and_agrees_across_numpy_and_torch() -> None:
     assert np.allclose(odds[:2], [0.0, np.log(9.0)]) and odds[2] > 13 and odds[3] < -13
     assert np.allclose(log_odds(torch.tensor(logp)).numpy(), odds, atol=1e-4)
     assert np.isfinite(log_odds(np.array([0.0]))).all()  # a certain marker stays finite
+
+
+@pytest.mark.llm
+def test_the_gguf_reader_gives_the_served_weights_bit_for_bit(transformers_backend: Any) -> None:
+    # what a training machine with another transformers release loads is exactly what is served here
+    from safetensors.torch import load_file
+
+    from agent.llm.gguf_state import gguf_state_dict
+    from agent.llm.model_files import source_gguf
+
+    gguf = source_gguf(Path(transformers_backend.model_dir))
+    assert gguf is not None and gguf.stat().st_size < 0.5 * (Path(transformers_backend.model_dir)
+                                                            / "model.safetensors").stat().st_size
+    served = load_file(str(Path(transformers_backend.model_dir) / "model.safetensors"))
+    read = gguf_state_dict(gguf)
+    assert set(read) == set(served)
+    assert all(read[k].dtype == served[k].dtype and bool((read[k] == served[k]).all()) for k in served)
+    assert source_gguf(Path("/elsewhere/some-model")) is None
+
+
+@pytest.mark.llm
+@pytest.mark.slow
+def test_a_ranker_trained_on_another_machine_from_an_export(tiny_index: Index, transformers_backend: Any,
+                                                             tmp_path: Path) -> None:
+    from agent.ranker import accelerated
+    from agent.ranker.train import RankerTrainer, TrainConfig
+
+    out = tmp_path / "ranker"
+    config = TrainConfig(window=4, windows=[3, 5], min_history=1, folds=2, batch_size=2, eval_every=1, val_users=4,
+                         lora_r=4, top_layers=2)
+    trainer = RankerTrainer(tiny_index, transformers_backend, config, SplitSpec(), out=out, progress=False)
+    export = trainer.export(tmp_path / "export")
+    recipe = json.loads((export / accelerated.RECIPE).read_text())
+    assert (export / recipe["base"]["gguf"]).exists() and (export / "config" / "config.json").exists()
+    assert recipe["content_hash"] == tiny_index.manifest.content_hash and len(recipe["val_users"]) == 4
+
+    # the training machine needs none of the serving stack: the entry point imports the loop and the GGUF reader
+    probe = ("import sys, agent.ranker.accelerated, agent.llm.gguf_state; print(sorted({m.split('.')[0] for m in "
+             "sys.modules} & {'pydantic', 'chromadb', 'langchain_core', 'retrieval', 'fastapi', 'prompts', "
+             "'sentence_transformers', 'onnxruntime'}))")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "[]"
+
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):  # not an export: argparse names what is missing
+        accelerated.main([str(tmp_path), str(run)])
+    assert accelerated.main([str(export), str(run), "--max-steps", "2", "--device", "cpu", "--quiet",
+                             "--lora-r", "2", "--targets", "q_proj,k_proj,v_proj"]) == 0
+    record = json.loads((run / accelerated.RUN_RECORD).read_text())
+    assert record["result"]["steps"] == 2 and record["recipe"]["lora"]["r"] == 2
+    provenance = trainer.finish_from(run)
+    saved = json.loads((out / PROVENANCE).read_text())
+    assert saved["train"]["steps"] == 2 and saved["train"]["recipe"]["lora_r"] == 2
+    assert saved["train"]["recipe"]["target_modules"] == ["q_proj", "k_proj", "v_proj"]
+    assert "cpu" in saved["train"]["trained_on"] and (out / "adapter_model.safetensors").exists()
+    assert provenance.choices.window in (3, 5) and provenance.validation["users"] == 4
+
+    # a run made from other data is refused, nothing installed from it
+    record["recipe"]["content_hash"] = "another"
+    (run / accelerated.RUN_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="another version"):
+        trainer.finish_from(run)
+    with pytest.raises(ValueError, match="run.json"):
+        trainer.finish_from(tmp_path)

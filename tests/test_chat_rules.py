@@ -266,3 +266,22 @@ def test_years(message: str, years: tuple[int | None, int | None]) -> None:
 ])
 def test_paraphrases_and_typos(message: str, field: str, value: object) -> None:
     assert parse(message)[field] == value
+
+
+def test_the_api_and_the_chat_word_a_template_reason_alike() -> None:
+    # one sentence shape for the same evidence: the API's template reason and the chat's reply differ only in how
+    # they name the items (the API cites titles without their year; the chat says "this Crime film from 1995")
+    from agent.explain import template_reason
+    from agent.rerank import RankInput
+    from retrieval.evidence import Link
+
+    heat = RankInput("6", "Heat (1995)", "", genres=["Action", "Crime", "Thriller"], year=1995)
+    liked = RankInput("2", "Casino (1995)", "", genres=["Crime", "Drama"], year=1995)
+    api, api_ids = template_reason(heat, [liked])
+    chat, chat_ids = rp.compose_reason(rp.ItemFacts("6", "Heat (1995)", ["Action", "Crime", "Thriller"], 1995),
+                                       [rp.ItemFacts("2", "Casino (1995)", ["Crime", "Drama"], 1995)], set(),
+                                       Constraints(), [])
+    assert api == "Because you liked Casino: it is also Crime." and api_ids == chat_ids == ["2"]
+    assert chat.startswith("Because you liked Casino (1995): it is also Crime")
+    cf, _ = template_reason(heat, [liked], Link("6", "2", "cf", 1.0))
+    assert cf == "Because you liked Casino: viewers who watched it often watched this too."

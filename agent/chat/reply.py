@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import prompts
 from agent.chat.models import Constraints
 from agent.explanation_checks import genre_claims, strip_titles, unsupported_years
+from agent.reason_text import because_you_liked, join_words
 from retrieval.item_text import title_years, without_year
 
 CF_SOURCES = {"sequential", "ease"}
@@ -28,13 +29,6 @@ class ItemFacts:
     year: int | None = None
     description: str = ""
     extra: dict[str, str] = field(default_factory=dict)
-
-
-def join_words(words: Sequence[str], last: str = "and") -> str:
-    words = list(words)
-    if len(words) <= 1:
-        return "".join(words)
-    return f"{', '.join(words[:-1])} {last} {words[-1]}"
 
 
 def claims_hold(text: str, facts: Sequence[ItemFacts], all_genres: Sequence[str]) -> bool:
@@ -86,12 +80,8 @@ def compose_reason(
     year = f" from {item.year}" if item.year and not title_years(item.label) else ""
     kind = f"{join_words(shared or item.genres[:2])} film" if (shared or item.genres) else "film"
     cf = signal == "cf" or (signal is None and not shared and bool(CF_SOURCES.intersection(sources)))
-    if like is not None and cf:
-        text = f"Because you liked {like.label}: viewers who watched it often watched this {kind}{year} too"
-    elif like is not None and shared:
-        text = f"Because you liked {like.label}: it is also {join_words(shared)}{year}"
-    elif like is not None:
-        text = f"Because you liked {like.label}: this {kind}{year} is close to it in content"
+    if like is not None:
+        text = because_you_liked(like.label, shared, "cf" if cf else None, f"this {kind}", year)
     elif constraints.mood:
         text = f"Matches what you asked for ({prompts.clean_text(constraints.mood, 40)})"
     elif constraints.genres:

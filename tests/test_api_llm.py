@@ -138,7 +138,10 @@ def test_a_score_pass_runs_between_the_layers_of_a_background_pass(real_backend:
                               "", ["A", "B"])
     score = ScoreRequest([system, {"role": "user", "content": "Liked: Fargo. Options: A Babe B Se7en C Big"}],
                          "", ["A", "B", "C"])
-    alone = inner.score_labels(background), inner.score_labels(score)
+    # each pass alone, in the cache state it meets below (bf16 scores depend on how much of the prompt was cached:
+    # a pass whose whole prompt is cached recomputes only its last token, and on some CPUs that rounds differently)
+    inner.score_labels(background)
+    alone = inner.score_labels(background), inner.score_labels(score)  # whole prompt cached / the system prefix
     inner.score_labels(background)  # the shared cache now holds the background prompt: the score pass crops it
 
     order: list[str] = []

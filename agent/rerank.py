@@ -171,6 +171,11 @@ class RerankConfig(BaseModel):
         return None if index.catalog.root is None else rankers_dir(index.catalog.name).with_name(
             f"{index.catalog.name}.{RERANK_FILE}")
 
+    def window(self, mode: str) -> int:
+        """Candidates a pass of ``mode`` reranks: the score window; generate mode at most its own
+        (``generate_window``), so a trained ranker's larger score window does not widen it."""
+        return self.max_candidates if mode == "score" else min(self.max_candidates, self.generate_window)
+
     def alpha(self, mode: str) -> float:
         return self.modes.get(mode, ModeConfig()).alpha
 
@@ -355,9 +360,7 @@ class Reranker:
         t0 = time.perf_counter()
         seen = {h.item_id for h in history}
         everything = [c for c in candidates if c.item_id not in seen]
-        window = self.config.max_candidates if mode == "score" else min(self.config.max_candidates,
-                                                                         self.config.generate_window)
-        candidates = everything[:window]
+        candidates = everything[:self.config.window(mode)]
         tail = everything[len(candidates): max(k, len(candidates))]
         k = min(k, len(candidates))
         answer = self._rerank_window(history, candidates, k, mode, deadline, alpha, t0)

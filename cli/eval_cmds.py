@@ -200,7 +200,7 @@ def eval_rerank(
             fail(f"--window {window}: the zero-shot label scorer takes at most 26 candidates")
         config.max_candidates = window
     split = split_catalog(cat, spec)
-    evaluator = rx.RerankEvaluator(index, backend, config, n_candidates=rx.retrieved_window(config, mode))
+    evaluator = rx.RerankEvaluator(index, backend, config, n_candidates=config.window(mode))
     report: dict[str, object] = {"catalog": catalog, "mode": mode, "split": spec.provenance(), "parts": {}}
     bias = None
     REPORTS.mkdir(exist_ok=True)

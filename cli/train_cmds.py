@@ -38,7 +38,8 @@ def train_ranker(
                                        "to this folder for `python -m agent.ranker.accelerated` on another "
                                        "machine, instead of training here"),
     from_run: Path | None = typer.Option(None, "--from-run", help="finish a run of agent.ranker.accelerated (its "
-                                         "output folder): choose alpha and the window here, install the ranker"),
+                                         "output folder): choose alpha and the window here, install the ranker; the "
+                                         "run's recorded recipe is used, the training options here are ignored"),
 ) -> None:
     """LoRA-train the in-process LLM to rank the retriever's candidates for the next item (training part of the
     histories only); keeps the best adapter by validation NDCG@10, chooses alpha and the window on validation.

@@ -134,12 +134,6 @@ def sample_cases(cases: Sequence[Case], users: int | None, seed: int) -> list[Ca
     return sorted(rng.sample(list(cases), users), key=lambda c: c.user_id)
 
 
-def retrieved_window(config: RerankConfig, mode: str) -> int:
-    """Candidates retrieved per user: the reranker's window in score mode; generate mode reranks at most its
-    own window (``generate_window``), so a trained ranker's larger score window does not widen what it is given."""
-    return config.max_candidates if mode == "score" else min(config.max_candidates, config.generate_window)
-
-
 class RerankEvaluator:
     def __init__(self, index: Index, backend: LLMBackend, config: RerankConfig | None = None,
                  n_candidates: int | None = None) -> None:

@@ -149,11 +149,9 @@ def test_retrieval_answer_keeps_order_and_flags() -> None:
     assert answer.degraded and answer.items[0].llm_score is None
 
 
-def test_the_evaluator_gives_generate_mode_its_own_window() -> None:
+def test_generate_mode_keeps_its_own_window() -> None:
     # a trained ranker scores 50 candidates; generate mode reranks at most its 20, so it is evaluated on 20
-    from eval.rerank_eval import retrieved_window
-
     config = RerankConfig()
-    assert retrieved_window(config, "score") == retrieved_window(config, "generate") == 20
+    assert config.window("score") == config.window("generate") == 20
     config.use_trained(None, "trained:test", "rerank_trained.v2", " §", alpha=0.2, window=50)
-    assert retrieved_window(config, "score") == 50 and retrieved_window(config, "generate") == 20
+    assert config.window("score") == 50 and config.window("generate") == 20

@@ -35,6 +35,7 @@ from agent.chat.models import ChatItem, Constraints, PendingChoice, SessionState
 from agent.chat.state import SessionNotFoundError, SessionStore, valid_session_id
 from agent.chat.titles import Resolution, TitleResolver, normalise_title
 from agent.explain import Reason
+from agent.reason_text import join_words
 from agent.schemas import RecommendedItem
 from agent.service import Ranked, RecommenderService, UnknownUserError
 from retrieval.filters import Filters
@@ -363,7 +364,7 @@ class ChatAgent:
                     labels = [self.resolver.label(i) for i in options]
                     notes.lines.append(
                         f'By "{prompts.clean_text(res.mention, 60)}" did you mean '
-                        f"{rp.join_words(labels, 'or')}? I went with {labels[0]}; "
+                        f"{join_words(labels, 'or')}? I went with {labels[0]}; "
                         "name the other one to switch."
                     )
                     state.pending = _pending(res, slot)
@@ -441,7 +442,7 @@ class ChatAgent:
         kept, dropped = self._update_constraints(state, intent, message, new_reference=bool(reference),
                                                  free_text=free_text)
         if reference and (kept or dropped):
-            said = [f"Keeping: {kept}" if kept else "", f"dropped: {rp.join_words(dropped)}" if dropped else ""]
+            said = [f"Keeping: {kept}" if kept else "", f"dropped: {join_words(dropped)}" if dropped else ""]
             note = "; ".join(s for s in said if s)
             notes.lines.append(note[0].upper() + note[1:] + ".")
 
@@ -574,7 +575,7 @@ class ChatAgent:
             logger.error("why answer failed the metadata check session=%s item=%s", state.session_id, target)
             if evidence is not None:
                 return f"I suggested {facts.label} because you liked {evidence[0].label}."
-            return f"{facts.label} is {rp.join_words(facts.genres)}."
+            return f"{facts.label} is {join_words(facts.genres)}."
         return text
 
     def _evidence(self, state: SessionState, target: str) -> tuple[rp.ItemFacts, str] | None:
@@ -700,7 +701,7 @@ class ChatAgent:
         if use_llm and explain and self.config.llm_explain:
             job = _Reasons(Ranked(answer.model_copy(update={"items": kept}), ranked.history, ranked.candidates),
                            items, deadline)
-        picks = rp.join_words([self.resolver.label(i.item_id) for i in items])
+        picks = join_words([self.resolver.label(i.item_id) for i in items])
         return f"{self._lead(state)}{picks}.", items, degraded, job
 
     def _tool_picks(self, state: SessionState, notes: _Notes, deadline: float) -> list[str]:
@@ -859,10 +860,10 @@ class ChatAgent:
         within = f" ({constraint})" if constraint else ""
         reference = [i for i in state.reference if i in state.liked]
         if reference:
-            like = rp.join_words([self.resolver.label(i) for i in reference[-3:]])
+            like = join_words([self.resolver.label(i) for i in reference[-3:]])
             return f"For films like {like}{within}, {picks}: "
         if stated:
-            liked = rp.join_words([self.resolver.label(i) for i in stated[-3:]])
+            liked = join_words([self.resolver.label(i) for i in stated[-3:]])
             return f"Since you liked {liked}{within}, {picks}: "
         if state.seeded:
             return f"Going by your recent favourites{within}, {picks}: "

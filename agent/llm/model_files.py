@@ -44,7 +44,7 @@ def smollm2_gguf(home: Path) -> Path:
 
 def source_gguf(model_dir: Path, home: Path | None = None) -> Path | None:
     """The GGUF that ``model_dir`` was converted from (fetched again if its copy is gone), or None for a model
-    folder of another origin. A quarter of the converted folder's size: what travels to a training machine."""
+    folder of another origin. About a third of the converted folder's size: what travels to a training machine."""
     home = home or recagent_home()
     if Path(model_dir).resolve() != (models_dir(home) / MODEL_NAME).resolve():
         return None

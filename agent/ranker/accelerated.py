@@ -35,17 +35,18 @@ def load_base(export: Path, recipe: dict[str, Any], device: Any) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     base = recipe["base"]
+    dtype = getattr(torch, recipe.get("dtype", "bfloat16"))  # the served model's, recorded by the export
     if "gguf" in base:
         from agent.llm.gguf_state import gguf_state_dict
 
         config = AutoConfig.from_pretrained(str(export / "config"))
-        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-        missing, unexpected = model.load_state_dict(gguf_state_dict(export / base["gguf"]), strict=False)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+        missing, unexpected = model.load_state_dict(gguf_state_dict(export / base["gguf"], dtype), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise ValueError(f"the GGUF does not fit the model: missing {missing}, unexpected {unexpected}")
         model.tie_weights()
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(export / base["folder"]), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(str(export / base["folder"]), dtype=dtype)
     return model.to(device)
 
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--lora-r", type=int)
+    parser.add_argument("--lora-r", type=int, help="LoRA rank (its alpha is set to twice the rank)")
     parser.add_argument("--targets", help="comma-separated module names, e.g. q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--top-layers", type=int)
     parser.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")

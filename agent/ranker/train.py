@@ -192,20 +192,23 @@ class RankerTrainer:
             model = get_peft_model(base, LoraConfig(**self.lora_config()))
         result = train_loop(model, train, val_window, self.loop_config(), self.marker_id, ckpt, resume=resume,
                             progress=self.progress)
-        return self.finish(ckpt / "best", result, stats, val, where=f"this machine ({machine()})")
+        return self.finish(ckpt / "best", result, stats, val, where=f"this machine ({machine()})",
+                           base=model.unload())
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.out.with_name(f".{self.out.name}-checkpoint")
 
     def finish(self, adapter: Path, result: LoopResult, stats: dict[str, Any], val: Sequence[Example],
-               where: str) -> RankerProvenance:
-        """The kept adapter, on a clean base model, chooses alpha and the serving window on the validation users
-        (scored here, as serving will), then the ranker folder is written with its provenance."""
+               where: str, base: Any = None) -> RankerProvenance:
+        """The kept adapter, on a clean base model (``base``: the training copy with its adapter unloaded; else
+        loaded), chooses alpha and the serving window on the validation users (scored here, as serving will), then
+        the ranker folder is written with its provenance."""
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(self.backend.model_dir, dtype=self.backend.dtype)
+        if base is None:
+            base = AutoModelForCausalLM.from_pretrained(self.backend.model_dir, dtype=self.backend.dtype)
         chosen = PeftModel.from_pretrained(base, str(adapter))
         chosen.eval()
         causal = chosen.base_model.model
@@ -253,7 +256,8 @@ class RankerTrainer:
             base = {"folder": "base"}
         atomic_write_json(staging / RECIPE, {
             "catalog": self.index.catalog.name, "content_hash": self.index.manifest.content_hash,
-            "base": base, "dtype": "bfloat16", "marker_id": self.marker_id, "lora": self.lora_config(),
+            "base": base, "dtype": str(self.backend.dtype).removeprefix("torch."), "marker_id": self.marker_id,
+            "lora": self.lora_config(),
             "loop": dataclasses.asdict(self.loop_config()), "recipe": self.config.model_dump(), "stats": stats,
             "split": self.spec.provenance(), "val_users": [e.user_id for e in val], "command": command_line(),
             "commit": git_commit(), "created": utc_now()})

@@ -170,7 +170,8 @@ def eval_chat(
             "(seeded per user) from the simulator's own templates with paraphrases and typos (eval/chat_sim.py)",
             f"protocol: test targets of the split ({spec.describe()}); CF models fitted without them; no user id is "
             "passed to the agent",
-            f"LLM: {payload['model'] or 'none'}; simulated users {sim_seconds:.0f}s; machine: {machine_line()}",
+            f"LLM: {payload['model'] or 'none'}{_ranker_note(service)}; simulated users {sim_seconds:.0f}s; "
+            f"machine: {machine_line()}",
         ]
     if "heldout" in payload:
         agents = ", ".join(payload["heldout"]["results"])
@@ -195,6 +196,15 @@ def eval_chat(
         return
     out.print(text)
     console.print(f"report: {md_path} ({seconds:.0f}s)")
+
+
+def _ranker_note(service: Any) -> str:
+    """Which ranker scored the LLM agent's candidates, with its alpha and window (alpha 0: the retrieval order)."""
+    reranker = getattr(service, "reranker", None)
+    if reranker is None:
+        return ""
+    config = reranker.config
+    return f", ranker {config.ranker} (score mode, alpha {config.alpha('score'):g}, window {config.window('score')})"
 
 
 def report_markdown(payload: dict[str, Any], notes: list[str], sim_markdown: Any, heldout_markdown: Any) -> str:

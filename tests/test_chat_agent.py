@@ -319,3 +319,33 @@ def test_why_answers_cite_the_items_evidence(agent: ChatAgent) -> None:
     assert "haven't recommended" in other.reply and "What ties it to your likes: Because you liked" in other.reply
     liked = agent.respond(turn.session_id, "why Star Voyager?")
     assert "one you told me you liked" in liked.reply
+
+
+def test_genres_asked_together_put_the_items_with_all_of_them_first(agent: ChatAgent, tiny_catalog: Catalog) -> None:
+    # in retrieval order (together_weight 0) Orbit of Mars (Sci-Fi only) and Witness for the Court (Drama only)
+    # come second
+    for message, asked in (("I liked Star Voyager. Something sci-fi and adventure?", {"Sci-Fi", "Adventure"}),
+                           ("I liked Twelve Verdicts. something drama and crime", {"Drama", "Crime"})):
+        turn = agent.respond(None, message)
+        assert_sane(turn, tiny_catalog)
+        got = [set(i.genres) for i in turn.items]
+        assert len(got) >= 3 and all(g & asked for g in got)  # any of them passes the filter
+        both = [asked <= g for g in got]
+        assert both == sorted(both, reverse=True) and not all(both), turn.items  # all of them first, then the rest
+        state = agent.store.get(turn.session_id)
+        assert state is not None and set(state.constraints.genres) == asked
+
+
+def test_soft_order_moves_items_with_more_of_the_genres_asked_together_up() -> None:
+    from agent.chat.agent import _soft_order
+    from agent.schemas import RecommendedItem
+
+    def rec(item_id: str, genres: list[str]) -> RecommendedItem:
+        return RecommendedItem(item_id=item_id, title=item_id, rank=1, score=0.0, retrieval_score=0.0, genres=genres)
+
+    recs = [rec("one", ["Action"]), rec("both", ["Action", "Adventure"]), rec("other", ["Adventure"])]
+    together = {"Action", "Adventure"}
+    assert [r.item_id for r in _soft_order(recs, set(), set(), set(), 0.5, 0.5, together, 1.0)][0] == "both"
+    # weight 0: the given (retrieval) order
+    assert [r.item_id for r in _soft_order(recs, set(), set(), set(), 0.5, 0.5, together, 0.0)] == [
+        "one", "both", "other"]

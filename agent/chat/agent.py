@@ -617,7 +617,10 @@ class ChatAgent:
         if not history and query is None and filters.is_empty() and not mood:
             return rp.ASK, [], None, None
         ref_genres = {g for i in references for g in self.facts(i).genres}
-        soft = bool(mood or asked or ref_genres)
+        # several genres asked for together ("action and adventure"): the filter lets any of them pass, and the
+        # items that have more of them come first (soft, so a rare combination never empties the list)
+        together = list(hard) if len(hard) >= 2 and self.config.together_weight > 0 else []
+        soft = bool(mood or asked or ref_genres or together)
         pool = max(self.config.k, self.config.soft_pool) if soft else self.config.k
         excluded = state.excluded()
         use_llm = self.config.use_llm and self.service.reranker is not None
@@ -635,7 +638,8 @@ class ChatAgent:
                 given.answer.items.sort(key=lambda rec: order.get(rec.item_id, len(order)))
                 return given
             if soft:  # a mood or a reference: candidates gathered here (see _soft_pool), ranked as given
-                ids = self._soft_pool(history, filters, query, excluded, pool, mood, reference=bool(ref_genres))
+                ids = self._soft_pool(history, filters, query, excluded, pool, mood, reference=bool(ref_genres),
+                                      together=together)
                 return self.service.rank_given(history, ids, k=max(len(ids), 1), use_llm=use_llm, **llm_options)
             return self.service.rank(history, k=pool, filters=filters, query=query,
                                      exclude=sorted(excluded), use_llm=use_llm, **llm_options)
@@ -662,7 +666,7 @@ class ChatAgent:
             kept.append(rec)
         if soft:
             kept = _soft_order(kept, set(mood), set(asked), ref_genres, self.config.mood_boost,
-                               self.config.reference_weight)
+                               self.config.reference_weight, set(together), self.config.together_weight)
         kept = [rec.model_copy(update={"rank": n}) for n, rec in enumerate(kept[: self.config.k], 1)]
         by_id = {cand.item_id: cand for cand in ranked.candidates}
         links = self.service.explainer.links(ranked.history, [by_id[r.item_id] for r in kept if r.item_id in by_id])
@@ -731,11 +735,12 @@ class ChatAgent:
         return list(result.items)
 
     def _soft_pool(self, history: list[str], filters: Filters, query: str | None, excluded: set[str], n: int,
-                   lean: list[str], reference: bool) -> list[str]:
+                   lean: list[str], reference: bool, together: list[str] | None = None) -> list[str]:
         """The candidates a soft re-rank orders (:func:`_soft_order`), in retrieval order: the service retriever's
         neighbours of ``history``, interleaved, for a reference (``reference``), with its content neighbours and its
-        neighbours that share its genres, and with a few neighbours that have the mood's genres (``lean``), so that a
-        mood has something to lift. All pass the filters; none is excluded."""
+        neighbours that share its genres, with a few neighbours that have the mood's genres (``lean``), so that a
+        mood has something to lift, and with the neighbours that have all the genres asked for together
+        (``together``). All pass the filters; none is excluded."""
         retriever = self.service.retriever
         want = n + len(excluded)
         skip = excluded | set(history)
@@ -760,6 +765,11 @@ class ChatAgent:
             lists.append(within(sorted(ref_genres), n))
         if lean:
             lists.append(within(lean, max(2, n // 4)))
+        if together:  # a combination can be rare among the nearest neighbours: look further for it
+            wanted = set(together)
+            lists.append([c.item_id for c in retriever.retrieve(history, k=max(10 * want, 200), filters=filters,
+                                                                 query=query)
+                          if c.item_id not in skip and wanted <= set(self.facts(c.item_id).genres)][:n])
         merged = [i for row in zip_longest(*lists) for i in row if i is not None]
         return list(dict.fromkeys(merged))[: n + max(2, n // 4) * (len(lists) - 1)]
 
@@ -892,11 +902,13 @@ def _passes(genres: list[str], year: int | None, filters: Filters) -> bool:
 
 
 def _soft_order(recs: list[RecommendedItem], mood: set[str], asked: set[str], ref_genres: set[str], boost: float,
-                ref_weight: float) -> list[RecommendedItem]:
+                ref_weight: float, together: set[str] | None = None, together_weight: float = 0.0
+                ) -> list[RecommendedItem]:
     """The candidates re-ranked softly: each keeps its rank as a score (1 for the first, falling evenly), plus
     ``boost`` when it has one of the mood's genres (``mood``), half that for one of the other genres asked for beside
-    a must (``asked``), and ``ref_weight`` times the share of the reference
-    items' genres it has. Nothing is dropped, so a mood never empties the list or overrides a strong neighbour."""
+    a must (``asked``), ``ref_weight`` times the share of the reference items' genres it has, and
+    ``together_weight`` times the share of the genres asked for together (``together``) it has. Nothing is
+    dropped, so a mood never empties the list or overrides a strong neighbour."""
     n = max(len(recs), 1)
 
     def score(pos: int, rec: RecommendedItem) -> float:
@@ -908,6 +920,8 @@ def _soft_order(recs: list[RecommendedItem], mood: set[str], asked: set[str], re
             s += boost / 2
         if ref_genres:
             s += ref_weight * len(ref_genres & genres) / len(ref_genres)
+        if together:
+            s += together_weight * len(together & genres) / len(together)
         return s
 
     order = sorted(range(len(recs)), key=lambda p: (-score(p, recs[p]), p))

@@ -60,6 +60,11 @@ class ChatConfig(BaseModel):
         description="added to a candidate's rank score (1 for the first, falling evenly to 0) when it has one of the "
         "mood's genres: moods re-rank, never filter",
     )
+    together_weight: float = Field(
+        default=1.0, ge=0, description="with several genres asked for together ('action and adventure'), added "
+        "times the share of them a candidate has, so that the items with all of them come first (0: any of them, "
+        "in retrieval order)",
+    )
     reference_weight: float = Field(
         default=0.5, ge=0, description="added, times the share of the reference item's genres a candidate has"
     )

@@ -166,8 +166,10 @@ def eval_chat(
             f"command: recagent eval chat --catalog {catalog} --users {users} --turns {turns} -k {k} --seed {seed} "
             f"--ties {spec.ties}{flags}",
             "simulator: opens with two items of the user's visible history, then answers misses with the hidden "
-            "target's genres, decade and a description keyword (never its title or id), each message drawn "
-            "(seeded per user) from the simulator's own templates with paraphrases and typos (eval/chat_sim.py)",
+            "target's genres (named, or for half of the users one genre described in words the lexicon mostly "
+            "lacks, such as 'sheriffs and saloons'), decade and a description keyword (never its title or id), each "
+            "message drawn (seeded per user) from the simulator's own templates with paraphrases and typos "
+            "(eval/chat_sim.py)",
             f"protocol: test targets of the split ({spec.describe()}); CF models fitted without them; no user id is "
             "passed to the agent",
             f"LLM: {payload['model'] or 'none'}{_ranker_note(service)}; simulated users {sim_seconds:.0f}s; "

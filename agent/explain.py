@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 ReasonSource = Literal["llm", "template"]
-DANGLING = {"from", "in", "of", "and", "with", "the", "a", "an", "to", "by", "for", "that", "released", "made"}
+#: last words dropped from a sentence the token limit cut: those that leave it unfinished (the checks' list), and
+#: "released" / "made" before a year the model may not write
+DANGLING = xc.UNFINISHED | {"released", "made"}
 LINK_WORDS = {"cf": "watched by the same people", "content": "similar in content"}
 
 
@@ -58,6 +60,7 @@ class Reason:
     evidence: list[str]
     source: ReasonSource
     rejected: str | None = None  # why an LLM sentence was replaced by the template (check that failed)
+    draft: str | None = None  # that replaced LLM sentence
 
 
 def _label(item: RankInput) -> str:
@@ -147,7 +150,8 @@ class Explainer:
 
     def finish(self, prefix: str, continuation: str) -> str:
         """The served sentence: the prefix and the model's words, one sentence, closed by a full stop (a
-        dangling last word, such as "from" before a year the model may not write, is dropped)."""
+        dangling last word, such as "from" before a year the model may not write or "who" before words the token
+        limit cut, is dropped)."""
         words = " ".join(continuation.split()).rstrip(" ,;:-")
         while words.split() and words.split()[-1].lower() in DANGLING:
             words = words.rsplit(" ", 1)[0] if " " in words else ""
@@ -200,7 +204,7 @@ class Explainer:
                 yield Reason(item.item_id, text, [evidence.item_id], "llm")
             else:
                 reason, ids = template_reason(item, history, link)
-                yield Reason(item.item_id, reason, ids, "template", rejected=failed)
+                yield Reason(item.item_id, reason, ids, "template", rejected=failed, draft=text)
 
     def fill(self, answer: RecommendationAnswer, history: Sequence[RankInput], candidates: Sequence[RankInput],
              reasons: dict[str, Reason]) -> None:
@@ -248,7 +252,8 @@ def note_degraded(answer: RecommendationAnswer, why: str) -> None:
 
 
 def _facts(item: RankInput) -> xc.ItemFacts:
-    return xc.make_facts({"item_id": item.item_id, "title": item.title, "genres": item.genres, "year": item.year})
+    return xc.make_facts({"item_id": item.item_id, "title": item.title, "genres": item.genres, "year": item.year,
+                          "text": item.text})
 
 
 __all__ = ["ExplainConfig", "Explainer", "Reason", "template_reason"]

@@ -1,9 +1,12 @@
 """Code checks of explanations and recommendation lists; no LLM involved.
 
-Per explanation: the reason is not empty, does not repeat itself, cites evidence only from the user's history,
-and every genre or year it claims is true of the recommended item or of the history items it rests on (the
-cited evidence, or the whole history when none is cited). Titles are removed before looking for claims, so
-"Star Wars" is not read as a War claim nor "Toy Story (1995)" as a year claim.
+Per explanation: the reason is not empty, does not repeat itself, is a whole sentence (it does not stop on "a",
+"who" or "is"), cites evidence only from the user's history, every genre or year it claims is true of the
+recommended item or of the history items it rests on (the cited evidence, or the whole history when none is
+cited), and every other content word it uses is in the text of those items (title, description) or in a small
+vocabulary of words that claim nothing (:data:`GENERIC_WORDS`): "a film about a dystopian future" fails for an
+item whose metadata says nothing of the future. Titles are removed before looking for claims, so "Star Wars" is
+not read as a War claim nor "Toy Story (1995)" as a year claim.
 
 Per list: invalid ids (not in the catalogue or not among the candidates), duplicates and already-seen items.
 """
@@ -18,8 +21,8 @@ from pydantic import BaseModel
 
 from retrieval.item_text import title_parts, title_years
 
-CHECKS = ("empty", "repetition", "unknown_item", "unknown_history_item", "already_seen", "evidence_not_in_history",
-          "genre_claim", "year_claim")
+CHECKS = ("empty", "repetition", "incomplete", "unknown_item", "unknown_history_item", "already_seen",
+          "evidence_not_in_history", "genre_claim", "year_claim", "content_claim", "says_nothing")
 
 # Words that claim a genre (MovieLens genre names; other catalogues' genres match their own name).
 GENRE_WORDS: dict[str, tuple[str, ...]] = {
@@ -42,6 +45,36 @@ GENRE_WORDS: dict[str, tuple[str, ...]] = {
     "war": (r"war films?", r"war movies?", r"war dramas?", r"war stor(?:y|ies)", r"wartime", r"war"),
     "western": (r"westerns?",),
 }
+def _word_set(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+#: words an explanation may use without the metadata holding them: function words, words that claim nothing
+#: checkable about an item, and the words of the system's own signals that the templates use ("viewers who watched
+#: it often watched this too", "close to it in content"); the genre and year words have their own checks
+GENERIC_WORDS = _word_set("""
+a an the and or but nor of to in on at for with from by as into about than then so if both either also too very more
+most much many such same similar another other one ones it it's its this that that's these those there you you'll
+your you're may might will would could should can enjoy enjoyed like liked likes love loved is are was were be
+been being has have had because who which whose what when where how all any some just well
+film films movie movies picture pictures story stories tale tales genre genres kind kinds type types sort style
+tone mood feel feeling era decade decades year years time classic classics great good fun entertaining favorite
+favourite example mix mixes blend blends combines combining elements element combination plot theme themes made
+released set fans fan watch
+watched watching early late mid
+viewers viewer often chosen people history yours close content
+""")
+#: of those, the words that state one of the system's signals (co-watching, a history like the user's, closeness in
+#: content): a reason that uses them says something, as one that names a genre or a year does
+SIGNAL_WORDS = frozenset({"viewers", "viewer", "chosen", "history", "content"})
+#: the words of the reasons' opening ("You may enjoy X because, like Y, it"), which claim nothing
+_OPENING_WORDS = frozenset({"you", "may", "enjoy", "because", "like", "it"})
+#: a sentence that ends on one of these was cut off ("it's a film about a young.")
+UNFINISHED = _word_set("""
+a an the and or but of to in on at for with from by as into about than who which whose that that's is are was
+were be been being has have had it it's its his her their this these those year very more most same both
+young
+""")
 _YEAR = re.compile(r"\b(19\d{2}|20[0-2]\d)\b")
 _DECADE = re.compile(r"(?<![\w'])(?:(19|20)|')?(\d)0'?s\b")
 _WORD = re.compile(r"[a-z0-9']+")
@@ -58,18 +91,66 @@ class ItemFacts:
     title: str
     genres: tuple[str, ...] = ()
     years: tuple[int, ...] = ()  # the metadata year and any year in the title (re-releases differ)
+    words: frozenset[str] = frozenset()  # the words of its title and text (description): what a reason may use
 
 
 def make_facts(item: Mapping[str, object]) -> ItemFacts:
+    """Facts of a catalogue item (its mapping: title, genres, year, and description or text when it has them)."""
     title = str(item.get("title", ""))
     years = set(title_years(title))
     year = item.get("year")
     if isinstance(year, int | float) and year == year:
         years.add(int(year))
     genres = item.get("genres") or []
+    text = " ".join(str(item.get(key) or "") for key in ("title", "description", "text"))
     return ItemFacts(item_id=str(item["item_id"]), title=title,
                      genres=tuple(str(g) for g in genres) if isinstance(genres, list | tuple) else (),
-                     years=tuple(sorted(years)))
+                     years=tuple(sorted(years)), words=frozenset(content_words(text)))
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-case words of ``text`` (letters, inner apostrophes and hyphens)."""
+    return re.findall(r"[a-z][a-z'-]*[a-z]|[a-z]", text.lower())
+
+
+def forms(word: str) -> set[str]:
+    """``word``, its parts when hyphenated, and a possessive's or plural's stem ("aliens" -> "alien")."""
+    out = {word, *word.split("-")} - {""}
+    for w in list(out):
+        if w.endswith("'s"):
+            out.add(w[:-2])
+        elif w.endswith("s") and len(w) > 3:
+            out.add(w[:-1])
+    return out
+
+
+def content_words(text: str) -> set[str]:
+    """Every form (:func:`forms`) of the words of ``text``: what a reason may take from an item's text."""
+    return {f for w in words_of(text) for f in forms(w)}
+
+
+def unfinished(reason: str) -> bool:
+    """The sentence stops mid-way: its last word is an article, a preposition, a pronoun or a verb that needs
+    more ("... a film about a group of", "... it is")."""
+    words = _WORD.findall(reason.lower())
+    return bool(words) and words[-1] in UNFINISHED
+
+
+def unsupported_words(text: str, support: Sequence[ItemFacts], vocabulary: Iterable[str]) -> list[str]:
+    """The content words of ``text`` (titles already removed) that neither the ``support`` items' own words, nor
+    a genre word of ``vocabulary``, nor :data:`GENERIC_WORDS` hold."""
+    allowed = set(GENERIC_WORDS)
+    for facts in support:
+        allowed |= facts.words
+    for genre in vocabulary:  # its name, and the words of the patterns that claim it ("science[- ]fiction")
+        patterns = " ".join(re.sub(r"[^a-z']+", " ", p) for p in GENRE_WORDS.get(genre.lower(), ()))
+        allowed |= content_words(" ".join([genre, *genre_words(genre), patterns]))
+
+    def holds(word: str) -> bool:  # the word or its stem; a compound ("comedy-action") when each part does
+        parts = [p for p in word.split("-") if p] if "-" in word else [word]
+        return all(p in allowed or bool(forms(p) & allowed) or bool(_DECADE.fullmatch(p)) for p in parts)
+
+    return sorted({w for w in words_of(text) if not holds(w)})
 
 
 def facts_for(catalog: object, ids: Iterable[str]) -> dict[str, ItemFacts]:
@@ -113,13 +194,14 @@ def genre_words(genre: str) -> list[str]:
 
 
 def genre_claims(text: str, vocabulary: Iterable[str]) -> set[str]:
-    """Canonical (lower-case) genres the text names."""
+    """Canonical (lower-case) genres the text names, also inside a compound ("comedy-drama": comedy and drama)."""
     low = text.lower()
+    split = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", low)
     found = set()
     for genre in vocabulary:
         g = genre.lower()
         patterns = GENRE_WORDS.get(g, (re.escape(g),))
-        if any(re.search(rf"(?<![\w-]){p}(?![\w-])", low) for p in patterns):
+        if any(re.search(rf"(?<![\w-]){p}(?![\w-])", t) for p in patterns for t in (low, split)):
             found.add(g)
     return found
 
@@ -190,23 +272,36 @@ def check_explanation(history: Sequence[str], item_id: str, reason: str | None, 
     rep = repetition(reason)
     if rep:
         out.append(Violation(check="repetition", detail=rep))
+    if unfinished(reason):
+        out.append(Violation(check="incomplete", detail=f"reason stops mid-sentence: {reason[-40:]!r}"))
     item = facts.get(item_id)
     if item is not None:
         cited = [facts[i] for i in ([e for e in evidence if e in hist] or list(history)) if i in facts]
         others = [f.title for i, f in facts.items() if i != item_id]
         wrong_genres: set[str] = set()
         wrong_years: list[str] = []
+        wrong_words: set[str] = set()
+        claims = 0  # genres, years and words of the items' own text the reason names
         vocabulary = list(dict.fromkeys([*GENRE_WORDS, *(g.lower() for g in genre_vocabulary or ())]))
         for clause, names_other in clauses(reason, item.title, others):
             support = [item, *cited] if names_other else [item]
             true_genres = {g.lower() for f in support for g in f.genres}
             wrong_genres |= genre_claims(clause, vocabulary) - true_genres
             wrong_years += unsupported_years(clause, {y for f in support for y in f.years})
+            wrong_words |= set(unsupported_words(clause, support, vocabulary))
+            own = {w for f in support for w in f.words} - GENERIC_WORDS - _OPENING_WORDS
+            claims += len(genre_claims(clause, vocabulary)) + sum(map(len, year_claims(clause)))
+            claims += len(set(words_of(clause)) & (own | SIGNAL_WORDS))
         if wrong_genres:
             out.append(Violation(check="genre_claim", detail=f"claims {sorted(wrong_genres)}; item genres "
                                  f"{list(item.genres)}"))
         if wrong_years:
             out.append(Violation(check="year_claim", detail=f"claims {wrong_years}; item years {list(item.years)}"))
+        if wrong_words:
+            out.append(Violation(check="content_claim", detail=f"words {sorted(wrong_words)[:8]} are not in the "
+                                 "metadata of the item or of the items it rests on"))
+        elif claims == 0:  # "it's a film from the decade": true of anything
+            out.append(Violation(check="says_nothing", detail="names no genre, year or word of the items' text"))
     return out
 
 

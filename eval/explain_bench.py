@@ -27,6 +27,7 @@ import contextlib
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,6 +67,8 @@ def _checks(service: RecommenderService, history: Sequence[str], items: Sequence
 def explain_in_process(service: RecommenderService, cases: Sequence[tuple[str, list[str]]], k: int,
                        progress: bool = True) -> dict[str, Any]:
     total, first, share, rejected, llm_written = [], [], [], 0, 0
+    rejected_by: Counter[str] = Counter()
+    rejected_examples: list[str] = []
     fails: dict[str, list[bool]] = {"llm": [], "template": []}
     examples: list[dict[str, Any]] = []
     for user, history in tqdm(cases, desc="explain top-k", unit="user", disable=not progress):
@@ -77,6 +80,10 @@ def explain_in_process(service: RecommenderService, cases: Sequence[tuple[str, l
             first_s = first_s if first_s is not None else time.perf_counter() - t0
             reasons[reason.item_id] = reason
             rejected += reason.rejected is not None
+            if reason.rejected is not None:
+                rejected_by[reason.rejected.split(":", 1)[0]] += 1
+                if len(rejected_examples) < 6:
+                    rejected_examples.append(f"{reason.draft} ({reason.rejected[:120]})")
             llm_written += reason.source == "llm" or reason.rejected is not None
         service.explainer.fill(ranked.answer, ranked.history, ranked.candidates, reasons)
         total.append(time.perf_counter() - t0)
@@ -95,6 +102,7 @@ def explain_in_process(service: RecommenderService, cases: Sequence[tuple[str, l
         "llm_share": float(np.mean(share)) if share else None,
         "llm_sentences": llm_written, "llm_sentences_rejected": rejected,
         "llm_rejected_rate": rejected / llm_written if llm_written else None,
+        "llm_rejected_by": dict(rejected_by.most_common()), "llm_rejected_examples": rejected_examples,
         "served_llm_reasons": len(fails["llm"]), "served_template_reasons": len(fails["template"]),
         "check_fail_rate_llm": float(np.mean(fails["llm"])) if fails["llm"] else None,
         "check_fail_rate_template": float(np.mean(fails["template"])) if fails["template"] else None,
@@ -311,6 +319,10 @@ def markdown(r: dict[str, Any], plot_file: str | None) -> str:
              f"{e['served_llm_reasons']} | |",
              f"| served template reasons failing a code check | {_rate(e['check_fail_rate_template'])} of "
              f"{e['served_template_reasons']} | |", ""]
+    if e.get("llm_rejected_by"):
+        lines += ["LLM sentences replaced, by the first check they failed (`agent/explanation_checks.py`): "
+                  + ", ".join(f"{check} {n}" for check, n in e["llm_rejected_by"].items()) + ". For example:", ""]
+        lines += [f"- {x}" for x in e.get("llm_rejected_examples", [])] + [""]
     if "api" in r:
         a, h, st = r["api"], r["hol"], r["settings"]
         lines += [f"## 2. Through the API, default settings (deadline {st['deadline_s']:g} s, "

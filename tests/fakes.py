@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,8 +34,25 @@ def _valid_instance(schema: dict[str, Any], salt: str = "") -> Any:
     return None
 
 
-#: What :meth:`ScriptedBackend.complete` continues any prefix with (before stop strings and ``max_tokens`` cut it).
-SCRIPTED_SENTENCE = "it fits the films you watched most.\nSecond line."
+#: What :meth:`ScriptedBackend.complete` continues any prefix with (before stop strings and ``max_tokens`` cut it);
+#: ``{genre}``: the recommended item's first genre in the prompt (:func:`prompt_genre`), so that the sentence makes a
+#: claim the explanation checks can verify
+SCRIPTED_SENTENCE = "is a {genre} film you may like.\nSecond line."
+_GENRES = ("sci-fi", "adventure", "animation", "children's", "fantasy", "drama", "crime", "comedy", "action", "horror",
+           "thriller", "romance", "war", "western", "musical", "mystery", "documentary")
+
+
+def prompt_genre(request: TextRequest) -> str:
+    """The first genre named in the prompt's "Recommended:" part (``explain_item``), else "good"."""
+    text = " ".join(m["content"] for m in request.messages).lower()
+    text = text.split("recommended:", 1)[1].split("the user watched", 1)[0] if "recommended:" in text else ""
+    found = [(text.find(g), g) for g in _GENRES if re.search(rf"(?<![\w-]){re.escape(g)}(?![\w-])", text)]
+    return min(found)[1] if found else "good"
+
+
+def genre_sentence(request: TextRequest) -> str:
+    """A one-line reason that claims the recommended item's first genre."""
+    return SCRIPTED_SENTENCE.format(genre=prompt_genre(request)).split("\n")[0]
 
 
 class ScriptedBackend(LLMBackend):
@@ -100,7 +118,7 @@ class ScriptedBackend(LLMBackend):
     def complete(self, request: TextRequest) -> str:
         """A short fixed sentence (then a second line), cut at the first stop string and at ``max_tokens`` words."""
         self._maybe_fail("complete")
-        words = SCRIPTED_SENTENCE.split(" ")[: max(request.max_tokens, 0)]
+        words = SCRIPTED_SENTENCE.format(genre=prompt_genre(request)).split(" ")[: max(request.max_tokens, 0)]
         self.usage.add("reason", 100, len(words))
         return cut_at_stop(" ".join(words), request.stop)[0]
 

@@ -4,6 +4,7 @@ set, degradation that keeps the LLM ranking, and work that stops when the client
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -24,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_api_chat import sse_events  # noqa: E402
 from test_api_fakes import FakeBackend, make_client, running_server  # noqa: E402
 
+from tests.fakes import genre_sentence  # noqa: E402
+
 
 class ReasonBackend(FakeBackend):
     """Scores like FakeBackend; writes reasons slowly (``reason_s`` each), or fails at it (``reason_fail``), and
@@ -41,7 +44,7 @@ class ReasonBackend(FakeBackend):
             raise LLMError("reasons are down")
         self.started += 1
         time.sleep(self.reason_s)
-        return "it shares their taste."
+        return genre_sentence(request)
 
     def complete_batch(self, requests: Sequence[TextRequest],
                        cancelled: Callable[[], bool] | None = None) -> Iterator[tuple[int, str]]:
@@ -59,7 +62,7 @@ def test_every_item_has_a_reason_and_says_who_wrote_it(tiny_index: Index) -> Non
     assert all(i["reason"] and i["reason_source"] in ("llm", "template") for i in body["items"])
     assert body["reasons_llm"] == sum(i["reason_source"] == "llm" for i in body["items"]) >= 1
     llm = next(i for i in body["items"] if i["reason_source"] == "llm")
-    assert "it shares their taste" in llm["reason"] and llm["evidence"]
+    assert re.search(r"is a [\w'-]+ film you may like", llm["reason"]) and llm["evidence"]
 
 
 def test_a_failing_llm_keeps_its_ranking_and_templates_fill_every_reason(tiny_index: Index) -> None:

@@ -17,6 +17,7 @@ from agent.service import RecommenderService
 from agent.settings import Settings
 from retrieval.index import Index
 from serve import free_port, running_server  # noqa: F401 (re-exported for the tests)
+from tests.fakes import genre_sentence
 
 
 def instance(schema: dict[str, Any]) -> Any:
@@ -99,7 +100,7 @@ class FakeBackend(LLMBackend):
     def complete(self, request: TextRequest) -> str:
         self._call()
         self.usage.add("reason", 100, 4)
-        return "it shares their taste."
+        return genre_sentence(request)
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())

@@ -96,7 +96,7 @@ def test_respond_returns_the_final_reasons(tiny_index: Index, tmp_path: Path) ->
     agent = make_agent(tiny_index, tmp_path, ScriptedBackend(), k=3)
     turn = agent.respond(None, "I loved The Glass Slipper, nothing dramatic please")
     assert turn.items and not any("Drama" in i.genres for i in turn.items)
-    assert all(i.reason_source == "llm" and "fits the films you watched most" in i.reason for i in turn.items)
+    assert all(i.reason_source == "llm" and "film you may like" in i.reason for i in turn.items)
     assert all(i.evidence == ["a1"] and "The Glass Slipper" in i.reason for i in turn.items)
     # no LLM sentences when the caller asks for none (replayed turns) or the config says so
     plain = agent.respond(turn.session_id, "more please", explain=False)

@@ -17,9 +17,11 @@ FACTS = {f.item_id: f for f in [
                    "genres": ["Animation", "Children's", "Comedy"]}),
     xc.make_facts({"item_id": "202", "title": "Groundhog Day (1993)", "year": 1993, "genres": ["Comedy", "Romance"]}),
     xc.make_facts({"item_id": "183", "title": "Alien (1979)", "year": 1979,
-                   "genres": ["Action", "Horror", "Sci-Fi", "Thriller"]}),
+                   "genres": ["Action", "Horror", "Sci-Fi", "Thriller"],
+                   "description": "A tense voyage: the crew of a spaceship in deep space meets a deadly creature."}),
     xc.make_facts({"item_id": "181", "title": "Return of the Jedi (1983)", "year": 1997,
-                   "genres": ["Action", "Adventure", "Romance", "Sci-Fi", "War"]}),
+                   "genres": ["Action", "Adventure", "Romance", "Sci-Fi", "War"],
+                   "description": "The rebels' space adventure ends on the forest moon."}),
     xc.make_facts({"item_id": "127", "title": "Godfather, The (1972)", "year": 1972,
                    "genres": ["Action", "Crime", "Drama"]}),
 ]}
@@ -47,6 +49,42 @@ def test_titles_are_not_read_as_claims() -> None:
     # "Star Wars" is no War claim, "(1977)" and "Godfather" no year or crime claim of the item
     assert checks("183", "Fans of Star Wars (1977) and The Godfather will like this horror film.", ["50", "127"]) \
         == set()
+
+
+def test_content_words_must_come_from_the_items_text() -> None:
+    # nothing in Alien's metadata speaks of a dystopian future, nor in Star Wars' (the item the clause compares with)
+    found = xc.check_explanation(HISTORY, "183", "You may enjoy Alien because, like Star Wars, it's a film about a "
+                                 "dystopian future.", ["50"], FACTS)
+    assert [v.check for v in found] == ["content_claim"] and "dystopian" in found[0].detail
+    # the same sentence shape, with words of Alien's own description, passes
+    assert checks("183", "You may enjoy Alien because, like Star Wars, it's a film about a spaceship crew.",
+                  ["50"]) == set()
+    # a word said of the compared item holds only in the clause that names it
+    assert checks("183", "You may enjoy Alien because, like Return of the Jedi with its rebels, it is set in space.",
+                  ["181"], HISTORY + ["181"]) == set()
+    assert "content_claim" in checks("183", "You may enjoy Alien because it is about rebels.", ["50"])
+
+
+@pytest.mark.parametrize("reason", ["You may enjoy Alien because, like Star Wars, it's a film about a young.",
+                                    "You may enjoy Alien because, like Star Wars, it is.",
+                                    "You may enjoy Alien because, like Star Wars, it's a film about a crew who."])
+def test_sentences_cut_off_mid_way_are_incomplete(reason: str) -> None:
+    assert "incomplete" in checks("183", reason, ["50"])
+
+
+@pytest.mark.parametrize("reason", ["You may enjoy Alien because, like Star Wars, it's a film.",
+                                    "You may enjoy Alien because, like Star Wars, it is a film from the decade."])
+def test_a_reason_that_claims_nothing_fails(reason: str) -> None:
+    assert checks("183", reason, ["50"]) == {"says_nothing"}
+    assert checks("183", reason.replace("a film", "a sci-fi film"), ["50"]) == set()
+
+
+def test_genres_inside_a_compound_are_claims() -> None:
+    assert xc.genre_claims("a comedy-drama film", ["Comedy", "Drama", "Horror"]) == {"comedy", "drama"}
+    assert xc.genre_claims("a sci-fi film", ["Sci-Fi", "Horror"]) == {"sci-fi"}
+    assert "genre_claim" in checks("183", "You may enjoy Alien because, like Star Wars, it's a comedy-horror film.",
+                                   ["50"])
+    assert checks("183", "You may enjoy Alien because, like Star Wars, it's a sci-fi-action film.", ["50"]) == set()
 
 
 def test_year_and_decade_claims() -> None:

@@ -89,7 +89,7 @@ def test_the_circuit_opens_after_n_consecutive_failures_and_then_refuses_at_once
     inner.down = True
     fail(backend, 2)
     inner.down = False
-    assert backend.complete(ask()) == "it fits the films"  # (max_tokens=4) a success resets the count
+    assert backend.complete(ask()) == "is a good film"  # (max_tokens=4) a success resets the count
     inner.down = True
     fail(backend, 2)
     assert backend.breaker.state == "closed" and backend.breaker.consecutive_failures == 2
@@ -122,7 +122,7 @@ def test_after_the_cooldown_one_probe_goes_through_and_its_success_closes_the_ci
     clock.advance(0.1)
     assert backend.breaker.state == "half_open" and backend.health()["retry_in_s"] == 0.0
     inner.down = False
-    assert backend.complete(ask()).startswith("it fits")
+    assert backend.complete(ask()).startswith("is a")
     health = backend.health()
     assert (health["state"], health["consecutive_failures"], health["last_error"], health["retry_in_s"]) == (
         "closed", 0, None, None)

@@ -334,6 +334,8 @@ def test_genres_asked_together_put_the_items_with_all_of_them_first(agent: ChatA
         assert both == sorted(both, reverse=True) and not all(both), turn.items  # all of them first, then the rest
         state = agent.store.get(turn.session_id)
         assert state is not None and set(state.constraints.genres) == asked
+        first, second = state.constraints.genres
+        assert f"{first} and {second} (both first, then either)" in turn.reply  # the reply says how it read them
 
 
 def test_soft_order_moves_items_with_more_of_the_genres_asked_together_up() -> None:

@@ -504,7 +504,7 @@ class ChatAgent:
             words = [w for w in re.findall(r"[A-Za-z][\w'-]+", message) if w.lower() not in lx.STOPWORDS]
             if words:
                 c.mood = prompts.clean_text(" ".join(words), 80)
-        return rp.constraint_text(c), dropped
+        return rp.constraint_text(c, together=self.config.together_weight > 0), dropped
 
     # --- answers ----------------------------------------------------------------------
     def facts(self, item_id: str) -> rp.ItemFacts:
@@ -864,7 +864,7 @@ class ChatAgent:
 
     def _lead(self, state: SessionState) -> str:
         stated = [i for i in state.liked if i not in state.seeded]
-        constraint = rp.constraint_text(state.constraints)
+        constraint = rp.constraint_text(state.constraints, together=self.config.together_weight > 0)
         n = len(state.last_items)
         picks = "here is a pick" if n == 1 else f"here are {n} picks"
         within = f" ({constraint})" if constraint else ""

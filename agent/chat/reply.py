@@ -125,12 +125,17 @@ def about_answer(item: ItemFacts) -> str:
     return f"{head} {extra} That is all the catalogue says about it.".replace("  ", " ").strip()
 
 
-def constraint_text(c: Constraints) -> str:
+def constraint_text(c: Constraints, together: bool = False) -> str:
+    """The session's constraints in words. ``together``: several genres asked for together put the items that have
+    all of them first (``ChatConfig.together_weight``), and the words say so."""
     parts = []
+    rest = [g for g in c.genres if g not in c.strict]
     if c.strict:
-        parts.append("must be " + join_words(c.strict, "or"))
-    if [g for g in c.genres if g not in c.strict]:
-        parts.append(("preferably " if c.strict else "") + join_words([g for g in c.genres if g not in c.strict], "or"))
+        parts.append("must be " + _genres(c.strict, together))
+        if rest:
+            parts.append("preferably " + join_words(rest, "or"))
+    elif rest:
+        parts.append(_genres(rest, together))
     if c.exclude_genres:
         parts.append("no " + join_words(c.exclude_genres, "or"))
     if c.year_min is not None and c.year_max is not None:
@@ -144,6 +149,15 @@ def constraint_text(c: Constraints) -> str:
     if c.boost:
         parts.append("leaning " + join_words(c.boost, "or"))
     return ", ".join(parts)
+
+
+def _genres(names: list[str], together: bool) -> str:
+    """Genres a filter lets through ("Comedy or Drama"), or, asked for together, "Comedy and Drama (both first, then
+    either)"."""
+    if together and len(names) >= 2:
+        both, either = ("both", "either") if len(names) == 2 else ("all", "any")
+        return f"{join_words(names)} ({both} first, then {either})"
+    return join_words(names, "or")
 
 
 GREETING = "Hi! Tell me a film you loved (and anything you'd rather avoid), and I'll suggest what to watch next."

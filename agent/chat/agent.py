@@ -637,7 +637,7 @@ class ChatAgent:
                 order = {item_id: n for n, item_id in enumerate(tool_ids)}
                 given.answer.items.sort(key=lambda rec: order.get(rec.item_id, len(order)))
                 return given
-            if soft:  # a mood or a reference: candidates gathered here (see _soft_pool), ranked as given
+            if soft:  # a mood, a reference or genres asked together: candidates gathered here (see _soft_pool)
                 ids = self._soft_pool(history, filters, query, excluded, pool, mood, reference=bool(ref_genres),
                                       together=together)
                 return self.service.rank_given(history, ids, k=max(len(ids), 1), use_llm=use_llm, **llm_options)

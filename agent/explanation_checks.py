@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pydantic import BaseModel
 
@@ -45,6 +46,8 @@ GENRE_WORDS: dict[str, tuple[str, ...]] = {
     "war": (r"war films?", r"war movies?", r"war dramas?", r"war stor(?:y|ies)", r"wartime", r"war"),
     "western": (r"westerns?",),
 }
+
+
 def _word_set(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
@@ -132,19 +135,27 @@ def content_words(text: str) -> set[str]:
 def unfinished(reason: str) -> bool:
     """The sentence stops mid-way: its last word is an article, a preposition, a pronoun or a verb that needs
     more ("... a film about a group of", "... it is")."""
-    words = _WORD.findall(reason.lower())
+    words = words_of(reason)
     return bool(words) and words[-1] in UNFINISHED
+
+
+@lru_cache(maxsize=32)
+def _genre_vocabulary_words(vocabulary: tuple[str, ...]) -> frozenset[str]:
+    """The words of the genres' names and of the patterns that claim them ("science[- ]fiction"): checked by the
+    genre check, so free for the content check."""
+    words: set[str] = set()
+    for genre in vocabulary:
+        patterns = " ".join(re.sub(r"[^a-z']+", " ", p) for p in GENRE_WORDS.get(genre.lower(), ()))
+        words |= content_words(" ".join([genre, *genre_words(genre), patterns]))
+    return frozenset(words)
 
 
 def unsupported_words(text: str, support: Sequence[ItemFacts], vocabulary: Iterable[str]) -> list[str]:
     """The content words of ``text`` (titles already removed) that neither the ``support`` items' own words, nor
     a genre word of ``vocabulary``, nor :data:`GENERIC_WORDS` hold."""
-    allowed = set(GENERIC_WORDS)
+    allowed = set(GENERIC_WORDS) | _genre_vocabulary_words(tuple(vocabulary))
     for facts in support:
         allowed |= facts.words
-    for genre in vocabulary:  # its name, and the words of the patterns that claim it ("science[- ]fiction")
-        patterns = " ".join(re.sub(r"[^a-z']+", " ", p) for p in GENRE_WORDS.get(genre.lower(), ()))
-        allowed |= content_words(" ".join([genre, *genre_words(genre), patterns]))
 
     def holds(word: str) -> bool:  # the word or its stem; a compound ("comedy-action") when each part does
         parts = [p for p in word.split("-") if p] if "-" in word else [word]
@@ -197,11 +208,12 @@ def genre_claims(text: str, vocabulary: Iterable[str]) -> set[str]:
     """Canonical (lower-case) genres the text names, also inside a compound ("comedy-drama": comedy and drama)."""
     low = text.lower()
     split = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", low)
+    texts = (low, split) if split != low else (low,)
     found = set()
     for genre in vocabulary:
         g = genre.lower()
         patterns = GENRE_WORDS.get(g, (re.escape(g),))
-        if any(re.search(rf"(?<![\w-]){p}(?![\w-])", t) for p in patterns for t in (low, split)):
+        if any(re.search(rf"(?<![\w-]){p}(?![\w-])", t) for p in patterns for t in texts):
             found.add(g)
     return found
 
@@ -286,11 +298,12 @@ def check_explanation(history: Sequence[str], item_id: str, reason: str | None, 
         for clause, names_other in clauses(reason, item.title, others):
             support = [item, *cited] if names_other else [item]
             true_genres = {g.lower() for f in support for g in f.genres}
-            wrong_genres |= genre_claims(clause, vocabulary) - true_genres
+            named = genre_claims(clause, vocabulary)
+            wrong_genres |= named - true_genres
             wrong_years += unsupported_years(clause, {y for f in support for y in f.years})
             wrong_words |= set(unsupported_words(clause, support, vocabulary))
             own = {w for f in support for w in f.words} - GENERIC_WORDS - _OPENING_WORDS
-            claims += len(genre_claims(clause, vocabulary)) + sum(map(len, year_claims(clause)))
+            claims += len(named) + sum(map(len, year_claims(clause)))
             claims += len(set(words_of(clause)) & (own | SIGNAL_WORDS))
         if wrong_genres:
             out.append(Violation(check="genre_claim", detail=f"claims {sorted(wrong_genres)}; item genres "

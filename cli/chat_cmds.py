@@ -6,12 +6,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from cli.main import app, catalog_name, console, eval_app, guarded, out, print_json, setup, split_spec, ties_option
 from retrieval.catalog import DEFAULT_CATALOG
+
+if TYPE_CHECKING:
+    from agent.service import RecommenderService
 
 REPORTS = Path("reports")
 QUIT = {"quit", "exit", ":q", "/quit", "/exit"}
@@ -115,6 +118,12 @@ def eval_chat(
         help="only the held-out conversations; the report keeps the simulated-user results it already holds",
     ),
     heldout_file: Path | None = typer.Option(None, "--heldout-file", help="held-out set (default: the project's)"),
+    part: str = typer.Option("test", "--part", help="whose targets the simulated users hold: test (the report) or "
+                             "validation (for choosing settings; its report is chat-<catalog>-validation*, and the "
+                             "held-out conversations are left out)"),
+    together_weight: float | None = typer.Option(
+        None, "--together-weight", min=0,
+        help="ChatConfig.together_weight for both agents (default: the config's); the report name says it"),
     as_json: bool = typer.Option(False, "--json"),
     n_boot: int = typer.Option(1000, "--bootstrap"),
 ) -> None:
@@ -122,6 +131,9 @@ def eval_chat(
     the held-out conversations (each turn checked against the catalogue; pass rate of the rules-only agent and
     the LLM agent, overall and by who decided the turn)."""
     setup()
+    if part not in ("test", "validation"):
+        raise typer.BadParameter(f"--part {part!r}: choose test or validation")
+    heldout = heldout and part == "test"
     spec = split_spec(ties, seed)
     from agent.service import build_service
     from eval.chat_heldout import DATA, evaluate_heldout
@@ -140,7 +152,10 @@ def eval_chat(
         if not as_json and (done % 10 == 0 or done == total):
             console.print(f"held-out, {name}: {done}/{total} conversations", highlight=False)
 
-    json_path, md_path = REPORTS / f"chat-{catalog}.json", REPORTS / f"chat-{catalog}.md"
+    settings: dict[str, Any] = {} if together_weight is None else {"together_weight": together_weight}
+    name = f"chat-{catalog}" + ("" if part == "test" else f"-{part}") + (
+        "" if together_weight is None else f"-together{together_weight:g}")
+    json_path, md_path = REPORTS / f"{name}.json", REPORTS / f"{name}.md"
     payload: dict[str, Any] = {}
     retriever = service.retriever  # the simulated users swap in CF fitted without their targets
     if heldout_only:  # keep the simulated-user results of the last full run
@@ -148,7 +163,7 @@ def eval_chat(
             payload = {key: value for key, value in json.loads(json_path.read_text()).items() if key != "heldout"}
     else:
         payload = evaluate_chat(service, n_users=users, max_turns=turns, seed=seed, n_boot=n_boot, k=k,
-                                progress=progress, spec=spec)
+                                progress=progress, spec=spec, part=part, settings=settings)  # type: ignore[arg-type]
     sim_seconds = time.perf_counter() - t0
     if heldout or heldout_only:
         t1 = time.perf_counter()
@@ -160,6 +175,8 @@ def eval_chat(
         payload["heldout"]["seconds"] = round(time.perf_counter() - t1, 1)
     seconds = time.perf_counter() - t0
     flags = f"{' --no-llm' if no_llm else ''}{' --heldout-only' if heldout_only else ''}"
+    flags += f"{'' if part == 'test' else f' --part {part}'}"
+    flags += "" if together_weight is None else f" --together-weight {together_weight:g}"
     notes = [n for n in payload.get("notes", []) if heldout_only and not n.startswith("held-out:")]
     if not heldout_only:
         notes = [
@@ -170,7 +187,7 @@ def eval_chat(
             "lacks, such as 'sheriffs and saloons'), decade and a description keyword (never its title or id), each "
             "message drawn (seeded per user) from the simulator's own templates with paraphrases and typos "
             "(eval/chat_sim.py)",
-            f"protocol: test targets of the split ({spec.describe()}); CF models fitted without them; no user id is "
+            f"protocol: {part} targets of the split ({spec.describe()}); CF models fitted without them; no user id is "
             "passed to the agent",
             f"LLM: {payload['model'] or 'none'}{_ranker_note(service)}; simulated users {sim_seconds:.0f}s; "
             f"machine: {machine_line()}",
@@ -200,12 +217,11 @@ def eval_chat(
     console.print(f"report: {md_path} ({seconds:.0f}s)")
 
 
-def _ranker_note(service: Any) -> str:
+def _ranker_note(service: RecommenderService) -> str:
     """Which ranker scored the LLM agent's candidates, with its alpha and window (alpha 0: the retrieval order)."""
-    reranker = getattr(service, "reranker", None)
-    if reranker is None:
+    if service.reranker is None:
         return ""
-    config = reranker.config
+    config = service.reranker.config
     return f", ranker {config.ranker} (score mode, alpha {config.alpha('score'):g}, window {config.window('score')})"
 
 

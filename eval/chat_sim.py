@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -236,10 +236,12 @@ def run_episode(agent: ChatAgent, user: SimulatedUser, max_turns: int) -> Episod
     return Episode(user.user_id, None, max_turns, ms, decided, degraded)
 
 
-def sample_users(catalog: Catalog, n_users: int, seed: int = 0, spec: SplitSpec | None = None) -> list[SimulatedUser]:
-    """Seeded test users of the split ``spec`` makes (default: ties in time by a random order seeded by ``seed``)."""
+def sample_users(catalog: Catalog, n_users: int, seed: int = 0, spec: SplitSpec | None = None,
+                 part: Literal["validation", "test"] = "test") -> list[SimulatedUser]:
+    """Seeded users of the split ``spec`` makes (default: ties in time by a random order seeded by ``seed``), with
+    the targets of ``part`` (validation: for choosing the agent's settings; test: for reporting)."""
     split = split_catalog(catalog, spec or SplitSpec(seed=seed))
-    cases = [c for c in split.test if len({i for i in c.history if i != c.target}) >= 2]
+    cases = [c for c in split.cases(part) if len({i for i in c.history if i != c.target}) >= 2]
     rng = random.Random(seed)
     chosen = rng.sample(cases, min(n_users, len(cases)))
     return [make_user(catalog, c, seed=seed) for c in chosen]
@@ -278,18 +280,22 @@ def evaluate_chat(
     k: int = 5,
     progress: Any = None,
     spec: SplitSpec | None = None,
+    part: Literal["validation", "test"] = "test",
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Both agents over the same simulated users; returns the report payload. ``spec``: the split (default: ties
-    in time by a random order seeded by ``seed``)."""
+    in time by a random order seeded by ``seed``); ``part``: whose targets the users hold (CF is fitted without
+    them); ``settings``: :class:`ChatConfig` fields both agents take (a setting being chosen on validation)."""
     catalog = service.catalog
     spec = spec or SplitSpec(seed=seed)
     split = split_catalog(catalog, spec)
-    service.retriever = service.index.retriever("fused", cf=service.index.fit_cf(split.fit_histories("test")))
-    users = sample_users(catalog, n_users, seed=seed, spec=spec)
+    service.retriever = service.index.retriever("fused", cf=service.index.fit_cf(split.fit_histories(part)))
+    users = sample_users(catalog, n_users, seed=seed, spec=spec, part=part)
+    chosen = dict(settings or {})
     agents: dict[str, ChatConfig] = {
         # reasons do not change which items are shown, and success is all this measures: skip writing them
-        "llm_agent": ChatConfig(k=k, use_llm=True, llm_explain=False),
-        "retrieval_only": ChatConfig(k=k, use_llm=False),
+        "llm_agent": ChatConfig(k=k, use_llm=True, llm_explain=False, **chosen),
+        "retrieval_only": ChatConfig(k=k, use_llm=False, **chosen),
     }
     if service.backend is None:
         agents.pop("llm_agent")
@@ -310,6 +316,8 @@ def evaluate_chat(
         "k": k,
         "seed": seed,
         "split": spec.provenance(),
+        "part": part,
+        "settings": chosen,
         "model": service.backend.model_name if service.backend else None,
         "results": results,
     }
@@ -328,7 +336,9 @@ def markdown(payload: dict[str, Any], notes: list[str], extra: list[str] | None 
     lines = [
         f"# Chat evaluation (simulated users): {payload['catalog']}",
         "",
-        f"{payload['users']} simulated users, up to {t} turns, {payload['k']} picks per turn.",
+        f"{payload['users']} simulated users holding {payload.get('part', 'test')} targets, up to {t} turns, "
+        f"{payload['k']} picks per turn"
+        + (f"; settings {payload['settings']}." if payload.get("settings") else "."),
         "",
         f"| agent | success@{t} [95% CI] | turns to success [95% CI] | success by turn | ms/turn (mean, p95) |",
         "|---|---|---|---|---|",

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from agent import explanation_checks as xc
 from agent.llm.base import ChatMessage, LLMBackend, LLMError, MarkerRequest, ScoreRequest, TextRequest, cut_at_stop
 
 
@@ -38,15 +39,13 @@ def _valid_instance(schema: dict[str, Any], salt: str = "") -> Any:
 #: ``{genre}``: the recommended item's first genre in the prompt (:func:`prompt_genre`), so that the sentence makes a
 #: claim the explanation checks can verify
 SCRIPTED_SENTENCE = "is a {genre} film you may like.\nSecond line."
-_GENRES = ("sci-fi", "adventure", "animation", "children's", "fantasy", "drama", "crime", "comedy", "action", "horror",
-           "thriller", "romance", "war", "western", "musical", "mystery", "documentary")
 
 
 def prompt_genre(request: TextRequest) -> str:
     """The first genre named in the prompt's "Recommended:" part (``explain_item``), else "good"."""
     text = " ".join(m["content"] for m in request.messages).lower()
     text = text.split("recommended:", 1)[1].split("the user watched", 1)[0] if "recommended:" in text else ""
-    found = [(text.find(g), g) for g in _GENRES if re.search(rf"(?<![\w-]){re.escape(g)}(?![\w-])", text)]
+    found = [(text.find(g), g) for g in xc.GENRE_WORDS if re.search(rf"(?<![\w-]){re.escape(g)}(?![\w-])", text)]
     return min(found)[1] if found else "good"
 
 

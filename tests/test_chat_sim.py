@@ -43,3 +43,15 @@ def test_evaluate_chat_report(tiny_index: Index) -> None:
     assert len(payload["episodes"]["retrieval_only"]) == payload["users"] == 6
     text = markdown(payload, ["note"])
     assert "success@3" in text and "retrieval_only" in text
+
+
+def test_validation_users_hold_validation_targets_and_settings_reach_both_agents(tiny_index: Index) -> None:
+    from retrieval.splits import SplitSpec, split_catalog
+
+    split = split_catalog(tiny_index.catalog, SplitSpec(seed=0))
+    users = sample_users(tiny_index.catalog, 6, seed=0, part="validation")
+    assert users and {(u.user_id, u.target) for u in users} <= {(c.user_id, c.target) for c in split.validation}
+    payload = evaluate_chat(RecommenderService(tiny_index), n_users=3, max_turns=2, n_boot=20, k=2,
+                            part="validation", settings={"together_weight": 0.0})
+    assert payload["part"] == "validation" and payload["settings"] == {"together_weight": 0.0}
+    assert "validation targets" in markdown(payload, []) and "together_weight" in markdown(payload, [])

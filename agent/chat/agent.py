@@ -744,8 +744,11 @@ class ChatAgent:
         retriever = self.service.retriever
         want = n + len(excluded)
         skip = excluded | set(history)
-        lists = [[c.item_id for c in retriever.retrieve(history, k=want, filters=filters, query=query)
-                  if c.item_id not in skip]]
+        # a combination asked for together can be rare among the nearest neighbours: one deeper retrieval serves
+        # both the nearest neighbours (its head) and those having all of the genres (from all of it)
+        depth = max(10 * want, 200) if together else want
+        found = retriever.retrieve(history, k=depth, filters=filters, query=query)
+        lists = [[c.item_id for c in found[:want] if c.item_id not in skip]]
         hard = set(filters.genres)
 
         ref_genres = {g for i in history for g in self.facts(i).genres} if reference else set()
@@ -765,10 +768,9 @@ class ChatAgent:
             lists.append(within(sorted(ref_genres), n))
         if lean:
             lists.append(within(lean, max(2, n // 4)))
-        if together:  # a combination can be rare among the nearest neighbours: look further for it
+        if together:
             wanted = set(together)
-            lists.append([c.item_id for c in retriever.retrieve(history, k=max(10 * want, 200), filters=filters,
-                                                                 query=query)
+            lists.append([c.item_id for c in found
                           if c.item_id not in skip and wanted <= set(self.facts(c.item_id).genres)][:n])
         merged = [i for row in zip_longest(*lists) for i in row if i is not None]
         return list(dict.fromkeys(merged))[: n + max(2, n // 4) * (len(lists) - 1)]

@@ -4,7 +4,9 @@ For every item the evidence comes first, from the system's own signals (:mod:`re
 item with the strongest item-item CF weight to it, else the most similar embedding). The LLM then writes one
 sentence about that given pair (``prompts/explain_item.*``): the prompt's shared part (instructions and the
 user's history) is the same for every item, so the backend computes it once and decodes all the items' sentences
-together (``LLMBackend.complete_batch``). The answer prefix names the evidence, so every sentence names it.
+together (``LLMBackend.complete_batch``). The answer prefix names the evidence, so every sentence names it: "You
+may enjoy X because, like Y, it" where the two share a genre (what the model adds is then a claim about both, and
+is checked against what they share), else "You may enjoy X, watched by the same people as Y: it" (a claim about X).
 
 Each LLM sentence is checked by code (:mod:`agent.explanation_checks`: genre and year claims, evidence inside the
 history, known items) before it is served; a sentence that fails, or one the LLM did not finish before the
@@ -36,19 +38,35 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 ReasonSource = Literal["llm", "template"]
-#: last words dropped from a sentence the token limit cut: those that leave it unfinished (the checks' list), and
-#: "released" / "made" before a year the model may not write
-DANGLING = xc.UNFINISHED | {"released", "made"}
+#: last words dropped from a sentence the token limit cut: those that leave it unfinished (the checks' list),
+#: "released" / "made" before a year the model may not write, and "sci", the first token of "sci-fi"
+DANGLING = xc.UNFINISHED | {"released", "made", "sci"}
 LINK_WORDS = {"cf": "watched by the same people", "content": "similar in content"}
+#: how a reason names the link when the two items share nothing it could say "like" about
+LINKED_AS = {"cf": "watched by the same people as", "content": "close in content to"}
 
 
 class ExplainConfig(BaseModel):
-    prompt: str = Field(default="v1", description="version of prompts/explain_item.*.jinja")
+    prompt: str = Field(default="v2", description="version of prompts/explain_item.*.jinja (v2 names the genres "
+                        "the two items share)")
     max_tokens: int = Field(default=8, ge=4, le=128, description="tokens the model may add to one sentence")
     first_batch: int = Field(default=1, ge=0, description="the top items decoded first on their own, so that the "
                              "first reason arrives early; the rest follow as one batch")
     text_chars: int = Field(default=80, ge=10, description="item text cut to this many characters in prompts")
     reason_chars: int = Field(default=220, ge=40, description="longest reason served")
+
+
+@dataclass
+class Job:
+    """One item's sentence to write: the item, the history item it rests on, the link between them, the prompt,
+    and the facts what the model adds must be true of (what the two share, after "like <evidence>, it")."""
+
+    item: RankInput
+    evidence: RankInput
+    link: Link
+    request: TextRequest
+    facts: xc.ItemFacts
+    shared: bool  # ``facts`` are what the item shares with the evidence
 
 
 @dataclass
@@ -124,11 +142,13 @@ class Explainer:
         about = f", {article} {facts} film{year}" if facts else (f", a film{year}" if year else "")
         return prompts.clean_text(f"{_label(item)}{about}", self.config.text_chars)
 
-    def requests(self, history: Sequence[RankInput], items: Sequence[RankInput],
-                 links: dict[str, Link]) -> list[tuple[RankInput, RankInput, Link, TextRequest]]:
+    def requests(self, history: Sequence[RankInput], items: Sequence[RankInput], links: dict[str, Link]) -> list[Job]:
         """One prompt per item that has a link (items without one get a template reason): the static
-        instructions (their KV cache is kept between calls), then the item and its linked history item. Decoding
-        never writes digits nor genre words the item lacks."""
+        instructions (their KV cache is kept between calls), then the item and its linked history item. Where the
+        two share a genre, the sentence goes on "because, like <history item>, it", so
+        what the model adds is checked against what they share; else it names the link ("watched by the same
+        people as <history item>: it") and what follows is about the item alone. Decoding never writes digits nor
+        genre words the facts lack."""
         tpl = prompts.load("explain_item", self.config.prompt)
         by_id = {h.item_id: h for h in history}
         vocabulary = list(self.index.catalog.all_genres) if self.index is not None else []
@@ -138,14 +158,21 @@ class Explainer:
             evidence = by_id.get(link.evidence) if link is not None else None
             if link is None or evidence is None:
                 continue
+            facts = xc.shared_facts(_facts(item), _facts(evidence))
+            opening = f"You may enjoy {_label(item)} because, like {_label(evidence)}, it"
+            shared = bool(facts.genres)
+            if not shared:
+                facts = _facts(item)
+                opening = f"You may enjoy {_label(item)}, {LINKED_AS[link.signal]} {_label(evidence)}: it"
             rendered = tpl.render(item={"text": self._text(item)}, evidence={"text": self._text(evidence)},
-                                  link=LINK_WORDS[link.signal],
-                                  opening=f"You may enjoy {_label(item)} because, like {_label(evidence)}, it")
-            wrong = sorted({w for g in vocabulary or item.genres if g not in item.genres for w in xc.genre_words(g)})
+                                  link=LINK_WORDS[link.signal], opening=opening,
+                                  shared=prompts.clean_text(" and ".join(g.lower() for g in facts.genres), 80)
+                                  if shared else "")
+            wrong = sorted({w for g in vocabulary or item.genres if g not in facts.genres for w in xc.genre_words(g)})
             request = TextRequest(messages=rendered.messages, answer_prefix=rendered.answer_prefix,  # type: ignore[arg-type]
                                   max_tokens=self.config.max_tokens, stop=("\n", ". ", "!", "?", ","),
                                   banned=tuple(wrong), no_digits=True)
-            out.append((item, evidence, link, request))
+            out.append(Job(item, evidence, link, request, facts, shared))
         return out
 
     def finish(self, prefix: str, continuation: str) -> str:
@@ -160,14 +187,19 @@ class Explainer:
         text = text if text.endswith((".", "!", "?")) else text + "."
         return prompts.clean_text(text, self.config.reason_chars)
 
-    def check(self, history: Sequence[RankInput], item: RankInput, evidence: RankInput, text: str) -> str | None:
-        """The first failed code check of an LLM sentence (None when it passes)."""
-        facts = {h.item_id: _facts(h) for h in [*history, item]}
+    def check(self, history: Sequence[RankInput], job: Job, text: str) -> str | None:
+        """The first failed code check of an LLM sentence (None when it passes), the item taken as ``job.facts``."""
+        item, evidence = job.item, job.evidence
+        facts = {h.item_id: _facts(h) for h in history}
+        facts[item.item_id] = job.facts
         vocabulary = (list(self.index.catalog.all_genres) if self.index is not None
-                      else sorted({g for f in facts.values() for g in f.genres}))
+                      else sorted({g for f in facts.values() for g in f.genres} | set(item.genres)))
         found = xc.check_explanation([h.item_id for h in history], item.item_id, text, [evidence.item_id], facts,
                                      vocabulary)
-        return f"{found[0].check}: {found[0].detail}" if found else None
+        if not found:
+            return None
+        shared = f" [checked against what it shares with {_label(evidence)}]" if job.shared else ""
+        return f"{found[0].check}: {found[0].detail}{shared}"
 
     def stream(self, history: Sequence[RankInput], items: Sequence[RankInput],
                cancelled: Callable[[], bool] | None = None) -> Iterator[Reason]:
@@ -176,15 +208,15 @@ class Explainer:
         left when ``cancelled()`` turns true are not yielded (the caller fills them with :meth:`fill`)."""
         links = self.links(history, items)
         jobs = self.requests(history, items, links)
-        asked = {item.item_id for item, *_ in jobs}
+        asked = {job.item.item_id for job in jobs}
         for item in items:
             if item.item_id not in asked:
                 reason, ids = template_reason(item, history, links.get(item.item_id))
                 yield Reason(item.item_id, reason, ids, "template")
         if self.backend is None:
-            for item, _, link, _ in jobs:
-                reason, ids = template_reason(item, history, link)
-                yield Reason(item.item_id, reason, ids, "template")
+            for job in jobs:
+                reason, ids = template_reason(job.item, history, job.link)
+                yield Reason(job.item.item_id, reason, ids, "template")
             return
         stages = [jobs[: self.config.first_batch], jobs[self.config.first_batch:]]
         for stage in (s for s in stages if s):
@@ -192,14 +224,14 @@ class Explainer:
                 return
             yield from self._decode(history, stage, cancelled)
 
-    def _decode(self, history: Sequence[RankInput], jobs: Sequence[tuple[RankInput, RankInput, Link, TextRequest]],
+    def _decode(self, history: Sequence[RankInput], jobs: Sequence[Job],
                 cancelled: Callable[[], bool] | None) -> Iterator[Reason]:
         assert self.backend is not None
-        requests = [request for *_, request in jobs]
-        for index, continuation in self.backend.complete_batch(requests, cancelled=cancelled):
-            item, evidence, link, request = jobs[index]
-            text = self.finish(request.answer_prefix, continuation)
-            failed = self.check(history, item, evidence, text)
+        for index, continuation in self.backend.complete_batch([j.request for j in jobs], cancelled=cancelled):
+            job = jobs[index]
+            item, evidence, link = job.item, job.evidence, job.link
+            text = self.finish(job.request.answer_prefix, continuation)
+            failed = self.check(history, job, text)
             if failed is None:
                 yield Reason(item.item_id, text, [evidence.item_id], "llm")
             else:

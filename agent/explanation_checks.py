@@ -164,6 +164,13 @@ def unsupported_words(text: str, support: Sequence[ItemFacts], vocabulary: Itera
     return sorted({w for w in words_of(text) if not holds(w)})
 
 
+def shared_facts(item: ItemFacts, other: ItemFacts) -> ItemFacts:
+    """What ``item`` and ``other`` have in common (genres, years, words), as the facts of ``item``: a reason that
+    says "like <other>, it ..." claims what follows of both, so it is checked against these."""
+    return ItemFacts(item_id=item.item_id, title=item.title, genres=tuple(g for g in item.genres if g in other.genres),
+                     years=tuple(y for y in item.years if y in other.years), words=item.words & other.words)
+
+
 def facts_for(catalog: object, ids: Iterable[str]) -> dict[str, ItemFacts]:
     """Facts of the ``ids`` that exist in ``catalog`` (a :class:`retrieval.catalog.Catalog`)."""
     out = {}
@@ -198,7 +205,8 @@ def genre_words(genre: str) -> list[str]:
     what a generator must not write about an item without that genre."""
     g = genre.lower()
     words = {g, *(p for p in GENRE_WORDS.get(g, ()) if re.fullmatch(r"[a-z' -]+", p))}
-    words |= {"animated"} if g == "animation" else {"romantic"} if g == "romance" else set()
+    words |= {"animated"} if g == "animation" else set()
+    words |= {"romantic", "love story", "love stories"} if g == "romance" else set()
     words |= {"dramatic"} if g == "drama" else {"comedic", "comedies"} if g == "comedy" else set()
     words |= {"children", "kids"} if g == "children's" else {"sci"} if g == "sci-fi" else set()
     return sorted(words)

@@ -83,7 +83,7 @@ def explain_in_process(service: RecommenderService, cases: Sequence[tuple[str, l
             if reason.rejected is not None:
                 rejected_by[reason.rejected.split(":", 1)[0]] += 1
                 if len(rejected_examples) < 6:
-                    rejected_examples.append(f"{reason.draft} ({reason.rejected[:120]})")
+                    rejected_examples.append(f"{reason.draft} ({reason.rejected[:240]})")
             llm_written += reason.source == "llm" or reason.rejected is not None
         service.explainer.fill(ranked.answer, ranked.history, ranked.candidates, reasons)
         total.append(time.perf_counter() - t0)
@@ -302,7 +302,10 @@ def markdown(r: dict[str, Any], plot_file: str | None) -> str:
              f"({r['split']['description']}), their histories without the held-out item; nothing measured here "
              "uses a held-out item. Evidence links use the served index. Reasons: one sentence per item, written "
              "by the LLM about the history item the system's CF/embedding signals link to it, all items decoded "
-             "as one batch; each LLM sentence passes the code checks or is replaced by a template.", "",
+             "as one batch; each LLM sentence passes the code checks or is replaced by a template. A sentence "
+             "that goes on \"because, like <history item>, it\" claims what follows of both items, so it is "
+             "checked against what they share (a pair that shares no genre gets \"watched by the same people as "
+             "<history item>: it\" instead, and what follows is checked against the item).", "",
              f"## 1. Explain the top-{e['k']} ({e['users']} users, in process)", "",
              "| measure | value | target |", "|---|---|---|",
              f"| seconds from the ranked list to the last reason, p50 | {_s(e['explain_p50_s'])} | <= 3 s: "

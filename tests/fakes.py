@@ -41,12 +41,21 @@ def _valid_instance(schema: dict[str, Any], salt: str = "") -> Any:
 SCRIPTED_SENTENCE = "is a {genre} film you may like.\nSecond line."
 
 
-def prompt_genre(request: TextRequest) -> str:
-    """The first genre named in the prompt's "Recommended:" part (``explain_item``), else "good"."""
-    text = " ".join(m["content"] for m in request.messages).lower()
-    text = text.split("recommended:", 1)[1].split("the user watched", 1)[0] if "recommended:" in text else ""
+def _genres_in(text: str) -> list[str]:
     found = [(text.find(g), g) for g in xc.GENRE_WORDS if re.search(rf"(?<![\w-]){re.escape(g)}(?![\w-])", text)]
-    return min(found)[1] if found else "good"
+    return [g for _, g in sorted(found)]
+
+
+def prompt_genre(request: TextRequest) -> str:
+    """The first genre named in the prompt's "Recommended:" part (``explain_item``) that the watched item has too
+    where the sentence goes on "like <watched item>, it", else its first genre, else "good"."""
+    text = " ".join(m["content"] for m in request.messages).lower()
+    item, _, watched = text.split("recommended:", 1)[1].partition("the user watched") if "recommended:" in text \
+        else ("", "", "")
+    genres = _genres_in(item)
+    if ", like " in request.answer_prefix:
+        genres = [g for g in genres if g in _genres_in(watched)] or genres
+    return genres[0] if genres else "good"
 
 
 def genre_sentence(request: TextRequest) -> str:

@@ -47,7 +47,7 @@ LINKED_AS = {"cf": "watched by the same people as", "content": "close in content
 
 
 class ExplainConfig(BaseModel):
-    prompt: str = Field(default="v2", description="version of prompts/explain_item.*.jinja (v2 names the genres "
+    prompt: str = Field(default="v3", description="version of prompts/explain_item.*.jinja (v2 names the genres "
                         "the two items share)")
     max_tokens: int = Field(default=8, ge=4, le=128, description="tokens the model may add to one sentence")
     first_batch: int = Field(default=1, ge=0, description="the top items decoded first on their own, so that the "

@@ -399,16 +399,23 @@ def eval_explain(
                                        "of ids), timed in the same run for a ratio"),
     ties: str = ties_option(),
     seed: int = typer.Option(0, "--seed", help="seeds the sampled test users and the tie order"),
+    prompt: str | None = typer.Option(None, "--prompt", help="version of prompts/explain_item to compare (default: "
+                                      "the served one); its report goes to explain-CATALOG-VERSION-seedSEED.md"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Explanations: seconds per user for the top-k, first-reason latency, LLM share and code checks; 0 answers
     without reasons through the API; score latency under explain traffic (head-of-line); generate mode."""
     setup()
     spec = split_spec(ties, seed)
+    import prompts
     from agent.service import build_service
     from eval import explain_bench as eb
 
+    if prompt is not None:
+        guarded(lambda: prompts.load("explain_item", prompt))
     service = guarded(lambda: build_service(catalog))
+    if prompt is not None:
+        service.explainer.config = service.explainer.config.model_copy(update={"prompt": prompt})
     if service.reranker is None or service.backend is None:
         fail("the explain benchmark needs the LLM (RECAGENT_LLM is 'none')")
     assert service.backend is not None and service.reranker is not None
@@ -417,10 +424,12 @@ def eval_explain(
                               "date": time.strftime("%Y-%m-%d"), "model": service.backend.model_name,
                               "llm": os.environ.get("RECAGENT_LLM", "transformers"),
                               "ranker": service.reranker.config.ranker,
+                              "explain_prompt": f"explain_item.{service.explainer.config.prompt}",
                               "command": f"recagent eval explain --catalog {catalog} --users {users} -k {k} "
                                          f"--api-requests {api_requests} --hol-requests {hol_requests} "
                                          f"--generate-users {generate_users} --baseline-users {baseline_users} "
-                                         f"--ties {spec.ties} --seed {spec.seed}"}
+                                         f"--ties {spec.ties} --seed {spec.seed}"
+                                         + (f" --prompt {prompt}" if prompt is not None else "")}
     result["explain"] = eb.explain_in_process(service, cases[:users], k)
     if baseline_users:
         result["baseline"] = eb.json_baseline(service, cases[:baseline_users], k)
@@ -432,7 +441,7 @@ def eval_explain(
         if baseline_users and result["generate"]["style"] != "json":
             result["generate_baseline"] = eb.generate_mode(service, cases[:baseline_users], k, style="json")
     REPORTS.mkdir(exist_ok=True)
-    stem = f"explain-{catalog}"
+    stem = f"explain-{catalog}" if prompt is None else f"explain-{catalog}-{prompt}-seed{spec.seed}"
     if "hol" in result:
         eb.plot(result, REPORTS / f"{stem}.png")
     (REPORTS / f"{stem}.json").write_text(json.dumps(result, indent=2))

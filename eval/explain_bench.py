@@ -297,7 +297,8 @@ def _target(ok: bool) -> str:
 def markdown(r: dict[str, Any], plot_file: str | None) -> str:
     e = r["explain"]
     lines = [f"# Explanations: {r['catalog']}", "",
-             f"Model `{r['model']}` (backend {r['llm']}, ranker {r.get('ranker', 'zero-shot')}), {r['date']}. "
+             f"Model `{r['model']}` (backend {r['llm']}, ranker {r.get('ranker', 'zero-shot')}, reasons prompt "
+             f"`{r.get('explain_prompt', 'explain_item')}`), {r['date']}. "
              "Users: test users of the split "
              f"({r['split']['description']}), their histories without the held-out item; nothing measured here "
              "uses a held-out item. Evidence links use the served index. Reasons: one sentence per item, written "

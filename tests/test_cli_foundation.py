@@ -131,3 +131,10 @@ def test_catalogue_names_are_checked_wherever_they_reach_a_path(tmp_path: Any) -
         with pytest.raises(ValidationError, match="RECAGENT_CATALOG"):
             Settings(catalog=bad)
     assert catalog_root("movielens-100k").name == "movielens-100k"
+
+
+def test_eval_explain_names_the_prompt_versions_it_knows(tiny_catalog: Catalog) -> None:
+    argv = ["eval", "explain", "--catalog", tiny_catalog.name, "--prompt", "v99"]
+    result = CliRunner(env={"COLUMNS": "4000"}).invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert "unknown prompt 'explain_item.v99'" in result.output and "explain_item.v3" in result.output

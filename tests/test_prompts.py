@@ -39,7 +39,7 @@ def render(name: str, version: str) -> str:
     "name", ["rerank_score.v1", "rerank_score.v2", "rerank_score.v3", "rerank_trained.v1", "rerank_trained.v2",
              "rerank_generate.v1",
              "rerank_generate.v2", "rerank_list.v1", "explain.v1", "explain_item.v1",
-             "explain_item.v2"])
+             "explain_item.v2", "explain_item.v3"])
 def test_rendering_matches_snapshot(name: str) -> None:
     base, version = name.rsplit(".", 1)
     text = render(base, version)

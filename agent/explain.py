@@ -47,8 +47,8 @@ LINKED_AS = {"cf": "watched by the same people as", "content": "close in content
 
 
 class ExplainConfig(BaseModel):
-    prompt: str = Field(default="v3", description="version of prompts/explain_item.*.jinja (v2 names the genres "
-                        "the two items share)")
+    prompt: str = Field(default="v3", description="version of prompts/explain_item.*.jinja (v2 and v3 name the "
+                        "genres the two items share; v3 asks for them; chosen by `recagent eval explain --prompt`)")
     max_tokens: int = Field(default=8, ge=4, le=128, description="tokens the model may add to one sentence")
     first_batch: int = Field(default=1, ge=0, description="the top items decoded first on their own, so that the "
                              "first reason arrives early; the rest follow as one batch")
@@ -145,10 +145,10 @@ class Explainer:
     def requests(self, history: Sequence[RankInput], items: Sequence[RankInput], links: dict[str, Link]) -> list[Job]:
         """One prompt per item that has a link (items without one get a template reason): the static
         instructions (their KV cache is kept between calls), then the item and its linked history item. Where the
-        two share a genre, the sentence goes on "because, like <history item>, it", so
-        what the model adds is checked against what they share; else it names the link ("watched by the same
-        people as <history item>: it") and what follows is about the item alone. Decoding never writes digits nor
-        genre words the facts lack."""
+        two share a genre, the sentence goes on "because, like <history item>, it", so what the model adds is
+        checked against what they share; else it names the link ("watched by the same people as <history item>:
+        it") and what follows is about the item alone. Decoding never writes digits nor genre words the facts
+        lack."""
         tpl = prompts.load("explain_item", self.config.prompt)
         by_id = {h.item_id: h for h in history}
         vocabulary = list(self.index.catalog.all_genres) if self.index is not None else []

@@ -33,6 +33,9 @@ CANDIDATES = [
 class LLMBackendContract:
     """What the reranker and the agent rely on from any backend."""
 
+    #: a word the backend writes for the banned-word test's prompt when nothing bans it (SmolLM2: "Disney")
+    bannable = "disney"
+
     def test_score_labels_is_a_distribution_over_the_labels(self, backend: LLMBackend) -> None:
         scores = backend.score_labels(ScoreRequest(MESSAGES, "", list("ABC")))  # type: ignore[arg-type]
         assert len(scores) == 3 and all(math.isfinite(s) for s in scores)
@@ -67,6 +70,17 @@ class LLMBackendContract:
         assert sorted(got) == [0, 1, 2]
         assert all(isinstance(t, str) and "\n" not in t for t in got.values())
         assert any(t.strip() for t in got.values())
+
+    def test_complete_never_writes_a_banned_word(self, backend: LLMBackend) -> None:
+        messages: list[ChatMessage] = [
+            {"role": "system", "content": "You explain film recommendations. Finish the sentence in a few words by "
+                                          "naming the genres given."},
+            {"role": "user", "content": 'Recommended: "Toy Story, a comedy film from 1995".'}]
+        free, banned = (backend.complete(TextRequest(messages, answer_prefix="You may enjoy Toy Story because it is a",
+                                                     max_tokens=6, stop=("\n",), banned=words))
+                        for words in ((), (self.bannable,)))
+        assert self.bannable in free.lower(), free  # what it writes unhindered, so that the ban can be seen
+        assert self.bannable not in banned.lower(), banned
 
     def test_complete_batch_stops_when_cancelled(self, backend: LLMBackend) -> None:
         requests = [TextRequest([{"role": "user", "content": "Count to ten."}], max_tokens=8)] * 2

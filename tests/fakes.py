@@ -126,7 +126,9 @@ class ScriptedBackend(LLMBackend):
     def complete(self, request: TextRequest) -> str:
         """A short fixed sentence (then a second line), cut at the first stop string and at ``max_tokens`` words."""
         self._maybe_fail("complete")
-        words = SCRIPTED_SENTENCE.format(genre=prompt_genre(request)).split(" ")[: max(request.max_tokens, 0)]
+        genre = prompt_genre(request)
+        genre = "good" if genre in {w.lower() for w in request.banned} else genre  # it honours bans, as real ones do
+        words = SCRIPTED_SENTENCE.format(genre=genre).split(" ")[: max(request.max_tokens, 0)]
         self.usage.add("reason", 100, len(words))
         return cut_at_stop(" ".join(words), request.stop)[0]
 

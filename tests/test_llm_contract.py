@@ -19,6 +19,8 @@ from tests.fakes import ScriptedBackend
 
 
 class TestScriptedBackend(LLMBackendContract, RerankerContract):
+    bannable = "comedy"  # it names the prompt's genre
+
     @pytest.fixture
     def backend(self) -> LLMBackend:
         return ScriptedBackend(prefer=lambda r: len(r.labels) - 1)

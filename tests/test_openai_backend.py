@@ -766,3 +766,29 @@ def test_live_error_paths(vllm_server: VLLMServer) -> None:
     live = OpenAIBackend(LLMConfig(backend="openai", url=vllm_server.url))
     with pytest.raises(LLMError, match="single-token"):
         live.label_token_id("Return of the Jedi")
+
+
+def test_complete_bans_one_token_words_through_logit_bias_tokenizing_each_word_once() -> None:
+    backend, seen = fake_backend(vllm_like(content=" a drama."), served_model="m")
+    request = TextRequest(messages=[{"role": "user", "content": "Why Casablanca?"}], answer_prefix="It is",
+                          banned=("war", "love story"))
+    assert backend.complete(request) == backend.complete(request) == " a drama."
+    chats = [body_of(r) for r in seen if r.url.path == "/v1/chat/completions"]
+    # "war" is one token (id 1000 under the fake tokenizer); "love story" is two, left to the caller's checks
+    assert [c["logit_bias"] for c in chats] == [{"1000": -100}] * 2
+    assert sum(r.url.path == "/tokenize" for r in seen) == 8  # 4 variants of each word, once
+    backend.complete(reason_request())  # nothing banned: no bias sent
+    assert "logit_bias" not in body_of(seen[-1])
+
+
+def test_without_tokenize_banned_words_are_left_to_the_checks() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return chat_reply(" a war film.") if request.url.path == "/v1/chat/completions" else httpx.Response(404)
+
+    backend, seen = fake_backend(handler, served_model="m")
+    request = TextRequest(messages=[{"role": "user", "content": "Why Heat?"}], answer_prefix="It is",
+                          banned=("war",))
+    assert backend.complete(request) == " a war film."
+    assert "logit_bias" not in body_of(seen[-1])
+    backend.complete(request)
+    assert sum(r.url.path == "/tokenize" for r in seen) == 1  # the missing endpoint is remembered

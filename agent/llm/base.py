@@ -52,8 +52,9 @@ class TextRequest:
     """Free text that continues ``answer_prefix`` at the start of the assistant turn after ``messages``. Decoding
     stops at the first of the ``stop`` strings (left out of the result), at the end-of-turn token, or after
     ``max_tokens`` tokens. The result is the continuation only, without the prefix. Backends that can constrain
-    decoding never write the ``banned`` words (case-insensitive, whole tokens) nor, with ``no_digits``, any digit;
-    others may, and the caller's checks must not rely on it."""
+    decoding never write the ``banned`` words (case-insensitive, whole tokens) nor, with ``no_digits``, any digit
+    (the in-process backend); others may write some of them (an OpenAI-compatible server is sent the words of one
+    token as ``logit_bias``), and the caller's checks must not rely on it."""
 
     messages: list[ChatMessage]
     answer_prefix: str = ""

@@ -139,6 +139,7 @@ class OpenAIBackend(LLMBackend):
         self._client = httpx.Client(timeout=config.timeout_s, headers=headers, transport=transport)
         self._model: str | None = config.served_model
         self._label_ids: dict[str, int] = {}
+        self._word_ids: dict[str, list[int]] = {}  # banned word -> the ids of its single-token variants
         self._tokenize_missing = False
         self._lock = threading.Lock()
         self._markers = threading.Lock()
@@ -363,11 +364,37 @@ class OpenAIBackend(LLMBackend):
             raise LLMOutputError(f"LLM output is not valid JSON{hint}: {content[:200]!r}") from exc
         return content
 
+    def banned_token_ids(self, words: Sequence[str]) -> list[int]:
+        """Token ids that would write one of ``words`` whole: the variants (after a space or not, lower case or
+        capitalised) that are one token under the served tokenizer (cached per word). A word of several tokens
+        cannot be banned through ``logit_bias`` without banning its first token everywhere, so it is not; nor is
+        anything when the server has no ``/tokenize``."""
+        ids: list[int] = []
+        for word in words:
+            if word not in self._word_ids and not self._tokenize_missing:
+                variants = {word, f" {word}", word.capitalize(), f" {word.capitalize()}"}
+                try:
+                    found = [tokens[0] for tokens in map(self._tokenize, sorted(variants)) if len(tokens) == 1]
+                except LLMStatusError as exc:
+                    if exc.status_code not in (404, 405):
+                        raise
+                    logger.warning("%s/tokenize is missing; banned words are left to the checks", self.root_url)
+                    self._tokenize_missing = True
+                    continue
+                with self._lock:
+                    self._word_ids[word] = sorted(set(found))
+            ids += self._word_ids.get(word, [])
+        return sorted(set(ids))
+
     def complete(self, request: TextRequest) -> str:
         """One ``/chat/completions`` call that continues ``request.answer_prefix`` (``continue_final_message``)
-        greedily, up to the first stop string (which vLLM leaves out; cut here too, for other servers)."""
+        greedily, up to the first stop string (which vLLM leaves out; cut here too, for other servers). The
+        ``banned`` words that are one token go as ``logit_bias`` -100 (:meth:`banned_token_ids`)."""
         payload: dict[str, Any] = {"model": self.model_name, "max_tokens": request.max_tokens, "temperature": 0.0,
                                    **continuing(request.messages, request.answer_prefix)}
+        banned = self.banned_token_ids(request.banned) if request.banned else []
+        if banned:
+            payload["logit_bias"] = {str(t): -100 for t in banned}
         if request.stop:
             payload["stop"] = list(request.stop)[:MAX_STOP]  # OpenAI's limit (vLLM enforces it); the rest cut here
         body = self._send("POST", f"{self.base_url}/chat/completions", payload)

@@ -400,7 +400,8 @@ def eval_explain(
     ties: str = ties_option(),
     seed: int = typer.Option(0, "--seed", help="seeds the sampled test users and the tie order"),
     prompt: str | None = typer.Option(None, "--prompt", help="version of prompts/explain_item to compare (default: "
-                                      "the served one); its report goes to explain-CATALOG-VERSION-seedSEED.md"),
+                                      "the served one); its report goes to explain-CATALOG-VERSION-seedSEED.md "
+                                      "(-openai before -VERSION for RECAGENT_LLM=openai)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Explanations: seconds per user for the top-k, first-reason latency, LLM share and code checks; 0 answers
@@ -441,7 +442,8 @@ def eval_explain(
         if baseline_users and result["generate"]["style"] != "json":
             result["generate_baseline"] = eb.generate_mode(service, cases[:baseline_users], k, style="json")
     REPORTS.mkdir(exist_ok=True)
-    stem = f"explain-{catalog}" if prompt is None else f"explain-{catalog}-{prompt}-seed{spec.seed}"
+    stem = f"explain-{catalog}" + ("" if result["llm"] == "transformers" else f"-{result['llm']}") + (
+        "" if prompt is None else f"-{prompt}-seed{spec.seed}")  # other backends and prompts write beside it
     if "hol" in result:
         eb.plot(result, REPORTS / f"{stem}.png")
     (REPORTS / f"{stem}.json").write_text(json.dumps(result, indent=2))

@@ -10,6 +10,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -779,6 +780,9 @@ def test_complete_bans_one_token_words_through_logit_bias_tokenizing_each_word_o
     assert sum(r.url.path == "/tokenize" for r in seen) == 8  # 4 variants of each word, once
     backend.complete(reason_request())  # nothing banned: no bias sent
     assert "logit_bias" not in body_of(seen[-1])
+    backend.complete(replace(reason_request(), no_digits=True))  # the digits "0" to "9", one token each here
+    assert body_of(seen[-1])["logit_bias"] == {"1000": -100}
+    assert sum(r.url.path == "/tokenize" for r in seen) == 18
 
 
 def test_without_tokenize_banned_words_are_left_to_the_checks() -> None:

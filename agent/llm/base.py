@@ -54,7 +54,7 @@ class TextRequest:
     ``max_tokens`` tokens. The result is the continuation only, without the prefix. Backends that can constrain
     decoding never write the ``banned`` words (case-insensitive, whole tokens) nor, with ``no_digits``, any digit
     (the in-process backend); others may write some of them (an OpenAI-compatible server is sent the words of one
-    token as ``logit_bias``), and the caller's checks must not rely on it."""
+    token and the digits "0" to "9" as ``logit_bias``), and the caller's checks must not rely on it."""
 
     messages: list[ChatMessage]
     answer_prefix: str = ""

@@ -139,7 +139,7 @@ class OpenAIBackend(LLMBackend):
         self._client = httpx.Client(timeout=config.timeout_s, headers=headers, transport=transport)
         self._model: str | None = config.served_model
         self._label_ids: dict[str, int] = {}
-        self._word_ids: dict[str, list[int]] = {}  # banned word -> the ids of its single-token variants
+        self._word_ids: dict[str, list[int]] = {}  # banned word (or digit) -> the ids of its one-token variants
         self._tokenize_missing = False
         self._lock = threading.Lock()
         self._markers = threading.Lock()
@@ -364,17 +364,19 @@ class OpenAIBackend(LLMBackend):
             raise LLMOutputError(f"LLM output is not valid JSON{hint}: {content[:200]!r}") from exc
         return content
 
-    def banned_token_ids(self, words: Sequence[str]) -> list[int]:
+    def banned_token_ids(self, words: Sequence[str], digits: bool = False) -> list[int]:
         """Token ids that would write one of ``words`` whole: the variants (after a space or not, lower case or
-        capitalised) that are one token under the served tokenizer (cached per word). A word of several tokens
-        cannot be banned through ``logit_bias`` without banning its first token everywhere, so it is not; nor is
-        anything when the server has no ``/tokenize``."""
+        capitalised) that are one token under the served tokenizer; with ``digits``, the tokens of "0" to "9"
+        (cached per word). A word of several tokens cannot be banned through ``logit_bias`` without banning its
+        first token everywhere, so it is not; nor is anything when the server has no ``/tokenize``."""
+        texts = [sorted({w, f" {w}", w.capitalize(), f" {w.capitalize()}"}) for w in words]
+        texts += [[str(d)] for d in range(10)] if digits else []
         ids: list[int] = []
-        for word in words:
-            if word not in self._word_ids and not self._tokenize_missing:
-                variants = {word, f" {word}", word.capitalize(), f" {word.capitalize()}"}
+        for variants in texts:
+            key = variants[0]
+            if key not in self._word_ids and not self._tokenize_missing:
                 try:
-                    found = [tokens[0] for tokens in map(self._tokenize, sorted(variants)) if len(tokens) == 1]
+                    found = [tokens[0] for tokens in map(self._tokenize, variants) if len(tokens) == 1]
                 except LLMStatusError as exc:
                     if exc.status_code not in (404, 405):
                         raise
@@ -382,17 +384,19 @@ class OpenAIBackend(LLMBackend):
                     self._tokenize_missing = True
                     continue
                 with self._lock:
-                    self._word_ids[word] = sorted(set(found))
-            ids += self._word_ids.get(word, [])
+                    self._word_ids[key] = sorted(set(found))
+            ids += self._word_ids.get(key, [])
         return sorted(set(ids))
 
     def complete(self, request: TextRequest) -> str:
         """One ``/chat/completions`` call that continues ``request.answer_prefix`` (``continue_final_message``)
         greedily, up to the first stop string (which vLLM leaves out; cut here too, for other servers). The
-        ``banned`` words that are one token go as ``logit_bias`` -100 (:meth:`banned_token_ids`)."""
+        ``banned`` words that are one token, and with ``no_digits`` the digits, go as ``logit_bias`` -100
+        (:meth:`banned_token_ids`)."""
         payload: dict[str, Any] = {"model": self.model_name, "max_tokens": request.max_tokens, "temperature": 0.0,
                                    **continuing(request.messages, request.answer_prefix)}
-        banned = self.banned_token_ids(request.banned) if request.banned else []
+        banned = self.banned_token_ids(request.banned, request.no_digits) if request.banned or request.no_digits \
+            else []
         if banned:
             payload["logit_bias"] = {str(t): -100 for t in banned}
         if request.stop:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -187,10 +187,12 @@ class Explainer:
         text = text if text.endswith((".", "!", "?")) else text + "."
         return prompts.clean_text(text, self.config.reason_chars)
 
-    def check(self, history: Sequence[RankInput], job: Job, text: str) -> str | None:
-        """The first failed code check of an LLM sentence (None when it passes), the item taken as ``job.facts``."""
+    def check(self, history: Sequence[RankInput], job: Job, text: str,
+              history_facts: Mapping[str, xc.ItemFacts] | None = None) -> str | None:
+        """The first failed code check of an LLM sentence (None when it passes), the item taken as ``job.facts``;
+        ``history_facts``: the history's facts, when the caller made them once for all its sentences."""
         item, evidence = job.item, job.evidence
-        facts = {h.item_id: _facts(h) for h in history}
+        facts = dict(history_facts) if history_facts is not None else {h.item_id: _facts(h) for h in history}
         facts[item.item_id] = job.facts
         vocabulary = (list(self.index.catalog.all_genres) if self.index is not None
                       else sorted({g for f in facts.values() for g in f.genres} | set(item.genres)))
@@ -227,11 +229,12 @@ class Explainer:
     def _decode(self, history: Sequence[RankInput], jobs: Sequence[Job],
                 cancelled: Callable[[], bool] | None) -> Iterator[Reason]:
         assert self.backend is not None
+        history_facts = {h.item_id: _facts(h) for h in history}  # once for the batch, not once per sentence
         for index, continuation in self.backend.complete_batch([j.request for j in jobs], cancelled=cancelled):
             job = jobs[index]
             item, evidence, link = job.item, job.evidence, job.link
             text = self.finish(job.request.answer_prefix, continuation)
-            failed = self.check(history, job, text)
+            failed = self.check(history, job, text, history_facts)
             if failed is None:
                 yield Reason(item.item_id, text, [evidence.item_id], "llm")
             else:

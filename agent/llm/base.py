@@ -64,6 +64,11 @@ class TextRequest:
     no_digits: bool = False
 
 
+def word_variants(word: str) -> list[str]:
+    """The spellings of a banned word a backend bans: after a space or not, lower case or capitalised."""
+    return sorted({word, f" {word}", word.capitalize(), f" {word.capitalize()}"})
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """``text`` up to the earliest stop string, and whether one was found."""
     cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]

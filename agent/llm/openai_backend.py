@@ -36,6 +36,7 @@ from agent.llm.base import (
     TextRequest,
     cut_at_stop,
     deadline_var,
+    word_variants,
 )
 from agent.llm.config import LLMConfig
 
@@ -138,8 +139,7 @@ class OpenAIBackend(LLMBackend):
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self._client = httpx.Client(timeout=config.timeout_s, headers=headers, transport=transport)
         self._model: str | None = config.served_model
-        self._label_ids: dict[str, int] = {}
-        self._word_ids: dict[str, list[int]] = {}  # banned word (or digit) -> the ids of its one-token variants
+        self._token_cache: dict[str, list[int]] = {}  # text -> its token ids (labels, banned words, digits)
         self._tokenize_missing = False
         self._lock = threading.Lock()
         self._markers = threading.Lock()
@@ -247,17 +247,21 @@ class OpenAIBackend(LLMBackend):
                                  f"{str(body)[:200]}")
         return tokens
 
+    def _tokens(self, text: str) -> list[int]:
+        """``text``'s token ids under the served tokenizer, asked once per text."""
+        cached = self._token_cache.get(text)
+        if cached is None:
+            cached = self._tokenize(text)
+            with self._lock:
+                self._token_cache[text] = cached
+        return cached
+
     def label_token_id(self, label: str) -> int:
         """The single token id of ``label`` (cached)."""
-        cached = self._label_ids.get(label)
-        if cached is not None:
-            return cached
-        tokens = self._tokenize(label)
+        tokens = self._tokens(label)
         if len(tokens) != 1:
             raise LLMOutputError(f"label {label!r} is {len(tokens)} tokens under {self.model_name}'s tokenizer; "
                                  "score_labels needs single-token labels")
-        with self._lock:
-            self._label_ids[label] = tokens[0]
         return tokens[0]
 
     # -- the interface -------------------------------------------------------------------------------------
@@ -365,28 +369,26 @@ class OpenAIBackend(LLMBackend):
         return content
 
     def banned_token_ids(self, words: Sequence[str], digits: bool = False) -> list[int]:
-        """Token ids that would write one of ``words`` whole: the variants (after a space or not, lower case or
-        capitalised) that are one token under the served tokenizer; with ``digits``, the tokens of "0" to "9"
-        (cached per word). A word of several tokens cannot be banned through ``logit_bias`` without banning its
-        first token everywhere, so it is not; nor is anything when the server has no ``/tokenize``."""
-        texts = [sorted({w, f" {w}", w.capitalize(), f" {w.capitalize()}"}) for w in words]
-        texts += [[str(d)] for d in range(10)] if digits else []
-        ids: list[int] = []
-        for variants in texts:
-            key = variants[0]
-            if key not in self._word_ids and not self._tokenize_missing:
-                try:
-                    found = [tokens[0] for tokens in map(self._tokenize, variants) if len(tokens) == 1]
-                except LLMStatusError as exc:
-                    if exc.status_code not in (404, 405):
-                        raise
-                    logger.warning("%s/tokenize is missing; banned words are left to the checks", self.root_url)
-                    self._tokenize_missing = True
-                    continue
-                with self._lock:
-                    self._word_ids[key] = sorted(set(found))
-            ids += self._word_ids.get(key, [])
-        return sorted(set(ids))
+        """Token ids that would write one of ``words`` whole: the variants (:func:`word_variants`) that are one
+        token under the served tokenizer; with ``digits``, the tokens of "0" to "9". A word of several tokens
+        cannot be banned through ``logit_bias`` without banning its first token everywhere, so it is not; nor is
+        anything when the server has no ``/tokenize``."""
+        texts = [v for w in words for v in word_variants(w)] + ([str(d) for d in range(10)] if digits else [])
+        ids: set[int] = set()
+        for text in texts:
+            if self._tokenize_missing:
+                break
+            try:
+                tokens = self._tokens(text)
+            except LLMStatusError as exc:
+                if exc.status_code not in (404, 405):
+                    raise
+                logger.warning("%s/tokenize is missing; banned words are left to the checks", self.root_url)
+                self._tokenize_missing = True
+                break
+            if len(tokens) == 1:
+                ids.add(tokens[0])
+        return sorted(ids)
 
     def complete(self, request: TextRequest) -> str:
         """One ``/chat/completions`` call that continues ``request.answer_prefix`` (``continue_final_message``)
@@ -395,8 +397,7 @@ class OpenAIBackend(LLMBackend):
         (:meth:`banned_token_ids`)."""
         payload: dict[str, Any] = {"model": self.model_name, "max_tokens": request.max_tokens, "temperature": 0.0,
                                    **continuing(request.messages, request.answer_prefix)}
-        banned = self.banned_token_ids(request.banned, request.no_digits) if request.banned or request.no_digits \
-            else []
+        banned = self.banned_token_ids(request.banned, request.no_digits)
         if banned:
             payload["logit_bias"] = {str(t): -100 for t in banned}
         if request.stop:

@@ -38,6 +38,7 @@ from agent.llm.base import (
     TextRequest,
     cut_at_stop,
     deadline_var,
+    word_variants,
 )
 from agent.llm.config import LLMConfig, torch_dtype
 from agent.llm.priority import Priority, PriorityLock, priority_var
@@ -336,8 +337,8 @@ class TransformersBackend(LLMBackend):
         seqs: list[list[int]] = []
         for word in request.banned:
             if word not in self._word_ids:
-                variants = {word, f" {word}", word.capitalize(), f" {word.capitalize()}"}
-                self._word_ids[word] = [self.tokenizer(v, add_special_tokens=False)["input_ids"] for v in variants]
+                self._word_ids[word] = [self.tokenizer(v, add_special_tokens=False)["input_ids"]
+                                        for v in word_variants(word)]
             seqs += self._word_ids[word]
         return seqs
 

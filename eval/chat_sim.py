@@ -217,11 +217,13 @@ class Episode:
     ms: list[float]
     decided_by: list[str]
     degraded: int
+    llm_genres: list[bool] = field(default_factory=list)  # per turn whose genre the LLM read: one of the target's?
 
 
 def run_episode(agent: ChatAgent, user: SimulatedUser, max_turns: int) -> Episode:
     session: str | None = None
     ms, decided, degraded = [], [], 0
+    read: list[bool] = []
     message = user.opening()
     for turn in range(1, max_turns + 1):
         t0 = time.perf_counter()
@@ -230,10 +232,14 @@ def run_episode(agent: ChatAgent, user: SimulatedUser, max_turns: int) -> Episod
         session = result.session_id
         decided.append(result.decided_by)
         degraded += int(result.degraded)
+        genres = (result.intent or {}).get("genres")
+        if result.decided_by in ("llm", "both") and isinstance(genres, list) and genres:
+            target = agent.catalog.item(user.target)["genres"]
+            read.append(bool(set(genres) & set(target if isinstance(target, list) else [])))
         if user.target in {i.item_id for i in result.items}:
-            return Episode(user.user_id, turn, turn, ms, decided, degraded)
+            return Episode(user.user_id, turn, turn, ms, decided, degraded, read)
         message = user.answer(turn + 1)
-    return Episode(user.user_id, None, max_turns, ms, decided, degraded)
+    return Episode(user.user_id, None, max_turns, ms, decided, degraded, read)
 
 
 def sample_users(catalog: Catalog, n_users: int, seed: int = 0, spec: SplitSpec | None = None,
@@ -268,6 +274,8 @@ def summarise_agent(episodes: list[Episode], max_turns: int, n_boot: int) -> dic
         "ms_per_turn": {"mean": float(np.mean(ms)) if ms else 0.0, "p95": float(np.percentile(ms, 95)) if ms else 0.0},
         "decided_by": dict(Counter(d for e in episodes for d in e.decided_by)),
         "degraded_turns": sum(e.degraded for e in episodes),
+        "llm_genre_turns": {"turns": sum(len(e.llm_genres) for e in episodes),
+                            "in_target_genres": sum(sum(e.llm_genres) for e in episodes)},
     }
 
 
@@ -364,6 +372,16 @@ def markdown(payload: dict[str, Any], notes: list[str], extra: list[str] | None 
         + "; ".join(f"{name}: {r['decided_by']}" for name, r in payload["results"].items()),
         "",
     ]
+    reads = {name: r["llm_genre_turns"] for name, r in payload["results"].items()
+             if r.get("llm_genre_turns", {}).get("turns")}
+    if reads:
+        lines += [
+            "Genres the LLM read in the users' words (agent.chat.genre_reader; its prompt and margin were chosen on "
+            "the reader's own development set, not on these users): "
+            + "; ".join(f"{name}: {g['turns']} turns, the genre read is one of the hidden target's genres in "
+                        f"{g['in_target_genres']}" for name, g in reads.items()),
+            "",
+        ]
     lines += list(extra or [])
     lines += ["## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.service import RecommenderService
-from eval.chat_sim import GENRE_DESCRIPTIONS, OPENINGS, evaluate_chat, markdown, sample_users
+from eval.chat_sim import GENRE_DESCRIPTIONS, OPENINGS, Episode, evaluate_chat, markdown, sample_users, summarise_agent
 from retrieval.catalog import Catalog
 from retrieval.index import Index
 
@@ -55,3 +55,11 @@ def test_validation_users_hold_validation_targets_and_settings_reach_both_agents
                             part="validation", settings={"together_weight": 0.0})
     assert payload["part"] == "validation" and payload["settings"] == {"together_weight": 0.0}
     assert "validation targets" in markdown(payload, []) and "together_weight" in markdown(payload, [])
+
+
+def test_genres_the_llm_read_are_counted_against_the_target() -> None:
+    episodes = [Episode("u1", 2, 2, [1.0, 1.0], ["rules", "both"], 0, [True]),
+                Episode("u2", None, 3, [1.0] * 3, ["both", "llm", "rules"], 0, [False, True])]
+    summary = summarise_agent(episodes, 3, n_boot=10)
+    assert summary["llm_genre_turns"] == {"turns": 3, "in_target_genres": 2}
+    assert summary["decided_by"] == {"rules": 2, "both": 2, "llm": 1}

@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import zip_longest
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ import prompts
 from agent.chat import lexicon as lx
 from agent.chat import reply as rp
 from agent.chat.config import ChatConfig
+from agent.chat.genre_reader import GenreReader
 from agent.chat.intent import GenreLexicon, Intent, LLMIntent, llm_intent, merge, parse_rules
 from agent.chat.models import ChatItem, Constraints, PendingChoice, SessionState, Turn, TurnItems, TurnRecord
 from agent.chat.state import SessionNotFoundError, SessionStore, valid_session_id
@@ -265,6 +267,7 @@ class ChatAgent:
                 if item_id not in state.last_items:
                     intent.liked.append(text)
                     intent.scanned = True
+        decided_by = self._read_genre(state, message, intent, decided_by)
         logger.info(
             "intent session=%s kind=%s decided_by=%s rules=%s llm=%s",
             state.session_id,
@@ -274,6 +277,36 @@ class ChatAgent:
             None if llm is None else llm.model_dump(exclude_defaults=True),
         )
         return intent, decided_by
+
+    @cached_property
+    def genre_reader(self) -> GenreReader | None:
+        """The LLM's reading of a genre into words the lexicon lacks (None without an in-process or served backend,
+        or with ``ChatConfig.llm_genres`` off)."""
+        if not (self.config.use_llm and self.config.llm_genres) or self.service.backend is None:
+            return None
+        return GenreReader(self.service.backend, self.catalog.all_genres, self.config.genre_reader)
+
+    def _read_genre(self, state: SessionState, message: str, intent: Intent, decided_by: str) -> str:
+        """A request in words the rules found no genre in ("I'm in the mood for sheriffs and saloons"): the LLM
+        reads one (:mod:`agent.chat.genre_reader`) and it becomes the turn's genre, as a genre word of the lexicon
+        would. Not for turns that name titles (a reference item brings its own genres) or state any genre."""
+        free_text = bool(intent.mood) or (intent.kind == "recommend" and not intent.signals())
+        if (intent.kind not in ("recommend", "critique") or not free_text or intent.genres or intent.boost
+                or intent.exclude_genres or intent.liked or intent.reference or self.genre_reader is None):
+            return decided_by
+        try:
+            reading = self.genre_reader.read(message)
+        except Exception as exc:  # LLMError, timeouts: the text query carries on
+            logger.warning("llm genre reading failed session=%s error=%s", state.session_id,
+                           f"{type(exc).__name__}: {exc}"[:200])
+            return decided_by
+        if reading is None:
+            return decided_by
+        logger.info("llm genre session=%s genre=%s margin=%.2f runner_up=%s", state.session_id, reading.genre,
+                    reading.margin, reading.runner_up)
+        rules_read = decided_by != "llm" and intent.signals()  # free text the rules kept as a mood, years, ...
+        intent.genres = [reading.genre]
+        return "both" if rules_read else "llm"
 
     def _turn(self, state: SessionState, raw: str, notes: _Notes, explain: bool = True) -> tuple[Turn, _Reasons | None]:
         message = self._clean(raw, notes)

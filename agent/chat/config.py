@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from agent.chat.genre_reader import GenreReaderConfig
+
 
 class ChatConfig(BaseModel):
     k: int = Field(default=5, ge=1, le=20, description="items recommended per turn")
@@ -16,6 +18,11 @@ class ChatConfig(BaseModel):
         "nothing (the default: the small model is slow and the rules win where they match anyway), or never",
     )
     rerank_mode: Literal["score", "generate"] = "score"
+    llm_genres: bool = Field(
+        default=True, description="with the LLM on, a request in words the lexicon has no genre for ('sheriffs and "
+        "saloons') gets the genre the LLM reads in it (agent.chat.genre_reader), when it reads one clearly",
+    )
+    genre_reader: GenreReaderConfig = Field(default_factory=GenreReaderConfig)
     tool_calling: bool = Field(
         default=False, description="a chat model that makes tool calls (a served model behind ChatOpenAI) picks the "
         "items through the recommender's LangChain tools (agent.chat.tool_loop); the usual path when it picks none",

@@ -17,8 +17,9 @@ deadline, is replaced by a metadata sentence (:func:`template_reason`). Every it
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -41,6 +42,8 @@ ReasonSource = Literal["llm", "template"]
 #: last words dropped from a sentence the token limit cut: those that leave it unfinished (the checks' list),
 #: "released" / "made" before a year the model may not write, and "sci", the first token of "sci-fi"
 DANGLING = xc.UNFINISHED | {"released", "made", "sci"}
+#: an article and the genre names after it that end a sentence ("an action and crime")
+_BARE_GENRES = re.compile(r"\b(?:an?)\s+(?P<genres>[\w'-]+(?:(?:,\s*|\s+(?:and|or)\s+)[\w'-]+)*)$", re.I)
 LINK_WORDS = {"cf": "watched by the same people", "content": "similar in content"}
 #: how a reason names the link when the two items share nothing it could say "like" about
 LINKED_AS = {"cf": "watched by the same people as", "content": "close in content to"}
@@ -175,13 +178,22 @@ class Explainer:
             out.append(Job(item, evidence, link, request, facts, shared))
         return out
 
-    def finish(self, prefix: str, continuation: str) -> str:
+    def _genre_names(self, item: RankInput) -> frozenset[str]:
+        genres = self.index.catalog.all_genres if self.index is not None else item.genres
+        return frozenset(g.lower() for g in genres)
+
+    def finish(self, prefix: str, continuation: str, genre_names: Iterable[str] = ()) -> str:
         """The served sentence: the prefix and the model's words, one sentence, closed by a full stop (a
         dangling last word, such as "from" before a year the model may not write or "who" before words the token
-        limit cut, is dropped)."""
+        limit cut, is dropped). Genres named after an article and left without their noun, where the token limit
+        or the model stopped ("it is an action and crime"), get it ("film")."""
         words = " ".join(continuation.split()).rstrip(" ,;:-")
         while words.split() and words.split()[-1].lower() in DANGLING:
             words = words.rsplit(" ", 1)[0] if " " in words else ""
+        ending = _BARE_GENRES.search(words)
+        names = {n for g in genre_names for n in (g, *xc.genre_words(g))}
+        if ending and all(w in names for w in re.split(r"\s+(?:and|or)\s+|,\s*", ending["genres"].lower())):
+            words += " film"
         glue = "" if words.startswith(("'", ",")) else " "
         text = f"{prefix}{glue}{words}".strip()
         text = text if text.endswith((".", "!", "?")) else text + "."
@@ -233,7 +245,7 @@ class Explainer:
         for index, continuation in self.backend.complete_batch([j.request for j in jobs], cancelled=cancelled):
             job = jobs[index]
             item, evidence, link = job.item, job.evidence, job.link
-            text = self.finish(job.request.answer_prefix, continuation)
+            text = self.finish(job.request.answer_prefix, continuation, self._genre_names(item))
             failed = self.check(history, job, text, history_facts)
             if failed is None:
                 yield Reason(item.item_id, text, [evidence.item_id], "llm")

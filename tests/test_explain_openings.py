@@ -64,3 +64,18 @@ def test_shared_facts_and_love_stories() -> None:
     shared = xc.shared_facts(babe, lion)
     assert shared.genres == ("Children's",) and shared.years == () and shared.title == babe.title
     assert {"love story", "romantic"} <= set(xc.genre_words("Romance"))
+
+
+def test_genres_left_without_their_noun_get_one() -> None:
+    """The token limit (or the model) stops after the genres ("it is an action"): the noun is added, once."""
+    casino = RankInput("1008", "Casino (1995)", "", genres=["Crime", "Drama"], year=1995)
+    says = Explainer(Says("is a crime"), None)
+    (reason,) = list(says.stream([casino], [HEAT]))
+    assert (reason.source, reason.reason) == ("llm", "You may enjoy Heat because, like Casino, it is a crime film.")
+    explainer = Explainer(None, None)
+    names = ["action", "crime", "comedy"]
+    assert explainer.finish("It", "is an action and crime", names) == "It is an action and crime film."
+    assert explainer.finish("It", "is a comedy", names) == "It is a comedy film."
+    assert explainer.finish("It", "is a comedy film", names) == "It is a comedy film."
+    assert explainer.finish("It", "is a crime story", names) == "It is a crime story."
+    assert explainer.finish("It", "is a classic", names) == "It is a classic."

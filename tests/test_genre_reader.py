@@ -3,6 +3,7 @@ a scripted backend, then the real small model on the reader's own development se
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,18 +82,37 @@ class TestReaderLogic:
             GenreReader(Short({}), ["Action", "Comedy"]).read("I want a laugh.")
 
 
+@pytest.fixture(params=[pytest.param("transformers", marks=pytest.mark.llm),
+                        pytest.param("vllm", marks=pytest.mark.vllm)])
+def real_backend(request: pytest.FixtureRequest) -> Iterator[LLMBackend]:
+    """The small model in process, and served by a real vLLM server (labels tokenized by its /tokenize)."""
+    if request.param == "transformers":
+        yield request.getfixturevalue("transformers_backend")
+        return
+    from agent.llm.config import LLMConfig
+    from agent.llm.openai_backend import OpenAIBackend
+
+    server = request.getfixturevalue("vllm_server")
+    backend = OpenAIBackend(LLMConfig(backend="openai", url=server.url, timeout_s=120))
+    yield backend
+    backend.close()
+
+
+def test_development_set(real_backend: LLMBackend) -> None:
+    """The figures the margin was chosen with (SmolLM2-135M in process: 21 of 34 read, 20 right, 2 of the 12
+    others); the served model must read at the same level."""
+    reader = GenreReader(real_backend, ML_GENRES)
+    assert set(reader.labels) == set(ML_GENRES) - {"Film-Noir"}  # "noir" and "film-noir" are two tokens
+    wanted = [(f"I want {p}.", g) for p, g in DEVELOPMENT_SET if g]
+    others = [f"I want {p}." for p, g in DEVELOPMENT_SET if not g]
+    reads = [(reader.read(m), g) for m, g in wanted]
+    made = [(r.genre, g) for r, g in reads if r is not None]
+    assert len(made) >= 15 and sum(r == g for r, g in made) >= 0.85 * len(made), made
+    assert sum(reader.read(m) is not None for m in others) <= 4
+
+
 @pytest.mark.llm
 class TestWithTheSmallModel:
-    def test_development_set(self, transformers_backend: LLMBackend) -> None:
-        """The figures the margin was chosen with (SmolLM2-135M: 21 of 34 read, 20 right, 2 of the 12 others)."""
-        reader = GenreReader(transformers_backend, ML_GENRES)
-        wanted = [(f"I want {p}.", g) for p, g in DEVELOPMENT_SET if g]
-        others = [f"I want {p}." for p, g in DEVELOPMENT_SET if not g]
-        reads = [(reader.read(m), g) for m, g in wanted]
-        made = [(r.genre, g) for r, g in reads if r is not None]
-        assert len(made) >= 15 and sum(r == g for r, g in made) >= 0.85 * len(made), made
-        assert sum(reader.read(m) is not None for m in others) <= 4
-
     def test_a_chat_turn_takes_the_genre_the_llm_reads(self, tiny_index: Index, transformers_backend: LLMBackend,
                                                        tmp_path: Path) -> None:
         message = "I'm in the mood for astronauts and alien planets"

@@ -119,7 +119,7 @@ class TestWithTheSmallModel:
         service = RecommenderService(tiny_index, backend=transformers_backend)
         llm = ChatAgent(service, SQLiteSessionStore(tmp_path / "llm.sqlite"), ChatConfig(k=3))
         turn = llm.respond(None, message)
-        assert turn.decided_by == "both" and turn.items
+        assert turn.decided_by == "both" and turn.items and turn.reply.startswith("I take that as Sci-Fi.")
         assert all("Sci-Fi" in item.genres for item in turn.items)
         rules = ChatAgent(service, SQLiteSessionStore(tmp_path / "rules.sqlite"), ChatConfig(k=3, llm_genres=False))
         assert rules.respond(None, message).decided_by == "rules"

@@ -267,7 +267,7 @@ class ChatAgent:
                 if item_id not in state.last_items:
                     intent.liked.append(text)
                     intent.scanned = True
-        decided_by = self._read_genre(state, message, intent, decided_by)
+        decided_by = self._read_genre(state, message, intent, decided_by, notes)
         logger.info(
             "intent session=%s kind=%s decided_by=%s rules=%s llm=%s",
             state.session_id,
@@ -286,10 +286,12 @@ class ChatAgent:
             return None
         return GenreReader(self.service.backend, self.catalog.all_genres, self.config.genre_reader)
 
-    def _read_genre(self, state: SessionState, message: str, intent: Intent, decided_by: str) -> str:
+    def _read_genre(self, state: SessionState, message: str, intent: Intent, decided_by: str,
+                    notes: _Notes) -> str:
         """A request in words the rules found no genre in ("I'm in the mood for sheriffs and saloons"): the LLM
         reads one (:mod:`agent.chat.genre_reader`) and it becomes the turn's genre, as a genre word of the lexicon
-        would. Not for turns that name titles (a reference item brings its own genres) or state any genre."""
+        would, and the reply says so. Not for turns that name titles (a reference item brings its own genres) or
+        state any genre."""
         free_text = bool(intent.mood) or (intent.kind == "recommend" and not intent.signals())
         if (intent.kind not in ("recommend", "critique") or not free_text or intent.genres or intent.boost
                 or intent.exclude_genres or intent.liked or intent.reference or self.genre_reader is None):
@@ -306,6 +308,7 @@ class ChatAgent:
                     reading.margin, reading.runner_up)
         rules_read = decided_by != "llm" and intent.signals()  # free text the rules kept as a mood, years, ...
         intent.genres = [reading.genre]
+        notes.lines.append(f"I take that as {reading.genre}.")
         return "both" if rules_read else "llm"
 
     def _turn(self, state: SessionState, raw: str, notes: _Notes, explain: bool = True) -> tuple[Turn, _Reasons | None]:

@@ -351,3 +351,16 @@ def test_soft_order_moves_items_with_more_of_the_genres_asked_together_up() -> N
     # weight 0: the given (retrieval) order
     assert [r.item_id for r in _soft_order(recs, set(), set(), set(), 0.5, 0.5, together, 0.0)] == [
         "one", "both", "other"]
+
+
+def test_an_llm_question_with_nothing_to_ask_about_leaves_the_turn_to_the_rules(tiny_index: Index,
+                                                                                 store: SQLiteSessionStore) -> None:
+    """The small model read "Surprise me" as a question about a pick (held-out set, batch 'blind'): on a new
+    session there is no pick, so the answer had no items. The rules' reading (a request) stands instead."""
+    backend = FakeBackend(form(kind="why", asked_title="Surprise"))
+    agent = ChatAgent(RecommenderService(tiny_index, backend=backend), store)
+    turn = agent.respond(None, "Surprise me")
+    assert backend.calls == 1 and turn.decided_by == "rules" and ids(turn)
+    backend.reply = form(kind="about", asked_title="")
+    later = agent.respond(turn.session_id, "and that one, hmm?")  # now there are picks: the LLM's question stands
+    assert later.decided_by == "llm" and later.items == []

@@ -262,6 +262,12 @@ class ChatAgent:
                 logger.warning("llm intent failed session=%s error=%s", state.session_id, reason)
                 notes.degraded.append(f"intent LLM failed ({reason}); rules used")
         intent, decided_by = merge(rules, llm, message, self.catalog.all_genres)
+        if decided_by == "llm" and intent.kind in ("why", "about") and not state.last_items and not scanned:
+            # a question about a pick, with no pick to ask about and no catalogue title in the message: the small
+            # model misreads requests ("Surprise me") this way, and the turn would answer nothing; the rules'
+            # reading stands (the title it names, if any, is its own invention: fuzzy matching finds one anyway)
+            logger.info("llm intent refused session=%s kind=%s: nothing to ask about", state.session_id, intent.kind)
+            intent, decided_by = rules, "rules"
         if intent.kind in ("recommend", "critique") and not (intent.liked or intent.disliked):
             for text, item_id in scanned:
                 if item_id not in state.last_items:

@@ -201,6 +201,8 @@ def test_ranker_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert resolve_ranker("cat", "other-version") == found  # an ingest since training keeps it (with a warning)
     assert resolve_ranker("cat", "abc", choice="zero-shot") is None
     assert resolve_ranker("cat", "abc", choice=str(folder)) == found
+    monkeypatch.setenv("RECAGENT_RANKER", "")  # set but empty: the default (auto), not the folder "."
+    assert resolve_ranker("cat", "abc") == found
 
 
 def test_log_odds_has_no_ceiling_and_agrees_across_numpy_and_torch() -> None:

@@ -76,7 +76,7 @@ def rankers_dir(catalog: str) -> Path:
 
 def resolve_ranker(catalog: str, content_hash: str, choice: str | None = None) -> RankerArtifact | None:
     """The trained ranker to serve for ``catalog`` (None: zero-shot), per ``RECAGENT_RANKER``."""
-    choice = choice if choice is not None else os.environ.get("RECAGENT_RANKER", "auto")
+    choice = choice if choice is not None else (os.environ.get("RECAGENT_RANKER") or "auto")  # set but empty: auto
     if choice == "zero-shot":
         return None
     if choice != "auto":

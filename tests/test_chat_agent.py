@@ -364,3 +364,12 @@ def test_an_llm_question_with_nothing_to_ask_about_leaves_the_turn_to_the_rules(
     backend.reply = form(kind="about", asked_title="")
     later = agent.respond(turn.session_id, "and that one, hmm?")  # now there are picks: the LLM's question stands
     assert later.decided_by == "llm" and later.items == []
+
+
+def test_a_reference_that_names_no_film_is_searched_as_a_description(agent: ChatAgent) -> None:
+    turn = agent.respond(None, "something more like zebras crossing the savannah at dawn")
+    assert 'I found no film called "zebras crossing the savannah at dawn"' in turn.reply and ids(turn)
+    state = agent.store.get(turn.session_id)
+    assert state is not None and state.liked == [] and "zebras" in state.constraints.mood
+    found = agent.respond(None, "something more like The Glass Slipper")  # a title stays a reference
+    assert "I found no film" not in found.reply and "a1" not in ids(found)

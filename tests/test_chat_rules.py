@@ -285,3 +285,13 @@ def test_the_api_and_the_chat_word_a_template_reason_alike() -> None:
     assert chat.startswith("Because you liked Casino (1995): it is also Crime")
     cf, _ = template_reason(heat, [liked], Link("6", "2", "cf", 1.0))
     assert cf == "Because you liked Casino: viewers who watched it often watched this too."
+
+
+def test_a_description_after_more_like_is_what_is_wanted_not_a_title() -> None:
+    """"more like a road trip with old friends" names no film: its words become the text query (they had been
+    dropped), while "more like Heat" stays a reference and "something like a comedy" a genre."""
+    described = parse("none of those. more like a road trip with old friends, please")
+    assert described["reject_all"] and described["mood"] == "road trip friends" and not described["liked"]
+    assert parse("more like Heat")["reference"] == ["Heat"]
+    comedy = parse("something like a comedy")
+    assert comedy["genres"] == ["Comedy"] and not comedy["mood"]

@@ -32,7 +32,7 @@ from agent.chat import lexicon as lx
 from agent.chat import reply as rp
 from agent.chat.config import ChatConfig
 from agent.chat.genre_reader import GenreReader
-from agent.chat.intent import GenreLexicon, Intent, LLMIntent, llm_intent, merge, parse_rules
+from agent.chat.intent import GenreLexicon, Intent, LLMIntent, llm_intent, merge, mood_words, parse_rules
 from agent.chat.models import ChatItem, Constraints, PendingChoice, SessionState, Turn, TurnItems, TurnRecord
 from agent.chat.state import SessionNotFoundError, SessionStore, valid_session_id
 from agent.chat.titles import Resolution, TitleResolver, normalise_title
@@ -393,12 +393,19 @@ class ChatAgent:
         state: SessionState,
         notes: _Notes,
         resolved: dict[str, list[str]],
+        missing: list[str] | None = None,
     ) -> list[str]:
+        """Catalogue ids of ``mentions``; a mention that matches no title is said in the reply, or, with
+        ``missing``, left there for the caller."""
         ids: list[str] = []
         for mention in mentions:
             for res in self._resolve_segment(mention):
                 if res.item_id is None:
-                    notes.lines.append(f'I couldn\'t find "{prompts.clean_text(res.mention, 60)}" in the catalogue.')
+                    if missing is not None:
+                        missing.append(res.mention)
+                    else:
+                        notes.lines.append(
+                            f'I couldn\'t find "{prompts.clean_text(res.mention, 60)}" in the catalogue.')
                     continue
                 ids.append(res.item_id)
                 if res.ambiguous:
@@ -416,6 +423,23 @@ class ChatAgent:
                     )
         resolved.setdefault(slot, []).extend(ids)
         return ids
+
+    def _as_description(self, state: SessionState, intent: Intent, mentions: list[str], notes: _Notes,
+                        alone: bool) -> None:
+        """Reference mentions that match no title ("more like cops chasing a gang of robbers") describe what is
+        wanted: their words join the text query and, when no other reference came with them, the LLM may read a
+        genre in them (:meth:`_read_genre`). The reply says so."""
+        intent.liked = [m for m in intent.liked if m not in mentions]
+        intent.reference = [m for m in intent.reference if m not in mentions]
+        words = mood_words(" ".join(mentions), self.genres)
+        quoted = join_words([f'"{prompts.clean_text(m, 60)}"' for m in mentions])
+        if not words:
+            notes.lines.append(f"I couldn't find {quoted} in the catalogue.")
+            return
+        intent.mood = prompts.clean_text(f"{intent.mood} {words}".strip(), 80)
+        notes.lines.append(f"I found no film called {quoted}, so I looked for it as a description.")
+        if alone and self._read_genre(state, f"I want {' and '.join(mentions)}.", intent, "rules", notes) != "rules":
+            notes.decided_by = "both"
 
     def _pending_choice(self, state: SessionState, message: str) -> str | None:
         """When the message names one of the offered alternatives, switch to it."""
@@ -448,7 +472,11 @@ class ChatAgent:
     ) -> None:
         # a reference ("something like Heat", or a title written beside "similar" / "more like that") is liked too
         refs = intent.liked if intent.scanned and lx.SIMILAR_HINT.search(message) else intent.reference
-        reference = self._resolve_mentions([m for m in intent.liked if m in refs], "liked", state, notes, resolved)
+        missing: list[str] = []
+        reference = self._resolve_mentions([m for m in intent.liked if m in refs], "liked", state, notes, resolved,
+                                           missing=missing if not intent.scanned else None)
+        if missing:
+            self._as_description(state, intent, missing, notes, alone=not reference)
         liked = reference + self._resolve_mentions(
             [m for m in intent.liked if m not in refs], "liked", state, notes, resolved
         )

@@ -280,6 +280,23 @@ def _years(text: str, genres: GenreLexicon) -> tuple[int | None, int | None]:
     return lo, hi
 
 
+def mood_words(text: str, genres: GenreLexicon) -> str:
+    """The words of ``text`` that say what is wanted beyond what the rules read elsewhere: without genre words,
+    stopwords, years, decades and "older" / "newer" ("a road trip with old friends" -> "road trip friends")."""
+    kept = [
+        w
+        for w in re.findall(r"[\w'-]+", genres.pattern.sub(" ", text) if genres.pattern else text)
+        if w.lower() not in lx.STOPWORDS
+        and not any(ch.isdigit() for ch in w)
+        and not w.lower().endswith("n't")
+        and not lx.OLDER.fullmatch(w)
+        and not lx.NEWER.fullmatch(w)
+        and not lx.DECADE.fullmatch(w)
+        and not lx.DECADE_WORD.fullmatch(w)
+    ]
+    return " ".join(kept)
+
+
 def parse_rules(message: str, genres: GenreLexicon) -> Intent:
     """Read a (cleaned) message with patterns only."""
     text = message.strip()
@@ -290,15 +307,20 @@ def parse_rules(message: str, genres: GenreLexicon) -> Intent:
         return Intent(kind="meta")
     intent = Intent()
     rest = text
+    described: list[str] = []  # "more like a road trip with old friends": a description, not a title
     # dislikes first ("didn't like" contains "like"), then likes; their spans leave the text
     for cue, slot in ((lx.DISLIKE_CUE, "disliked"), (lx.LIKE_CUE, "liked")):
         for m in list(cue.finditer(rest)):
             body = _cut_body(m.group("body"))
-            if not body or (slot == "liked" and lx.NOT_TITLE_START.match(body)) or _only_when(body, genres):
+            if not body or _only_when(body, genres):
                 continue
             # "something like X", "in the vein of X": X is a reference to match, not only a like
             cue_text = " ".join(rest[m.start() : m.start("body")].split())
             reference = slot == "liked" and bool(lx.REFERENCE_CUE.search(cue_text))
+            if slot == "liked" and lx.NOT_TITLE_START.match(body):
+                if reference:
+                    described.append(body)
+                continue
             for seg in _segments(body):
                 as_genres = genres.only_genres(seg)
                 if as_genres:
@@ -377,23 +399,12 @@ def parse_rules(message: str, genres: GenreLexicon) -> Intent:
     intent.genres = [g for g in intent.genres if g not in intent.exclude_genres]
     intent.strict = [g for g in intent.strict if g in intent.genres]
     intent.boost = [g for g in intent.boost if g not in intent.exclude_genres]
-    # mood: what is wanted, minus the words already understood
+    # mood: what is wanted (or described after "more like"), minus the words already understood
     mood_match = lx.MOOD.search(rest)
-    if mood_match:
-        mood_text = mood_match.group("m")
-        leftover = [
-            w
-            for w in re.findall(r"[\w'-]+", genres.pattern.sub(" ", mood_text) if genres.pattern else mood_text)
-            if w.lower() not in lx.STOPWORDS
-            and not any(ch.isdigit() for ch in w)
-            and not w.lower().endswith("n't")
-            and not lx.OLDER.fullmatch(w)
-            and not lx.NEWER.fullmatch(w)
-            and not lx.DECADE.fullmatch(w)
-            and not lx.DECADE_WORD.fullmatch(w)
-        ]
-        if leftover:
-            intent.mood = prompts.clean_text(" ".join(leftover), 80)
+    for mood_text in [mood_match.group("m")] if mood_match else described:
+        words = mood_words(mood_text, genres)
+        if words:
+            intent.mood = prompts.clean_text(f"{intent.mood} {words}".strip(), 80)
     if intent.reject_last or intent.reject or intent.reject_all or intent.era or (moody and not intent.liked):
         intent.kind = "critique"
     return intent

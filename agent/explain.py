@@ -154,7 +154,6 @@ class Explainer:
         lack."""
         tpl = prompts.load("explain_item", self.config.prompt)
         by_id = {h.item_id: h for h in history}
-        vocabulary = list(self.index.catalog.all_genres) if self.index is not None else []
         out = []
         for item in items:
             link = links.get(item.item_id)
@@ -171,18 +170,19 @@ class Explainer:
                                   link=LINK_WORDS[link.signal], opening=opening,
                                   shared=prompts.clean_text(" and ".join(g.lower() for g in facts.genres), 80)
                                   if shared else "")
-            wrong = sorted({w for g in vocabulary or item.genres if g not in facts.genres for w in xc.genre_words(g)})
+            wrong = sorted({w for g in self._genres(item) if g not in facts.genres for w in xc.genre_words(g)})
             request = TextRequest(messages=rendered.messages, answer_prefix=rendered.answer_prefix,  # type: ignore[arg-type]
                                   max_tokens=self.config.max_tokens, stop=("\n", ". ", "!", "?", ","),
                                   banned=tuple(wrong), no_digits=True)
             out.append(Job(item, evidence, link, request, facts, shared))
         return out
 
-    def _genre_names(self, item: RankInput) -> frozenset[str]:
-        genres = self.index.catalog.all_genres if self.index is not None else item.genres
-        return frozenset(g.lower() for g in genres)
+    def _genres(self, item: RankInput) -> Sequence[str]:
+        """The genres a sentence about ``item`` may be decoded and finished with: the catalogue's, or without an
+        index the item's own."""
+        return self.index.catalog.all_genres if self.index is not None else item.genres
 
-    def finish(self, prefix: str, continuation: str, genre_names: Iterable[str] = ()) -> str:
+    def finish(self, prefix: str, continuation: str, genres: Iterable[str] = ()) -> str:
         """The served sentence: the prefix and the model's words, one sentence, closed by a full stop (a
         dangling last word, such as "from" before a year the model may not write or "who" before words the token
         limit cut, is dropped). Genres named after an article and left without their noun, where the token limit
@@ -191,9 +191,10 @@ class Explainer:
         while words.split() and words.split()[-1].lower() in DANGLING:
             words = words.rsplit(" ", 1)[0] if " " in words else ""
         ending = _BARE_GENRES.search(words)
-        names = {n for g in genre_names for n in (g, *xc.genre_words(g))}
-        if ending and all(w in names for w in re.split(r"\s+(?:and|or)\s+|,\s*", ending["genres"].lower())):
-            words += " film"
+        if ending:
+            names = {n for g in genres for n in xc.genre_words(g)}
+            if all(w in names for w in re.split(r"\s+(?:and|or)\s+|,\s*", ending["genres"].lower())):
+                words += " film"
         glue = "" if words.startswith(("'", ",")) else " "
         text = f"{prefix}{glue}{words}".strip()
         text = text if text.endswith((".", "!", "?")) else text + "."
@@ -245,7 +246,7 @@ class Explainer:
         for index, continuation in self.backend.complete_batch([j.request for j in jobs], cancelled=cancelled):
             job = jobs[index]
             item, evidence, link = job.item, job.evidence, job.link
-            text = self.finish(job.request.answer_prefix, continuation, self._genre_names(item))
+            text = self.finish(job.request.answer_prefix, continuation, self._genres(item))
             failed = self.check(history, job, text, history_facts)
             if failed is None:
                 yield Reason(item.item_id, text, [evidence.item_id], "llm")

@@ -273,7 +273,9 @@ class ChatAgent:
                 if item_id not in state.last_items:
                     intent.liked.append(text)
                     intent.scanned = True
-        decided_by = self._read_genre(state, message, intent, decided_by, notes)
+        rules_read = decided_by != "llm" and intent.signals()  # free text the rules kept as a mood, years, ...
+        if self._read_genre(state, message, intent, notes):
+            decided_by = "both" if rules_read else "llm"
         logger.info(
             "intent session=%s kind=%s decided_by=%s rules=%s llm=%s",
             state.session_id,
@@ -292,30 +294,28 @@ class ChatAgent:
             return None
         return GenreReader(self.service.backend, self.catalog.all_genres, self.config.genre_reader)
 
-    def _read_genre(self, state: SessionState, message: str, intent: Intent, decided_by: str,
-                    notes: _Notes) -> str:
+    def _read_genre(self, state: SessionState, message: str, intent: Intent, notes: _Notes) -> bool:
         """A request in words the rules found no genre in ("I'm in the mood for sheriffs and saloons"): the LLM
         reads one (:mod:`agent.chat.genre_reader`) and it becomes the turn's genre, as a genre word of the lexicon
         would, and the reply says so. Not for turns that name titles (a reference item brings its own genres) or
-        state any genre."""
+        state any genre. Whether a genre was read."""
         free_text = bool(intent.mood) or (intent.kind == "recommend" and not intent.signals())
         if (intent.kind not in ("recommend", "critique") or not free_text or intent.genres or intent.boost
                 or intent.exclude_genres or intent.liked or intent.reference or self.genre_reader is None):
-            return decided_by
+            return False
         try:
             reading = self.genre_reader.read(message)
         except Exception as exc:  # LLMError, timeouts: the text query carries on
             logger.warning("llm genre reading failed session=%s error=%s", state.session_id,
                            f"{type(exc).__name__}: {exc}"[:200])
-            return decided_by
+            return False
         if reading is None:
-            return decided_by
+            return False
         logger.info("llm genre session=%s genre=%s margin=%.2f runner_up=%s", state.session_id, reading.genre,
                     reading.margin, reading.runner_up)
-        rules_read = decided_by != "llm" and intent.signals()  # free text the rules kept as a mood, years, ...
         intent.genres = [reading.genre]
         notes.lines.append(f"I take that as {reading.genre}.")
-        return "both" if rules_read else "llm"
+        return True
 
     def _turn(self, state: SessionState, raw: str, notes: _Notes, explain: bool = True) -> tuple[Turn, _Reasons | None]:
         message = self._clean(raw, notes)
@@ -438,8 +438,8 @@ class ChatAgent:
             return
         intent.mood = prompts.clean_text(f"{intent.mood} {words}".strip(), 80)
         notes.lines.append(f"I found no film called {quoted}, so I looked for it as a description.")
-        if alone and self._read_genre(state, f"I want {' and '.join(mentions)}.", intent, "rules", notes) != "rules":
-            notes.decided_by = "both"
+        if alone and self._read_genre(state, f"I want {' and '.join(mentions)}.", intent, notes):
+            notes.decided_by = "both"  # the rules took the words as a description, the LLM read the genre
 
     def _pending_choice(self, state: SessionState, message: str) -> str | None:
         """When the message names one of the offered alternatives, switch to it."""
@@ -474,7 +474,7 @@ class ChatAgent:
         refs = intent.liked if intent.scanned and lx.SIMILAR_HINT.search(message) else intent.reference
         missing: list[str] = []
         reference = self._resolve_mentions([m for m in intent.liked if m in refs], "liked", state, notes, resolved,
-                                           missing=missing if not intent.scanned else None)
+                                           missing=missing)
         if missing:
             self._as_description(state, intent, missing, notes, alone=not reference)
         liked = reference + self._resolve_mentions(

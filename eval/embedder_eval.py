@@ -8,7 +8,8 @@
   second tuned encoder trained for this run); for the test users whose held-out item is one of them, how often
   each retriever puts it in its top 50. Each encoder's content source is measured twice, by cosine only and with
   the popularity prior (the tuned one's weight as served, the frozen one's chosen on validation); the cold items
-  have no interactions, so the prior gives them the median (:func:`~retrieval.sources.popularity_prior`).
+  have no interactions, so the prior guesses theirs from their nearest items that have some
+  (:func:`~retrieval.sources.popularity_prior`); a ceiling row gives it their true counts instead.
   ``cold_only`` runs this part (and the query cost) without the warm tables.
 * **Query cost**: embedding a 50-item history into the tuned encoder's user vector.
 """
@@ -36,6 +37,7 @@ from retrieval.cf import CFConfig
 from retrieval.encoder import EncoderRef, load_provenance, make_embedder, tuned_ref
 from retrieval.encoder_train import PRIOR_WEIGHTS, EncoderTrainConfig, EncoderTrainer
 from retrieval.index import Index, build_index, load_index
+from retrieval.sources import PRIOR_NEIGHBOURS
 from retrieval.splits import Split, SplitSpec
 from retrieval.vector_store import delete_collection, make_client
 
@@ -152,18 +154,29 @@ def cold_hits(indexes: Mapping[str, Index], split: Split, cold: set[str], weight
     """Top-50 hit rate of the held-out cold item per retriever (histories without cold items everywhere). Each
     encoder's content source is measured by cosine only and with the popularity prior (a tuned encoder's served
     weight, a frozen one's ``prior_weights[encoder]``); CF and the fusion (``weights``) with the ``tuned`` index
-    only. ``prior_weights`` in the result: the weight of each encoder's row with the prior."""
-    fit = {u: [i for i in h if i not in cold] for u, h in split.fit_histories("test").items()}
+    only. Beside each encoder with a prior, a ceiling that serving cannot reach: the same prior with the cold items'
+    true interaction counts (before the test items). ``prior_weights`` in the result: the weight of each
+    encoder's row with the prior."""
+    before_test = split.fit_histories("test")
+    fit = {u: [i for i in h if i not in cold] for u, h in before_test.items()}
+    index_of = next(iter(indexes.values())).catalog.item_index
     cases = [c for c in split.test if c.target in cold]
     out: dict[str, Any] = {"cases": len(cases), "cold_items": len(cold)}
     rows: dict[str, np.ndarray] = {}
     used: dict[str, float] = {}
     cf = next(iter(indexes.values())).fit_cf(fit, cf_config)  # CF does not depend on the encoder: fitted once
+    counts = np.zeros_like(cf.popularity)  # every item's interactions before the test items, cold ones included
+    for history in before_test.values():
+        np.add.at(counts, [index_of[i] for i in history], 1)
+    known = dataclasses.replace(cf, popularity=counts)
     for encoder, index in indexes.items():
         available = index.sources(cf)
         variants = content_variants(encoder, index, (prior_weights or {}).get(encoder))
         used[encoder] = max(v.manifest.encoder.prior_weight for _, v in variants)
         retrievers = [(label, v.retriever("content", cf=cf)) for label, v in variants]
+        if used[encoder] > 0:  # the ceiling: the prior with the cold items' true counts, which serving never has
+            retrievers.append((f"content, {encoder} encoder + true popularity (ceiling)",
+                               with_prior_weight(index, used[encoder]).retriever("content", cf=known)))
         for name in () if encoder == "frozen" else [n for n in COLD_RETRIEVERS if n != "content"]:
             if name != "fused" and name not in available:
                 continue
@@ -310,7 +323,10 @@ def markdown(report: Mapping[str, Any], notes: list[str], plot: str | None) -> s
                   f"served (weight x log(1 + training interactions)): weight {pw.get('tuned', 0):g} for the cold "
                   f"tuned encoder (chosen on validation during its training), {pw.get('frozen', 0):g} for the "
                   "frozen one (chosen on validation here). The cold items have no training interactions, so the "
-                  "prior gives them the median prior of the items that have some. The fusion weights: "
+                  f"prior guesses theirs: the mean log(1 + interactions) of the {PRIOR_NEIGHBOURS} nearest items "
+                  "(by that encoder's vectors) that have some. The \"true popularity (ceiling)\" rows give the "
+                  "prior the cold items' real interaction counts before the test items instead, which no served "
+                  "list could know: how far a perfect popularity guess would go. The fusion weights: "
                   + ", ".join(f"{k} {v:g}" for k, v in sorted(cold.get("fusion_weights", {}).items())) + "."]
     ct = report["cold_training"]
     lines += ["", f"The cold encoder trained {ct['minutes']:g} min ({ct['train']['steps']} steps, "

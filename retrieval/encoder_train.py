@@ -35,9 +35,9 @@ from retrieval.splits import Case, SplitSpec, split_catalog
 
 logger = logging.getLogger(__name__)
 _LAYER = re.compile(r"\.layer\.(\d+)\.")
-# weights of the popularity prior added to the cosine (beta * log(1 + interactions), never-seen items at the median:
-# retrieval.sources.popularity_prior, as served): in-batch negatives are drawn in proportion to popularity, so the
-# trained cosine leaves popularity out (the logQ correction puts it back)
+# weights of the popularity prior added to the cosine (beta * log(1 + interactions), never-seen items guessed from
+# their nearest seen items: retrieval.sources.popularity_prior, as served): in-batch negatives are drawn in
+# proportion to popularity, so the trained cosine leaves popularity out (the logQ correction puts it back)
 PRIOR_WEIGHTS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1)
 
 
@@ -150,7 +150,6 @@ class EncoderTrainer:
         counts = np.zeros(self.catalog.n_items)
         for history in train.values():  # what the served prior counts, from the training part only
             np.add.at(counts, history, 1)
-        log_popularity = popularity_prior(counts, 1.0)  # as served: never-seen items at the median
         log: list[dict[str, Any]] = []
         started = time.perf_counter()
 
@@ -166,6 +165,7 @@ class EncoderTrainer:
                 t0 = time.perf_counter()
                 items = model.encode(item_texts_, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)
                 users = model.encode(val_texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+                log_popularity = popularity_prior(counts, 1.0, items)  # as served, by this checkpoint's item vectors
                 by_weight = {}
                 for weight in PRIOR_WEIGHTS:  # the popularity prior's weight, chosen here on validation
                     ranks = target_ranks(users, items, val_hist, val_targets, weight * log_popularity)

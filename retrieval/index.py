@@ -293,10 +293,11 @@ class Index:
         return FilterBlocks(self.item_vectors)
 
     def content_prior(self, cf: CFModels) -> np.ndarray | None:
-        """The tuned encoder's popularity prior over items, from ``cf``'s counts (None without one); items ``cf``
-        has never seen get the median prior (:func:`~retrieval.sources.popularity_prior`)."""
+        """The tuned encoder's popularity prior over items, from ``cf``'s counts (None without one); an item ``cf``
+        has never seen gets the mean prior of its nearest seen items by this index's item vectors
+        (:func:`~retrieval.sources.popularity_prior`)."""
         weight = self.manifest.encoder.prior_weight
-        return popularity_prior(cf.popularity, weight) if weight > 0 else None
+        return popularity_prior(cf.popularity, weight, self.item_vectors) if weight > 0 else None
 
     def sources(self, cf: CFModels | None = None) -> dict[str, Source]:
         cf = cf or self.cf

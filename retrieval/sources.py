@@ -101,21 +101,57 @@ OVERFETCH_MIN_SHARE = 0.05  # via Chroma: below this share of items passing the 
 OVERFETCH_SLACK = 1.25  # via Chroma: unfiltered neighbours fetched per one needed, over the share that passes
 
 
-def popularity_prior(counts: np.ndarray, weight: float) -> np.ndarray:
+PRIOR_NEIGHBOURS = 10  # a never-seen item's prior: the mean log-count of this many nearest seen items (issue #12)
+PRIOR_PAIRS_BUDGET = 50_000_000  # never-seen x seen similarities computed at most (about a second); past it, a
+# seeded sample of the seen items is searched
+
+
+def popularity_prior(counts: np.ndarray, weight: float, item_vectors: np.ndarray | None = None,
+                     neighbours: int = PRIOR_NEIGHBOURS) -> np.ndarray:
     """The content source's popularity prior per item: ``weight * log(1 + interactions)`` from the training
-    ``counts``, except that an item with no interactions gets the median prior of the items that have some.
+    ``counts``; an item with no interactions gets a guess from its text instead.
 
     An item the training data has never seen (a cold item, or one added to a live catalogue after CF was fitted)
     says nothing about its popularity; a prior of 0 would put it below every warm item with the same cosine and, at
-    the weights chosen on validation, out of the top 50 altogether. The median is a neutral value: such an item
-    ranks by its cosine against items of typical popularity. Items with interactions keep ``weight * log(1 + n)``.
-    With no interactions at all the prior is 0 everywhere."""
+    the weights chosen on validation, out of the top 50 altogether. Given ``item_vectors`` (the encoder's vectors of
+    every item), it gets the mean log-count of its ``neighbours`` nearest items that have interactions (cosine):
+    films like it in text are about as popular (:func:`neighbour_log_counts`). Without vectors it gets the median,
+    a neutral value. Items with interactions keep ``weight * log(1 + n)``. With no interactions at all the prior is
+    0 everywhere."""
     counts = np.asarray(counts, dtype=np.float64)
     log_counts = np.log1p(np.clip(counts, 0.0, None))
     seen = counts > 0
     if seen.any() and not seen.all():
-        log_counts = np.where(seen, log_counts, float(np.median(log_counts[seen])))
+        if item_vectors is None:
+            guess = np.full(len(counts), float(np.median(log_counts[seen])))
+        else:
+            guess = neighbour_log_counts(item_vectors, log_counts, seen, neighbours)
+        log_counts = np.where(seen, log_counts, guess)
     return weight * log_counts
+
+
+def neighbour_log_counts(item_vectors: np.ndarray, log_counts: np.ndarray, seen: np.ndarray, neighbours: int,
+                         budget: int = PRIOR_PAIRS_BUDGET, chunk: int = 1024) -> np.ndarray:
+    """Per item (meaningful where ``~seen``): the mean of ``log_counts`` over its ``neighbours`` nearest seen items
+    by cosine of ``item_vectors``. When never-seen x seen pairs exceed ``budget`` the neighbours come from a seeded
+    sample of the seen items that fits it (never fewer than ``neighbours``)."""
+    if len(item_vectors) != len(log_counts):
+        raise ValueError(f"{len(item_vectors)} item vectors for {len(log_counts)} items' counts")
+    norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
+    unit = (item_vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    unseen = np.flatnonzero(~seen)
+    pool = np.flatnonzero(seen)
+    most = max(neighbours, budget // max(len(unseen), 1))
+    if len(pool) > most:
+        pool = np.sort(np.random.default_rng(0).choice(pool, size=most, replace=False))
+    k = min(neighbours, len(pool))
+    out = np.zeros(len(log_counts), dtype=np.float64)
+    for start in range(0, len(unseen), chunk):
+        rows = unseen[start:start + chunk]
+        sims = unit[rows] @ unit[pool].T
+        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        out[rows] = log_counts[pool][nearest].mean(axis=1)
+    return out
 
 
 class ContentSource:
@@ -123,8 +159,8 @@ class ContentSource:
     embedded free-text query when one is given. The user's vector is the encoder over their history text when
     the index has a tuned encoder (``user_vector``), else the recency-weighted mean of their items' embeddings.
     A tuned encoder also brings a popularity prior (``prior``: its weight times log(1 + interactions), from the
-    CF models in use, never-seen items at the median: :func:`popularity_prior`) that re-ranks the over-fetched
-    neighbours.
+    CF models in use, never-seen items guessed from their nearest seen items: :func:`popularity_prior`) that
+    re-ranks the over-fetched neighbours.
 
     The neighbours are exact: a catalogue of up to ``dense_max_items`` items is scored in memory with one
     matrix product over the unit item vectors (the vectors Chroma holds; cosine, as Chroma's space), the filters

@@ -243,6 +243,24 @@ def test_eval_embedder_cold_only_skips_the_warm_tables(tuned_tiny_index: Index, 
     assert set(report["cold"]["hit@50"]) >= COLD_CONTENT_ROWS | {"fused, tuned encoder"}
     assert report["cold"]["fusion_weights"] == tuned_tiny_index.manifest.fusion.weights
     assert set(report["cold"]["prior_weights"]) == {"frozen", "tuned"}
+    for encoder, weight in report["cold"]["prior_weights"].items():  # a ceiling beside each prior that is used
+        ceiling = f"content, {encoder} encoder + true popularity (ceiling)"
+        assert (ceiling in report["cold"]["hit@50"]) == (weight > 0), (encoder, weight)
     markdown = (tmp_path / "reports" / f"embedder-{name}-cold.md").read_text()
     assert "## Cold items" in markdown and "## Warm items" not in markdown and "cosine only" in markdown
     assert not (tmp_path / "reports" / f"embedder-{name}.json").exists()  # the full report is left alone
+
+
+def test_cold_hits_put_a_true_popularity_ceiling_beside_each_prior_in_use(tuned_tiny_index: Index) -> None:
+    from eval import embedder_eval as ee
+
+    split = split_catalog(tuned_tiny_index.catalog, SplitSpec(ties="random", seed=0))
+    cold = {split.test[0].target, split.test[1].target}
+    indexes = {"tuned": ee.with_prior_weight(tuned_tiny_index, 0.07)}
+    out = ee.cold_hits(indexes, split, cold, {"sequential": 1.0}, tuned_tiny_index.manifest.cf, progress=False)
+    assert out["prior_weights"] == {"tuned": 0.07}
+    assert {"content, tuned encoder", "content, tuned encoder, cosine only",
+            "content, tuned encoder + true popularity (ceiling)"} <= set(out["hit@50"])
+    none = ee.cold_hits({"tuned": ee.with_prior_weight(tuned_tiny_index, 0.0)}, split, cold, {"sequential": 1.0},
+                        tuned_tiny_index.manifest.cf, progress=False)
+    assert not any("ceiling" in label for label in none["hit@50"])  # no prior, nothing to give true counts to

@@ -102,8 +102,8 @@ OVERFETCH_SLACK = 1.25  # via Chroma: unfiltered neighbours fetched per one need
 
 
 PRIOR_NEIGHBOURS = 10  # a never-seen item's prior: the mean log-count of this many nearest seen items (issue #12)
-PRIOR_PAIRS_BUDGET = 50_000_000  # never-seen x seen similarities computed at most (about a second); past it, a
-# seeded sample of the seen items is searched
+PRIOR_PAIRS_BUDGET = 50_000_000  # never-seen x seen similarities computed at most (about a second); past it, or
+PRIOR_POOL_MAX = 50_000  # past this many seen items, a seeded sample of the seen items is searched
 
 
 def popularity_prior(counts: np.ndarray, weight: float, item_vectors: np.ndarray | None = None,
@@ -131,27 +131,36 @@ def popularity_prior(counts: np.ndarray, weight: float, item_vectors: np.ndarray
 
 
 def neighbour_log_counts(item_vectors: np.ndarray, log_counts: np.ndarray, seen: np.ndarray, neighbours: int,
-                         budget: int = PRIOR_PAIRS_BUDGET, chunk: int = 1024) -> np.ndarray:
+                         budget: int = PRIOR_PAIRS_BUDGET, chunk_cells: int = 8_000_000) -> np.ndarray:
     """Per item (meaningful where ``~seen``): the mean of ``log_counts`` over its ``neighbours`` nearest seen items
-    by cosine of ``item_vectors``. When never-seen x seen pairs exceed ``budget`` the neighbours come from a seeded
-    sample of the seen items that fits it (never fewer than ``neighbours``)."""
+    by cosine of ``item_vectors``. When never-seen x seen pairs exceed ``budget``, or the seen items
+    :data:`PRIOR_POOL_MAX`, the neighbours come from a seeded sample of the seen items that fits (never fewer than
+    ``neighbours``)."""
     if len(item_vectors) != len(log_counts):
         raise ValueError(f"{len(item_vectors)} item vectors for {len(log_counts)} items' counts")
-    norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
-    unit = (item_vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    out = np.zeros(len(log_counts), dtype=np.float64)
     unseen = np.flatnonzero(~seen)
     pool = np.flatnonzero(seen)
-    most = max(neighbours, budget // max(len(unseen), 1))
+    if pool.size == 0 or unseen.size == 0:
+        return out
+    most = max(neighbours, min(budget // len(unseen), PRIOR_POOL_MAX))
     if len(pool) > most:
         pool = np.sort(np.random.default_rng(0).choice(pool, size=most, replace=False))
     k = min(neighbours, len(pool))
-    out = np.zeros(len(log_counts), dtype=np.float64)
+    pool_unit = _unit_rows(item_vectors[pool])
+    pool_log_counts = log_counts[pool]
+    chunk = max(1, chunk_cells // len(pool))  # similarity rows per block, about 32 MB of them
     for start in range(0, len(unseen), chunk):
         rows = unseen[start:start + chunk]
-        sims = unit[rows] @ unit[pool].T
+        sims = _unit_rows(item_vectors[rows]) @ pool_unit.T
         nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        out[rows] = log_counts[pool][nearest].mean(axis=1)
+        out[rows] = pool_log_counts[nearest].mean(axis=1)
     return out
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 class ContentSource:

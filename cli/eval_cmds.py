@@ -45,7 +45,8 @@ def eval_retrieval(
     if tune:
         tuning = rv.tune_and_store(index, split, spec, lists["validation"])
         lists["validation"], cf_config, fusion = tuning.lists, tuning.cf, index.manifest.fusion
-        console.print(f"[green]tuned[/] weights {tuning.weights}, EASE lambda {cf_config.ease_lambda:g} "
+        console.print(f"[green]tuned[/] weights {tuning.weights}, EASE lambda {cf_config.ease_lambda:g}, "
+                      f"recency decay {cf_config.ease_decay:g} "
                       f"(validation NDCG@10 {tuning.score:.4f}); {rv.served_line(fusion.learned)}; stored with "
                       "the index")
     lists["test"] = rv.collect_lists(index, split, "test", cf_config=cf_config)
@@ -62,7 +63,8 @@ def eval_retrieval(
              f"protocol: {spec.describe()}; full ranking over all items minus the history; "
              "CF fitted only on what each part may see",
              f"fused weights: {json.dumps(fusion.weights, sort_keys=True)} (tuned: {fusion.tuned}); "
-             f"EASE lambda {cf_config.ease_lambda:g}{' (tuned on validation)' if tuning else ''}",
+             f"EASE lambda {cf_config.ease_lambda:g}, recency decay {cf_config.ease_decay:g}"
+             f"{' (tuned on validation)' if tuning else ''}",
              rv.served_line(fusion.learned),
              f"command: {command}", f"machine: {machine_line()}"]
     (REPORTS / f"retrieval-{catalog}.md").write_text(
@@ -73,7 +75,8 @@ def eval_retrieval(
     if gain:
         report["learned_minus_weights"] = gain
     if tuning:
-        report["tuning"] = {f"{lam:g}": dataclasses.asdict(p) for lam, p in tuning.by_lambda.items()}
+        report["tuning"] = {f"lambda {lam:g}, decay {decay:g}": dataclasses.asdict(p)
+                            for (lam, decay), p in tuning.grid.items()}
     (REPORTS / f"retrieval-{catalog}.json").write_text(json.dumps(report, indent=2))
     if as_json:
         print_json(rv.flat({part: {**results[part], **sensitivity[part]} for part in results}))

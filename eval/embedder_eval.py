@@ -81,7 +81,8 @@ def warm_comparison(live: Index, frozen: Index, split: Split, n_boot: int, seed:
         results[part]["content, frozen encoder + popularity prior"] = metrics
     for name, index in (("frozen", frozen), ("tuned", live)):
         lists = {part: rv.collect_lists(index, split, part, progress, cf_config=cf) for part in rv.PARTS}
-        tuned = rv.tune(index, split, lists["validation"], lambdas=(cf.ease_lambda,), progress=progress)
+        tuned = rv.tune(index, split, lists["validation"], lambdas=(cf.ease_lambda,),
+                        decays=(cf.ease_decay,), progress=progress)
         tuning[name] = tuned.weights
         scores = rv.evaluate(lists, tuned.weights, n_boot=n_boot, seed=seed)
         for part, methods in scores.items():

@@ -39,6 +39,7 @@ TUNE_GRID = {
     "mostpop": (0.0, 0.1, 0.2, 0.4),
 }
 EASE_LAMBDAS = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+EASE_DECAYS = (1.0, 0.99, 0.98, 0.95, 0.9)  # recency weights of the history in the EASE source
 PARTS = ("validation", "test")
 Metrics = dict[str, dict[str, float]]  # {metric: {mean, lo, hi}}
 Results = dict[str, dict[str, Metrics]]  # {part: {method: metrics}}
@@ -151,7 +152,7 @@ def collect_lists(index: Index, split: Split, part: str, progress: bool = True, 
 def with_cf_config(lists: PartLists, index: Index, split: Split, part: str, cf_config: CFConfig,
                    progress: bool = True) -> PartLists:
     """``lists`` with the EASE lists recomputed under ``cf_config``; the other sources do not depend on EASE's
-    lambda, the only setting tuned here."""
+    lambda and recency decay, the only settings tuned here."""
     ease = collect_lists(index, split, part, progress, cf_config=cf_config, weights={"ease": 1.0})
     return dataclasses.replace(lists, norm={**lists.norm, **ease.norm})
 
@@ -200,7 +201,7 @@ class Tuning:
     weights: dict[str, float]
     cf: CFConfig
     score: float  # validation metric of the choice
-    by_lambda: dict[float, GridPoint]  # the best weights per EASE lambda
+    grid: dict[tuple[float, float], GridPoint]  # the best weights per (EASE lambda, EASE recency decay)
     lists: PartLists  # validation lists under the chosen CF config
     learned: LearnedChoice | None = None
 
@@ -249,31 +250,33 @@ def fit_learned(index: Index, split: Split, validation: PartLists, weights: Mapp
 
 
 def tune(index: Index, split: Split, validation: PartLists, lambdas: Sequence[float] = EASE_LAMBDAS,
-         metric: str = "ndcg@10", progress: bool = True) -> Tuning:
-    """Fusion weights and EASE's lambda chosen jointly on validation (``validation``: lists under the index's CF
-    config). Without EASE (a catalogue too large for it) only the weights are tuned."""
+         decays: Sequence[float] = EASE_DECAYS, metric: str = "ndcg@10", progress: bool = True) -> Tuning:
+    """Fusion weights, EASE's lambda and its recency decay chosen jointly on validation (``validation``: lists under
+    the index's CF config). Without EASE (a catalogue too large for it) only the weights are tuned."""
     base = index.manifest.cf
     if "ease" not in validation.norm:
-        lambdas = [base.ease_lambda]
-    by_lambda: dict[float, GridPoint] = {}
+        lambdas, decays = [base.ease_lambda], [base.ease_decay]
+    grid: dict[tuple[float, float], GridPoint] = {}
     best: tuple[GridPoint, CFConfig, PartLists] | None = None
     for lam in lambdas:
-        config = base.model_copy(update={"ease_lambda": float(lam)})
-        lists = validation if config == base else with_cf_config(validation, index, split, "validation", config,
-                                                                 progress)
-        point = by_lambda[float(lam)] = tune_weights(lists, metric)
-        logger.info("tuned lambda=%s weights=%s %s=%.4f", lam, point.weights, metric, point.score)
-        if best is None or point.key > best[0].key:
-            best = (point, config, lists)
+        for decay in decays:
+            config = base.model_copy(update={"ease_lambda": float(lam), "ease_decay": float(decay)})
+            lists = validation if config == base else with_cf_config(validation, index, split, "validation",
+                                                                     config, progress)
+            point = grid[(float(lam), float(decay))] = tune_weights(lists, metric)
+            logger.info("tuned lambda=%s decay=%s weights=%s %s=%.4f", lam, decay, point.weights, metric,
+                        point.score)
+            if best is None or point.key > best[0].key:
+                best = (point, config, lists)
     assert best is not None
     point, config, lists = best
-    return Tuning(weights=point.weights, cf=config, score=point.score, by_lambda=by_lambda, lists=lists)
+    return Tuning(weights=point.weights, cf=config, score=point.score, grid=grid, lists=lists)
 
 
 def tune_and_store(index: Index, split: Split, spec: SplitSpec, validation: PartLists | None = None,
                    progress: bool = True) -> Tuning:
-    """Tune the fusion weights and EASE's lambda on validation and store them with the index (its manifest and
-    CF models), so that serving and later rebuilds use them."""
+    """Tune the fusion weights and EASE's lambda and recency decay on validation and store them with the index (its
+    manifest and CF models), so that serving and later rebuilds use them."""
     from retrieval.index import save_cf, save_fusion
 
     validation = validation or collect_lists(index, split, "validation", progress)
@@ -398,10 +401,12 @@ def markdown(results: Results, title: str, notes: list[str], sensitivity: Result
         lines.append("")
     if tuning:
         lines += ["## Tuning on validation", "",
-                  "Best fusion weights per EASE lambda (validation NDCG@10, then Recall@50 as tie-break).", "",
-                  "| EASE lambda | weights | NDCG@10 | Recall@50 |", "|---|---|---|---|"]
-        lines += [f"| {lam:g}{' (chosen)' if lam == tuning.cf.ease_lambda else ''} | {_weights(p.weights)} | "
-                  f"{p.score:.4f} | {p.recall50:.4f} |" for lam, p in tuning.by_lambda.items()]
+                  "Best fusion weights per EASE lambda and EASE recency decay (validation NDCG@10, then Recall@50 "
+                  "as tie-break).", "",
+                  "| EASE lambda | EASE decay | weights | NDCG@10 | Recall@50 |", "|---|---|---|---|---|"]
+        chosen = (tuning.cf.ease_lambda, tuning.cf.ease_decay)
+        lines += [f"| {lam:g} | {decay:g}{' (chosen)' if (lam, decay) == chosen else ''} | {_weights(p.weights)} | "
+                  f"{p.score:.4f} | {p.recall50:.4f} |" for (lam, decay), p in tuning.grid.items()]
         lines.append("")
     lines.append("Cells: mean over users [bootstrap 95% interval].")
     return "\n".join(lines) + "\n"

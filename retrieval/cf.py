@@ -18,6 +18,9 @@ from pydantic import BaseModel, Field
 class CFConfig(BaseModel):
     ease_lambda: float = Field(default=30.0, gt=0, description="tuned on ML-100k validation (random ties, "
                                "seed 0) by `recagent eval retrieval --tune`")
+    ease_decay: float = Field(default=1.0, gt=0, le=1, description="recency weight of the history in the EASE "
+                              "source: the item last seen k steps before the latest counts decay^k (1: all alike, "
+                              "plain EASE); tuned with the lambda")
     seq_window: int = Field(default=3, ge=1, description="transitions counted up to this many steps ahead")
     seq_last: int = Field(default=5, ge=1, description="how many of the latest history items vote")
     seq_decay: float = Field(default=0.6, gt=0, le=1)

@@ -205,6 +205,8 @@ def fusion_for(encoder: EncoderRef, old: IndexManifest | None,
     if encoder.fusion is not None:
         if encoder.ease_lambda is not None:
             cf = cf.model_copy(update={"ease_lambda": encoder.ease_lambda})
+        if encoder.ease_decay is not None:
+            cf = cf.model_copy(update={"ease_decay": encoder.ease_decay})
         learned = learned_fusion_of(encoder)
         return FusionConfig(weights=dict(encoder.fusion), tuned=True,
                             tuned_on=f"validation, with encoder {encoder.name}",

@@ -62,18 +62,33 @@ class PopularitySource:
 
 
 class EaseSource:
+    """EASE's item-item weights summed over the user's history items, each weighted by how recently it was seen
+    (``CFConfig.ease_decay`` to the power of the steps since its latest occurrence; 1: plain EASE)."""
+
     name = "ease"
 
     def __init__(self, cf: CFModels) -> None:
         if cf.ease is None:
             raise ValueError("EASE was not fitted for this catalogue (too many items)")
         self.weights = cf.ease
+        self.decay = cf.config.ease_decay
 
     def top(self, query: SourceQuery, n: int) -> list[tuple[int, float]]:
         if not query.history:
             return []
-        scores = self.weights[sorted(set(query.history))].sum(axis=0).astype(np.float64)
+        if self.decay >= 1.0:
+            scores = self.weights[sorted(set(query.history))].sum(axis=0).astype(np.float64)
+        else:
+            positions, weights = latest_recency(query.history, self.decay)
+            scores = weights @ self.weights[positions].astype(np.float64)
         return top_of_dense(scores, query.allowed, n)
+
+
+def latest_recency(history: Sequence[int], decay: float) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct items of ``history`` (ascending) and ``decay`` to the power of the steps from each one's latest
+    occurrence to the end (the latest item: 1)."""
+    positions, steps = np.unique(np.asarray(history, dtype=np.int64)[::-1], return_index=True)
+    return positions, decay ** steps.astype(np.float64)
 
 
 class SequentialSource:

@@ -25,6 +25,7 @@ from retrieval.encoder import (
     make_embedder,
     materialise,
     resolve_encoder,
+    tuned_ref,
 )
 from retrieval.encoder_train import EncoderTrainConfig, EncoderTrainer, target_ranks, training_pairs
 from retrieval.index import Index, item_texts
@@ -93,6 +94,8 @@ def test_train_embedder_writes_provenance_and_reindexes(tuned_tiny_index: Index)
     assert tuned_tiny_index.manifest.fusion.tuned  # fusion re-tuned on validation with the tuned encoder
     assert provenance["fusion"]["weights"] == tuned_tiny_index.manifest.fusion.weights  # kept for new indexes
     assert provenance["fusion"]["ease_lambda"] == tuned_tiny_index.manifest.cf.ease_lambda
+    assert provenance["fusion"]["ease_decay"] == tuned_tiny_index.manifest.cf.ease_decay
+    assert tuned_ref(folder).ease_decay == tuned_tiny_index.manifest.cf.ease_decay  # read back for new indexes
     vectors = tuned_tiny_index.embedder.embed(item_texts(tuned_tiny_index.catalog))
     np.testing.assert_allclose(vectors, tuned_tiny_index.item_vectors, atol=1e-5)  # Chroma holds the tuned vectors
 

@@ -96,7 +96,7 @@ def test_a_new_index_takes_the_ranker_recorded_with_its_encoder(tmp_path, tiny_l
     from retrieval import encoder as enc
     from retrieval.index import fusion_for
 
-    recorded = {"weights": {"sequential": 1.0}, "ease_lambda": 100.0, "tuned_on": "validation",
+    recorded = {"weights": {"sequential": 1.0}, "ease_lambda": 100.0, "ease_decay": 0.98, "tuned_on": "validation",
                 "learned": tiny_learned_fusion.model_dump(mode="json")}
 
     class Prov:
@@ -104,10 +104,11 @@ def test_a_new_index_takes_the_ranker_recorded_with_its_encoder(tmp_path, tiny_l
 
     (tmp_path / enc.PROVENANCE).write_text("{}")
     monkeypatch.setattr(enc, "load_provenance", lambda folder: Prov())
-    ref = EncoderRef(kind="tuned", name="t", path=str(tmp_path), fusion={"sequential": 1.0}, ease_lambda=100.0)
+    ref = EncoderRef(kind="tuned", name="t", path=str(tmp_path), fusion={"sequential": 1.0}, ease_lambda=100.0,
+                     ease_decay=0.98)
     fusion, cf = fusion_for(ref, None)
     assert fusion.learned is not None and fusion.learned.model == tiny_learned_fusion.model
-    assert cf.ease_lambda == 100.0
+    assert cf.ease_lambda == 100.0 and cf.ease_decay == 0.98
 
 
 def test_fit_refuses_examples_without_a_positive() -> None:

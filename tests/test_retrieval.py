@@ -15,7 +15,15 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from eval.metrics import METRICS, bootstrap_ci, metric_values, paired_bootstrap_diff, rank_of, summarise
-from eval.retrieval_eval import EASE_LAMBDAS, collect_lists, evaluate, tie_sensitivity, tune, with_cf_config
+from eval.retrieval_eval import (
+    EASE_DECAYS,
+    EASE_LAMBDAS,
+    collect_lists,
+    evaluate,
+    tie_sensitivity,
+    tune,
+    with_cf_config,
+)
 from retrieval.candidates import UnknownItemsError
 from retrieval.catalog import Catalog, load_catalog
 from retrieval.catalog_store import reindex, save_and_index
@@ -26,6 +34,7 @@ from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, save
 from retrieval.item_text import item_text
 from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.retriever import RETRIEVERS, BlendRetriever
+from retrieval.sources import EaseSource, SourceQuery, latest_recency
 from retrieval.splits import Case, SplitSpec, leave_last_out, split_catalog
 
 
@@ -126,6 +135,31 @@ def test_known_next_item_comes_first(tiny_index: Index, name: str) -> None:
     retriever = tiny_index.retriever(name)
     assert ids(retriever.retrieve(["s1", "s2"], k=3))[0] == "s3"
     assert ids(retriever.retrieve(["a1", "a2"], k=3))[0] == "a3"
+
+
+def test_ease_weighs_each_history_item_by_how_recently_it_was_seen(tiny_index: Index) -> None:
+    positions, weights = latest_recency([4, 7, 4, 9], 0.5)  # 4 last seen one step before the latest item
+    assert positions.tolist() == [4, 7, 9] and weights.tolist() == [0.5, 0.25, 1.0]
+    cf = tiny_index.cf
+    assert cf.ease is not None
+    history = [0, 1, 2, 1, 3]
+    allowed = np.ones(tiny_index.catalog.n_items, dtype=bool)
+    allowed[history] = False
+    query = SourceQuery(history=history, allowed=allowed)
+    plain = EaseSource(cf).top(query, 5)
+    assert plain == EaseSource(dataclasses.replace(cf, config=cf.config.model_copy(update={"ease_decay": 1.0}))).top(
+        query, 5)  # decay 1: every item alike, plain EASE
+    expected = np.array([0.9**4, 0.9, 0.9**2, 1.0]) @ cf.ease[[0, 1, 2, 3]].astype(np.float64)
+    decayed = EaseSource(dataclasses.replace(cf, config=cf.config.model_copy(update={"ease_decay": 0.9})))
+    got = decayed.top(query, 5)
+    assert [s for _, s in got] != pytest.approx([s for _, s in plain])
+    for pos, score in got:
+        assert score == pytest.approx(float(expected[pos]))
+    latest_only = EaseSource(dataclasses.replace(cf, config=cf.config.model_copy(update={"ease_decay": 1e-6})))
+    row = cf.ease[3].astype(np.float64)  # a steep decay: the latest item alone ranks
+    top = latest_only.top(query, 5)
+    assert [s for _, s in top] == pytest.approx([row[p] for p, _ in top], abs=1e-4)
+    assert top[0][1] == pytest.approx(row[allowed].max(), abs=1e-4)
 
 
 def test_content_neighbours_stay_in_cluster(tiny_index: Index) -> None:
@@ -344,14 +378,14 @@ def test_split_catalog_holds_out_by_the_tie_rule() -> None:
 # --- tuning and the tie-rule sensitivity --------------------------------------------------------------------
 
 
-def test_tune_chooses_weights_and_ease_lambda_on_validation(tiny_index: Index) -> None:
+def test_tune_chooses_weights_and_ease_lambda_and_decay_on_validation(tiny_index: Index) -> None:
     split = split_catalog(tiny_index.catalog)
     base = collect_lists(tiny_index, split, "validation", progress=False)
-    tuning = tune(tiny_index, split, base, lambdas=(10.0, 300.0), progress=False)
-    assert set(tuning.by_lambda) == {10.0, 300.0} and tuning.cf.ease_lambda in tuning.by_lambda
-    chosen = tuning.by_lambda[tuning.cf.ease_lambda]
+    tuning = tune(tiny_index, split, base, lambdas=(10.0, 300.0), decays=(1.0, 0.5), progress=False)
+    assert set(tuning.grid) == {(10.0, 1.0), (10.0, 0.5), (300.0, 1.0), (300.0, 0.5)}
+    chosen = tuning.grid[(tuning.cf.ease_lambda, tuning.cf.ease_decay)]
     assert tuning.weights == chosen.weights and tuning.score == chosen.score
-    assert all(p.key <= chosen.key for p in tuning.by_lambda.values())
+    assert all(p.key <= chosen.key for p in tuning.grid.values())
     assert summarise(tuning.lists.ranks(tuning.weights), n_boot=1)["ndcg@10"]["mean"] == tuning.score
     # only EASE is recomputed per lambda, and it matches a full recomputation under that CF config
     other = CFConfig(ease_lambda=10.0)
@@ -411,12 +445,14 @@ def test_eval_retrieval_command_tunes_and_reports_both_tie_rules(tiny_catalog: C
         assert {"fused", "fused, ties random (seed 2)", "fused, ties id"} <= set(payload[part])
     report = json.loads((tmp_path / "reports" / f"retrieval-{scratch_catalog_name}.json").read_text())
     assert report["split"]["ties"] == "random" and report["split"]["seed"] == 2
-    assert report["cf"]["ease_lambda"] in EASE_LAMBDAS and set(report["tuning"]) == {f"{x:g}" for x in EASE_LAMBDAS}
+    assert report["cf"]["ease_lambda"] in EASE_LAMBDAS and report["cf"]["ease_decay"] in EASE_DECAYS
+    assert set(report["tuning"]) == {f"lambda {x:g}, decay {d:g}" for x in EASE_LAMBDAS for d in EASE_DECAYS}
     markdown_text = (tmp_path / "reports" / f"retrieval-{scratch_catalog_name}.md").read_text()
     assert "ties in time broken by seeded random order (seed 2)" in markdown_text
     assert "## Tie-rule sensitivity" in markdown_text and "--ties random --seed 2 --tune" in markdown_text
     manifest = load_index(load_catalog(scratch_catalog_name), embedder=embedder).manifest
     assert manifest.fusion.tuned and manifest.cf.ease_lambda == report["cf"]["ease_lambda"]
+    assert manifest.cf.ease_decay == report["cf"]["ease_decay"]  # served as tuned
     # the learned fusion was trained and measured on validation; kept (and reported on test) only where it won
     assert "## Learned fusion" in markdown_text and LEARNED in payload["validation"] and LEARNED in payload["test"]
     kept = manifest.fusion.learned is not None

@@ -30,11 +30,12 @@ from retrieval.splits import Case, Split, SplitSpec, split_catalog
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("mostpop", "ease", "sequential", "content")
-SOURCE_NAMES = ("mostpop", "ease", "sequential", "content")
+BASELINES = ("mostpop", "ease", "sequential", "slit", "content")
+SOURCE_NAMES = ("mostpop", "ease", "sequential", "slit", "content")
 TUNE_GRID = {
     "sequential": (1.0,),
     "ease": (0.0, 0.25, 0.5, 1.0),
+    "slit": (0.0, 0.5, 1.0),
     "content": (0.0, 0.1, 0.2, 0.4, 0.7, 1.0),  # up to 1: a tuned encoder can weigh as much as the sequential source
     "mostpop": (0.0, 0.1, 0.2, 0.4),
 }

@@ -1,6 +1,7 @@
 """Interaction-based signals fitted on histories: popularity, sequential transitions and one collaborative
 item-item model chosen by catalogue size: EASE (a dense n x n inverse, exact and best up to ``max_ease_items``) or,
-past that, implicit-feedback ALS from the ``implicit`` library (n x f item factors). Fitting is vectorised: no Python
+past that, implicit-feedback ALS from the ``implicit`` library (n x f item factors). With EASE comes SLIT, a linear
+next-item model of the same size (:func:`fit_slit`). Fitting is vectorised: no Python
 loop runs per interaction."""
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ class CFConfig(BaseModel):
     ease_decay: float = Field(default=1.0, gt=0, le=1, description="recency weight of the history in the EASE "
                               "source: the item last seen k steps before the latest counts decay^k (1: all alike, "
                               "plain EASE); tuned with the lambda")
+    slit_lambda: float = Field(default=300.0, gt=0, description="ridge of the SLIT next-item model (chosen on "
+                               "ML-100k validation, random ties, seed 0)")
+    slit_decay: float = Field(default=0.9, gt=0, le=1, description="SLIT's recency weight of the history: the item "
+                              "k steps before the latest counts decay^k")
+    slit_last: int = Field(default=30, ge=1, description="latest history items SLIT reads")
     seq_window: int = Field(default=3, ge=1, description="transitions counted up to this many steps ahead")
     seq_last: int = Field(default=5, ge=1, description="how many of the latest history items vote")
     seq_decay: float = Field(default=0.6, gt=0, le=1)
@@ -49,6 +55,7 @@ class CFModels:
     ease: np.ndarray | None  # n x n EASE weights (None when ALS is the collaborative model)
     config: CFConfig
     als_items: np.ndarray | None = None  # n x f ALS item factors (None when EASE is)
+    slit: np.ndarray | None = None  # n x n SLIT next-item weights (fitted with EASE)
 
     def save(self, folder: Path) -> None:
         np.save(folder / "popularity.npy", self.popularity)
@@ -57,16 +64,19 @@ class CFModels:
             np.save(folder / "ease.npy", self.ease)
         if self.als_items is not None:
             np.save(folder / "als_items.npy", self.als_items)
+        if self.slit is not None:
+            np.save(folder / "slit.npy", self.slit)
 
     @classmethod
     def load(cls, folder: Path, config: CFConfig) -> CFModels:
-        ease_path, als_path = folder / "ease.npy", folder / "als_items.npy"
+        ease_path, als_path, slit_path = folder / "ease.npy", folder / "als_items.npy", folder / "slit.npy"
         return cls(
             popularity=np.load(folder / "popularity.npy"),
             transitions=sp.load_npz(folder / "transitions.npz").tocsr(),
             ease=np.load(ease_path) if ease_path.exists() else None,
             config=config,
             als_items=np.load(als_path) if als_path.exists() else None,
+            slit=np.load(slit_path) if slit_path.exists() else None,
         )
 
     @property
@@ -95,6 +105,35 @@ def fit_als(x: sp.csr_matrix, config: CFConfig) -> np.ndarray:
     return np.ascontiguousarray(model.item_factors, dtype=np.float32)
 
 
+def slit_rows(history: Sequence[int], config: CFConfig) -> tuple[list[int], np.ndarray]:
+    """The latest ``slit_last`` items of ``history`` and their recency weights (the latest: 1), as SLIT reads a
+    history both when fitted and when it scores."""
+    prev = list(history)[-config.slit_last:]
+    return prev, config.slit_decay ** np.arange(len(prev) - 1, -1, -1, dtype=np.float64)
+
+
+def fit_slit(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfig) -> np.ndarray:
+    """SLIT (the transition part of SLIST, Choi et al., WWW 2021): a ridge regression from each training step's
+    recency-weighted history (:func:`slit_rows`) to the item that came next, B = (X'X + lambda I)^-1 X'Y; a user
+    is scored by their weighted history times B. A dense n x n solve, as EASE's inverse."""
+    rows, cols, vals, targets = [], [], [], []
+    step = 0
+    for history in histories.values():
+        for t in range(1, len(history)):
+            prev, weights = slit_rows(history[:t], config)
+            rows += [step] * len(prev)
+            cols += prev
+            vals.append(weights)
+            targets.append(history[t])
+            step += 1
+    x = sp.csr_matrix((np.concatenate(vals) if vals else np.zeros(0), (rows, cols)), shape=(step, n_items))
+    x.sum_duplicates()
+    y = sp.csr_matrix((np.ones(step), (np.arange(step), targets)), shape=(step, n_items))
+    gram = (x.T @ x).toarray()
+    gram[np.diag_indices(n_items)] += config.slit_lambda
+    return np.linalg.solve(gram, (x.T @ y).toarray()).astype(np.float32)
+
+
 def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfig | None = None) -> CFModels:
     """Fit on per-user position sequences (time-ordered). The config returned names the collaborative model
     fitted (``fitted``: "ease" or "als")."""
@@ -120,8 +159,9 @@ def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfi
     trans = sp.diags(inv.astype(np.float32)) @ trans
     chosen = config.chosen(n_items)
     config = config.model_copy(update={"fitted": chosen})
-    ease = als_items = None
+    ease = als_items = slit = None
     if chosen == "ease":
+        slit = fit_slit(histories, n_items, config)
         gram = (x.T @ x).toarray().astype(np.float64)
         gram[np.diag_indices(n_items)] += config.ease_lambda
         p = np.linalg.inv(gram)
@@ -130,4 +170,4 @@ def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfi
     else:
         als_items = fit_als(x, config)
     return CFModels(popularity=popularity, transitions=sp.csr_matrix(trans), ease=ease, config=config,
-                    als_items=als_items)
+                    als_items=als_items, slit=slit)

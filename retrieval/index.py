@@ -34,6 +34,7 @@ from retrieval.sources import (
     EaseSource,
     PopularitySource,
     SequentialSource,
+    SlitSource,
     Source,
     popularity_prior,
 )
@@ -314,6 +315,8 @@ class Index:
             sources["ease"] = EaseSource(cf)
         if cf.als_items is not None:
             sources["als"] = AlsSource(cf)
+        if cf.slit is not None:
+            sources["slit"] = SlitSource(cf)
         return sources
 
     def retriever(self, name: str = "fused", cf: CFModels | None = None,

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from retrieval.cf import CFModels
+from retrieval.cf import CFModels, slit_rows
 from retrieval.filter_blocks import FilterBlocks
 from retrieval.filters import Filters
 from retrieval.vector_store import ItemVectorStore
@@ -81,6 +81,26 @@ class EaseSource:
         else:
             positions, weights = latest_recency(query.history, self.decay)
             scores = weights @ self.weights[positions].astype(np.float64)
+        return top_of_dense(scores, query.allowed, n)
+
+
+class SlitSource:
+    """SLIT's next-item scores (:func:`retrieval.cf.fit_slit`): the recency-weighted latest history items times its
+    learned item-to-next-item weights."""
+
+    name = "slit"
+
+    def __init__(self, cf: CFModels) -> None:
+        if cf.slit is None:
+            raise ValueError("SLIT was not fitted for this catalogue (it comes with EASE)")
+        self.weights = cf.slit
+        self.config = cf.config
+
+    def top(self, query: SourceQuery, n: int) -> list[tuple[int, float]]:
+        if not query.history:
+            return []
+        prev, weights = slit_rows(query.history, self.config)
+        scores = weights @ self.weights[prev].astype(np.float64)
         return top_of_dense(scores, query.allowed, n)
 
 

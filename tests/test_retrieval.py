@@ -34,7 +34,7 @@ from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, save
 from retrieval.item_text import item_text
 from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.retriever import RETRIEVERS, BlendRetriever
-from retrieval.sources import EaseSource, SourceQuery, latest_recency
+from retrieval.sources import EaseSource, SlitSource, SourceQuery, latest_recency
 from retrieval.splits import Case, SplitSpec, leave_last_out, split_catalog
 
 
@@ -160,6 +160,31 @@ def test_ease_weighs_each_history_item_by_how_recently_it_was_seen(tiny_index: I
     top = latest_only.top(query, 5)
     assert [s for _, s in top] == pytest.approx([row[p] for p, _ in top], abs=1e-4)
     assert top[0][1] == pytest.approx(row[allowed].max(), abs=1e-4)
+
+
+def test_slit_learns_what_comes_next_and_scores_the_weighted_latest_items(tmp_path: Path) -> None:
+    from retrieval.cf import CFModels, fit_cf, slit_rows
+
+    # item 0 is always followed by 1, item 2 by 3; 4 and 5 are seen, never right after 0
+    histories = {f"u{i}": [4, 0, 1, 5] if i % 2 else [5, 2, 3, 4, 0, 1] for i in range(20)}
+    config = CFConfig(slit_lambda=1.0, slit_decay=0.5, slit_last=3)
+    cf = fit_cf(histories, 6, config)
+    assert cf.slit is not None and cf.slit.shape == (6, 6)
+    assert int(np.argmax(cf.slit[0])) == 1 and int(np.argmax(cf.slit[2])) == 3
+    prev, weights = slit_rows([9, 8, 0, 2, 7], config)  # the latest 3, the latest weighing 1
+    assert prev == [0, 2, 7] and weights.tolist() == [0.25, 0.5, 1.0]
+    allowed = np.ones(6, dtype=bool)
+    allowed[[4, 0]] = False
+    top = SlitSource(cf).top(SourceQuery(history=[4, 0], allowed=allowed), 3)
+    assert top[0][0] == 1  # after 0 comes 1
+    expected = np.array([0.5, 1.0]) @ cf.slit[[4, 0]].astype(np.float64)
+    assert all(score == pytest.approx(float(expected[pos])) for pos, score in top)
+    cf.save(tmp_path)  # stored and loaded with the other CF models, as an index keeps them
+    loaded = CFModels.load(tmp_path, cf.config)
+    assert loaded.slit is not None
+    np.testing.assert_array_equal(loaded.slit, cf.slit)
+    als = fit_cf(histories, 6, CFConfig(collaborative="als", als_factors=4, als_iterations=2))
+    assert als.slit is None  # SLIT comes with EASE's dense size only
 
 
 def test_content_neighbours_stay_in_cluster(tiny_index: Index) -> None:

@@ -105,30 +105,37 @@ def fit_als(x: sp.csr_matrix, config: CFConfig) -> np.ndarray:
     return np.ascontiguousarray(model.item_factors, dtype=np.float32)
 
 
+def recency_weights(length: int, decay: float) -> np.ndarray:
+    """Weight 1 for the latest item, ``decay`` for the one before, and so on."""
+    return decay ** np.arange(length - 1, -1, -1, dtype=np.float64)
+
+
 def slit_rows(history: Sequence[int], config: CFConfig) -> tuple[list[int], np.ndarray]:
     """The latest ``slit_last`` items of ``history`` and their recency weights (the latest: 1), as SLIT reads a
-    history both when fitted and when it scores."""
+    history to score it (:func:`fit_slit` builds the same rows for every training step)."""
     prev = list(history)[-config.slit_last:]
-    return prev, config.slit_decay ** np.arange(len(prev) - 1, -1, -1, dtype=np.float64)
+    return prev, recency_weights(len(prev), config.slit_decay)
 
 
 def fit_slit(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfig) -> np.ndarray:
     """SLIT (the transition part of SLIST, Choi et al., WWW 2021): a ridge regression from each training step's
     recency-weighted history (:func:`slit_rows`) to the item that came next, B = (X'X + lambda I)^-1 X'Y; a user
-    is scored by their weighted history times B. A dense n x n solve, as EASE's inverse."""
-    rows, cols, vals, targets = [], [], [], []
-    step = 0
-    for history in histories.values():
-        for t in range(1, len(history)):
-            prev, weights = slit_rows(history[:t], config)
-            rows += [step] * len(prev)
-            cols += prev
-            vals.append(weights)
-            targets.append(history[t])
-            step += 1
-    x = sp.csr_matrix((np.concatenate(vals) if vals else np.zeros(0), (rows, cols)), shape=(step, n_items))
+    is scored by their weighted history times B. A dense n x n solve, as EASE's inverse. The rows are built per lag,
+    as the transitions are: no Python loop per interaction."""
+    users, items = _flatten(histories)
+    first = np.ones(len(items), dtype=bool)  # each user's first event is no training step (nothing before it)
+    first[1:] = users[1:] != users[:-1]
+    step_of = np.cumsum(~first) - 1  # the training step an event is the target of
+    rows, cols, vals = [], [], []
+    for lag in range(1, config.slit_last + 1):  # the item ``lag`` events before each target, weight decay^(lag-1)
+        same_user = users[:-lag] == users[lag:]
+        rows.append(step_of[lag:][same_user])
+        cols.append(items[:-lag][same_user])
+        vals.append(np.full(int(same_user.sum()), config.slit_decay ** (lag - 1)))
+    steps = int((~first).sum())
+    x = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(steps, n_items))
     x.sum_duplicates()
-    y = sp.csr_matrix((np.ones(step), (np.arange(step), targets)), shape=(step, n_items))
+    y = sp.csr_matrix((np.ones(steps), (np.arange(steps), items[~first])), shape=(steps, n_items))
     gram = (x.T @ x).toarray()
     gram[np.diag_indices(n_items)] += config.slit_lambda
     return np.linalg.solve(gram, (x.T @ y).toarray()).astype(np.float32)

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from retrieval.cf import CFModels, slit_rows
+from retrieval.cf import CFModels, recency_weights, slit_rows
 from retrieval.filter_blocks import FilterBlocks
 from retrieval.filters import Filters
 from retrieval.vector_store import ItemVectorStore
@@ -44,11 +44,6 @@ def top_of_dense(scores: np.ndarray, allowed: np.ndarray, n: int,
         idx, vals = idx[part], vals[part]
     order = np.lexsort((idx, -vals))
     return [(int(idx[i]), float(vals[i])) for i in order]
-
-
-def recency_weights(length: int, decay: float) -> np.ndarray:
-    """Weight 1 for the latest item, ``decay`` for the one before, and so on."""
-    return decay ** np.arange(length - 1, -1, -1, dtype=np.float64)
 
 
 class PopularitySource:
@@ -182,18 +177,19 @@ def neighbour_log_counts(item_vectors: np.ndarray, log_counts: np.ndarray, seen:
     if len(pool) > most:
         pool = np.sort(np.random.default_rng(0).choice(pool, size=most, replace=False))
     k = min(neighbours, len(pool))
-    pool_unit = _unit_rows(item_vectors[pool])
+    pool_unit = unit_rows(item_vectors[pool])
     pool_log_counts = log_counts[pool]
     chunk = max(1, chunk_cells // len(pool))  # similarity rows per block, about 32 MB of them
     for start in range(0, len(unseen), chunk):
         rows = unseen[start:start + chunk]
-        sims = _unit_rows(item_vectors[rows]) @ pool_unit.T
+        sims = unit_rows(item_vectors[rows]) @ pool_unit.T
         nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         out[rows] = pool_log_counts[nearest].mean(axis=1)
     return out
 
 
-def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
@@ -233,8 +229,7 @@ class ContentSource:
         self.unit: np.ndarray | None = None  # unit item vectors, when neighbours are scored in memory
         self.blocks: FilterBlocks | None = None  # per-filter vector blocks, when neighbours come from Chroma
         if len(item_vectors) <= dense_max_items:
-            norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
-            self.unit = (item_vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+            self.unit = unit_rows(item_vectors)
         else:
             self.blocks = blocks if blocks is not None else FilterBlocks(item_vectors)
 

@@ -173,6 +173,11 @@ def test_slit_learns_what_comes_next_and_scores_the_weighted_latest_items(tmp_pa
     assert int(np.argmax(cf.slit[0])) == 1 and int(np.argmax(cf.slit[2])) == 3
     prev, weights = slit_rows([9, 8, 0, 2, 7], config)  # the latest 3, the latest weighing 1
     assert prev == [0, 2, 7] and weights.tolist() == [0.25, 0.5, 1.0]
+    # the fit builds, per training step, the rows slit_rows makes of the history before it (here solved directly)
+    x = np.array([np.bincount(slit_rows(h[:t], config)[0], weights=slit_rows(h[:t], config)[1], minlength=6)
+                  for h in histories.values() for t in range(1, len(h))])
+    y = np.eye(6)[[h[t] for h in histories.values() for t in range(1, len(h))]]
+    np.testing.assert_allclose(cf.slit, np.linalg.solve(x.T @ x + np.eye(6), x.T @ y), rtol=1e-4, atol=1e-6)
     allowed = np.ones(6, dtype=bool)
     allowed[[4, 0]] = False
     top = SlitSource(cf).top(SourceQuery(history=[4, 0], allowed=allowed), 3)

@@ -40,15 +40,17 @@ def eval_retrieval(
     index = guarded(lambda: load_index(cat))
     split = split_catalog(cat, spec)
     fusion, cf_config = index.manifest.fusion, index.manifest.cf
-    lists = {"validation": rv.collect_lists(index, split, "validation")}
     tuning = None
     if tune:
-        tuning = rv.tune_and_store(index, split, spec, lists["validation"])
-        lists["validation"], cf_config, fusion = tuning.lists, tuning.cf, index.manifest.fusion
+        tuning = rv.tune_and_store(index, split, spec)
+        lists = {"validation": tuning.lists}
+        cf_config, fusion = tuning.cf, index.manifest.fusion
         console.print(f"[green]tuned[/] weights {tuning.weights}, EASE lambda {cf_config.ease_lambda:g}, "
-                      f"recency decay {cf_config.ease_decay:g} "
+                      f"recency decay {cf_config.ease_decay:g}, SASRec epochs {cf_config.sasrec_epochs} "
                       f"(validation NDCG@10 {tuning.score:.4f}); {rv.served_line(fusion.learned)}; stored with "
                       "the index")
+    else:
+        lists = {"validation": rv.collect_lists(index, split, "validation")}
     lists["test"] = rv.collect_lists(index, split, "test", cf_config=cf_config)
     t0 = time.perf_counter()
     # the learned fusion's rows: the one stored, or the one just trained and not kept (it lost on validation)
@@ -63,8 +65,8 @@ def eval_retrieval(
              f"protocol: {spec.describe()}; full ranking over all items minus the history; "
              "CF fitted only on what each part may see",
              f"fused weights: {json.dumps(fusion.weights, sort_keys=True)} (tuned: {fusion.tuned}); "
-             f"EASE lambda {cf_config.ease_lambda:g}, recency decay {cf_config.ease_decay:g}"
-             f"{' (tuned on validation)' if tuning else ''}",
+             f"EASE lambda {cf_config.ease_lambda:g}, recency decay {cf_config.ease_decay:g}, SASRec epochs "
+             f"{cf_config.sasrec_epochs}{' (tuned on validation)' if tuning else ''}",
              rv.served_line(fusion.learned),
              f"command: {command}", f"machine: {machine_line()}"]
     (REPORTS / f"retrieval-{catalog}.md").write_text(
@@ -77,6 +79,8 @@ def eval_retrieval(
     if tuning:
         report["tuning"] = {f"lambda {lam:g}, decay {decay:g}": dataclasses.asdict(p)
                             for (lam, decay), p in tuning.grid.items()}
+        if tuning.sasrec:
+            report["sasrec_tuning"] = dataclasses.asdict(tuning.sasrec)
     (REPORTS / f"retrieval-{catalog}.json").write_text(json.dumps(report, indent=2))
     if as_json:
         print_json(rv.flat({part: {**results[part], **sensitivity[part]} for part in results}))

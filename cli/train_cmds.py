@@ -140,12 +140,13 @@ def train_embedder(
         tuning = rv.tune_and_store(index, split_catalog(cat, spec), spec, progress=False)
         learned = index.manifest.fusion.learned
         record_fusion(folder, tuning.weights, tuning.cf.ease_lambda, index.manifest.fusion.tuned_on or "validation",
-                      learned=learned.model_dump(mode="json") if learned else None, ease_decay=tuning.cf.ease_decay)
+                      learned=learned.model_dump(mode="json") if learned else None, ease_decay=tuning.cf.ease_decay,
+                      sasrec_epochs=tuning.cf.sasrec_epochs)
         console.print(f"[green]index rebuilt[/] with encoder {index.manifest.encoder.name}; fusion re-tuned on "
                       f"validation: {tuning.weights}, EASE lambda {tuning.cf.ease_lambda:g}, recency decay "
-                      f"{tuning.cf.ease_decay:g} (NDCG@10 "
+                      f"{tuning.cf.ease_decay:g}, SASRec epochs {tuning.cf.sasrec_epochs} (NDCG@10 "
                       f"{tuning.score:.4f})")
         summary["fusion"] = {"weights": tuning.weights, "ease_lambda": tuning.cf.ease_lambda,
-                             "ease_decay": tuning.cf.ease_decay,
+                             "ease_decay": tuning.cf.ease_decay, "sasrec_epochs": tuning.cf.sasrec_epochs,
                              "validation_ndcg@10": round(tuning.score, 5)}
     out.print(json.dumps(summary, indent=2))

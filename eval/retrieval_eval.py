@@ -30,12 +30,13 @@ from retrieval.splits import Case, Split, SplitSpec, split_catalog
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("mostpop", "ease", "sequential", "slit", "content")
-SOURCE_NAMES = ("mostpop", "ease", "sequential", "slit", "content")
+BASELINES = ("mostpop", "ease", "sequential", "slit", "sasrec", "content")
+SOURCE_NAMES = ("mostpop", "ease", "sequential", "slit", "sasrec", "content")
 TUNE_GRID = {
     "sequential": (1.0,),
     "ease": (0.0, 0.25, 0.5, 1.0),
     "slit": (0.0, 0.5, 1.0),
+    "sasrec": (0.0, 0.5, 1.0, 1.5),  # only where the lists hold it: tuned after EASE's settings (see ``tune``)
     "content": (0.0, 0.1, 0.2, 0.4, 0.7, 1.0),  # up to 1: a tuned encoder can weigh as much as the sequential source
     "mostpop": (0.0, 0.1, 0.2, 0.4),
 }
@@ -153,9 +154,17 @@ def collect_lists(index: Index, split: Split, part: str, progress: bool = True, 
 def with_cf_config(lists: PartLists, index: Index, split: Split, part: str, cf_config: CFConfig,
                    progress: bool = True) -> PartLists:
     """``lists`` with the EASE lists recomputed under ``cf_config``; the other sources do not depend on EASE's
-    lambda and recency decay, the only settings tuned here."""
-    ease = collect_lists(index, split, part, progress, cf_config=cf_config, weights={"ease": 1.0})
+    lambda and recency decay, the only settings tuned here (SASRec is not trained for it)."""
+    ease = collect_lists(index, split, part, progress, cf_config=without_sasrec(cf_config), weights={"ease": 1.0})
     return dataclasses.replace(lists, norm={**lists.norm, **ease.norm})
+
+
+def without_sasrec(config: CFConfig) -> CFConfig:
+    return config.model_copy(update={"sasrec_epochs": 0})
+
+
+def drop_source(lists: PartLists, name: str) -> PartLists:
+    return dataclasses.replace(lists, norm={s: v for s, v in lists.norm.items() if s != name})
 
 
 @dataclass(frozen=True)
@@ -172,7 +181,7 @@ class GridPoint:
 def tune_weights(lists: PartLists, metric: str = "ndcg@10") -> GridPoint:
     """The best point of the weight grid on ``lists`` (validation): ``metric``, then Recall@50."""
     best: GridPoint | None = None
-    names = list(TUNE_GRID)
+    names = [n for n in TUNE_GRID if n in lists.norm]
     for combo in itertools.product(*(TUNE_GRID[n] for n in names)):
         weights = dict(zip(names, combo, strict=True))
         table = summarise(lists.ranks(weights), n_boot=1)
@@ -198,6 +207,21 @@ class LearnedChoice:
 
 
 @dataclass
+class SasrecChoice:
+    """The SASRec source on validation: its epoch count by early stopping, and the weights tuned with it."""
+
+    epochs: int
+    curve: list[float]  # validation NDCG@10 of SASRec alone after each epoch
+    with_it: GridPoint  # the best weights with SASRec in the grid
+    without: GridPoint  # the best weights without it (the EASE settings' stage)
+    seconds: float
+
+    @property
+    def kept(self) -> bool:
+        return self.with_it.weights.get("sasrec", 0.0) > 0 and self.with_it.key > self.without.key
+
+
+@dataclass
 class Tuning:
     weights: dict[str, float]
     cf: CFConfig
@@ -205,6 +229,7 @@ class Tuning:
     grid: dict[tuple[float, float], GridPoint]  # the best weights per (EASE lambda, EASE recency decay)
     lists: PartLists  # validation lists under the chosen CF config
     learned: LearnedChoice | None = None
+    sasrec: SasrecChoice | None = None
 
 
 def cut_splits(split: Split, cuts: int) -> list[Split]:
@@ -224,14 +249,18 @@ def fit_learned(index: Index, split: Split, validation: PartLists, weights: Mapp
                 progress: bool = True) -> LearnedChoice:
     """Train the learned fusion on cuts of the training histories (:func:`cut_splits`) and measure it on validation
     against ``weights``. It is not refitted with the validation items: every later choice made on validation with the
-    fused retriever (the reranker's alpha, the ranker's checkpoints) stays out of its sample."""
+    fused retriever (the reranker's alpha, the ranker's checkpoints) stays out of its sample. It does not read the
+    SASRec source (training SASRec on each cut would cost minutes per cut); ``weights`` are compared with it."""
     import time
 
     t0 = time.perf_counter()
     params = params or LearnedFusionParams()
-    # every source, the popularity list included (without it as a source, popularity only a feature: ML-100k
-    # validation NDCG@10 .1187 against .1218 with it)
-    sources = [s for s in SOURCE_NAMES if s in validation.norm]
+    cf_config = without_sasrec(cf_config) if cf_config is not None else None
+    # every source but SASRec, the popularity list included (without it as a source, popularity only a feature:
+    # ML-100k validation NDCG@10 .1187 against .1218 with it)
+    sources = [s for s in SOURCE_NAMES if s in validation.norm and s != "sasrec"]
+    compared = weights
+    weights = {s: w for s, w in weights.items() if s != "sasrec"}
     groups: list[tuple[np.ndarray, np.ndarray]] = []
     for n, cut in enumerate(cut_splits(split, params.cuts), start=1):
         logger.info("learned fusion: collecting cut %d of %d (%d users)", n, params.cuts, len(cut.validation))
@@ -241,8 +270,9 @@ def fit_learned(index: Index, split: Split, validation: PartLists, weights: Mapp
     trained_on = f"{params.cuts} cuts of the training part of each history"
     kept = fit(groups, sources, weights, params, trained_on=trained_on)
     ranks = validation.learned_ranks(kept, side)
-    learned, linear = (summarise(r, n_boot=1) for r in (ranks, validation.ranks(weights)))
-    points = [GridPoint(dict(weights), t["ndcg@10"]["mean"], t["recall@50"]["mean"]) for t in (learned, linear)]
+    learned, linear = (summarise(r, n_boot=1) for r in (ranks, validation.ranks(compared)))
+    points = [GridPoint(dict(w), t["ndcg@10"]["mean"], t["recall@50"]["mean"])
+              for w, t in ((weights, learned), (compared, linear))]
     kept.validation = {"learned_ndcg@10": round(points[0].score, 5), "learned_recall@50": round(points[0].recall50, 5),
                        "linear_ndcg@10": round(points[1].score, 5), "linear_recall@50": round(points[1].recall50, 5),
                        "users": len(validation.targets)}
@@ -251,10 +281,14 @@ def fit_learned(index: Index, split: Split, validation: PartLists, weights: Mapp
 
 
 def tune(index: Index, split: Split, validation: PartLists, lambdas: Sequence[float] = EASE_LAMBDAS,
-         decays: Sequence[float] = EASE_DECAYS, metric: str = "ndcg@10", progress: bool = True) -> Tuning:
+         decays: Sequence[float] = EASE_DECAYS, metric: str = "ndcg@10", progress: bool = True,
+         sasrec: bool = True) -> Tuning:
     """Fusion weights, EASE's lambda and its recency decay chosen jointly on validation (``validation``: lists under
-    the index's CF config). Without EASE (a catalogue too large for it) only the weights are tuned."""
-    base = index.manifest.cf
+    the index's CF config). Without EASE (a catalogue too large for it) only the weights are tuned. Then, with
+    ``sasrec``, the SASRec source (:func:`tune_sasrec`): its epochs by early stopping on validation, and the weights
+    again with it in the grid; it is kept where it raises the validation metric."""
+    base = without_sasrec(index.manifest.cf)
+    validation = drop_source(validation, "sasrec")
     if "ease" not in validation.norm:
         lambdas, decays = [base.ease_lambda], [base.ease_decay]
     grid: dict[tuple[float, float], GridPoint] = {}
@@ -271,7 +305,39 @@ def tune(index: Index, split: Split, validation: PartLists, lambdas: Sequence[fl
                 best = (point, config, lists)
     assert best is not None
     point, config, lists = best
-    return Tuning(weights=point.weights, cf=config, score=point.score, grid=grid, lists=lists)
+    tuning = Tuning(weights=point.weights, cf=config, score=point.score, grid=grid, lists=lists)
+    return tune_sasrec(index, split, tuning, metric, progress) if sasrec else tuning
+
+
+def tune_sasrec(index: Index, split: Split, tuning: Tuning, metric: str = "ndcg@10",
+                progress: bool = True) -> Tuning:
+    """Train SASRec on what validation may see with early stopping on the validation cases (the epoch count E),
+    add its lists (a model refitted for exactly E epochs, as serving fits it) and tune the weights again. Kept
+    (``CFConfig.sasrec_epochs = E``) only where the validation metric rises."""
+    import time
+
+    from retrieval.sasrec import fit_sasrec
+
+    t0 = time.perf_counter()
+    positions = index.catalog.item_index
+    fit = {u: [positions[i] for i in h] for u, h in split.fit_histories("validation").items()}
+    cases = [([positions[i] for i in c.history], positions[c.target]) for c in split.cases("validation")]
+    logger.info("SASRec: choosing its epochs on %d validation users", len(cases))
+    _, log = fit_sasrec(fit, index.catalog.n_items, tuning.cf.sasrec, val=cases, progress=progress)
+    epochs = max(int(log["best_epoch"]), 1)
+    config = tuning.cf.model_copy(update={"sasrec_epochs": epochs})
+    sasrec_lists = collect_lists(index, split, "validation", progress, cf_config=config, weights={"sasrec": 1.0})
+    lists = dataclasses.replace(tuning.lists, norm={**tuning.lists.norm, **sasrec_lists.norm})
+    with_it = tune_weights(lists, metric)
+    without = tuning.grid[(tuning.cf.ease_lambda, tuning.cf.ease_decay)]
+    choice = SasrecChoice(epochs, [float(v) for v in log["val_ndcg"]], with_it, without,
+                          round(time.perf_counter() - t0, 1))
+    logger.info("SASRec: %d epochs, weights %s %s=%.4f (without it %.4f): %s", epochs, with_it.weights, metric,
+                with_it.score, without.score, "kept" if choice.kept else "not kept")
+    if not choice.kept:
+        return dataclasses.replace(tuning, sasrec=choice)
+    return dataclasses.replace(tuning, weights=with_it.weights, cf=config, score=with_it.score, lists=lists,
+                               sasrec=choice)
 
 
 def tune_and_store(index: Index, split: Split, spec: SplitSpec, validation: PartLists | None = None,
@@ -280,7 +346,8 @@ def tune_and_store(index: Index, split: Split, spec: SplitSpec, validation: Part
     manifest and CF models), so that serving and later rebuilds use them."""
     from retrieval.index import save_cf, save_fusion
 
-    validation = validation or collect_lists(index, split, "validation", progress)
+    validation = validation or collect_lists(index, split, "validation", progress,
+                                             cf_config=without_sasrec(index.manifest.cf))
     tuning = tune(index, split, validation, progress=progress)
     how = f"validation ndcg@10, ties {spec.ties}, seed {spec.seed}"
     try:
@@ -409,6 +476,17 @@ def markdown(results: Results, title: str, notes: list[str], sensitivity: Result
         lines += [f"| {lam:g} | {decay:g}{' (chosen)' if (lam, decay) == chosen else ''} | {_weights(p.weights)} | "
                   f"{p.score:.4f} | {p.recall50:.4f} |" for (lam, decay), p in tuning.grid.items()]
         lines.append("")
+        if tuning.sasrec:
+            sc = tuning.sasrec
+            lines += [f"Then the SASRec source (`retrieval/sasrec.py`, a {tuning.cf.sasrec.n_layer}-layer causal "
+                      "Transformer over item ids trained on windows of each history): trained on the training part "
+                      "with early stopping on "
+                      f"the validation users ({sc.seconds:.0f} s in all), best after {sc.epochs} epochs (validation "
+                      "NDCG@10 of SASRec alone per epoch: " + ", ".join(f"{v:.4f}" for v in sc.curve) + "); the "
+                      f"weights tuned again with it: {_weights(sc.with_it.weights)}, NDCG@10 {sc.with_it.score:.4f} / "
+                      f"Recall@50 {sc.with_it.recall50:.4f}, against {sc.without.score:.4f} / "
+                      f"{sc.without.recall50:.4f} without it: "
+                      + ("kept (the index trains it for that many epochs)." if sc.kept else "not kept."), ""]
     lines.append("Cells: mean over users [bootstrap 95% interval].")
     return "\n".join(lines) + "\n"
 

@@ -2,18 +2,25 @@
 item-item model chosen by catalogue size: EASE (a dense n x n inverse, exact and best up to ``max_ease_items``) or,
 past that, implicit-feedback ALS from the ``implicit`` library (n x f item factors). With EASE comes SLIT, a linear
 next-item model of the same size (:func:`fit_slit`). Fitting is vectorised: no Python
-loop runs per interaction."""
+loop runs per interaction. Where the config gives it epochs, a small SASRec-style Transformer over item ids is
+trained too (:mod:`retrieval.sasrec`; torch, imported only then)."""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, Field
+
+from retrieval.sasrec import SASRecConfig, fit_sasrec, load_sasrec, save_sasrec
+
+logger = logging.getLogger(__name__)
 
 
 class CFConfig(BaseModel):
@@ -40,6 +47,9 @@ class CFConfig(BaseModel):
     als_regularization: float = Field(default=0.05, gt=0)
     als_alpha: float = Field(default=10.0, gt=0, description="confidence of an observed interaction")
     als_seed: int = 0
+    sasrec_epochs: int = Field(default=0, ge=0, description="epochs of the SASRec source's training (0: not "
+                               "trained); chosen on validation by early stopping in `recagent eval retrieval --tune`")
+    sasrec: SASRecConfig = Field(default_factory=SASRecConfig, description="the SASRec source's architecture")
     fitted: Literal["ease", "als"] | None = Field(default=None, description="the model fit_cf fitted (recorded)")
 
     def chosen(self, n_items: int) -> Literal["ease", "als"]:
@@ -56,6 +66,7 @@ class CFModels:
     config: CFConfig
     als_items: np.ndarray | None = None  # n x f ALS item factors (None when EASE is)
     slit: np.ndarray | None = None  # n x n SLIT next-item weights (fitted with EASE)
+    sasrec: Any = None  # the SASRec model (a torch module) where config.sasrec_epochs > 0
 
     def save(self, folder: Path) -> None:
         np.save(folder / "popularity.npy", self.popularity)
@@ -66,17 +77,22 @@ class CFModels:
             np.save(folder / "als_items.npy", self.als_items)
         if self.slit is not None:
             np.save(folder / "slit.npy", self.slit)
+        if self.sasrec is not None:
+            save_sasrec(self.sasrec, folder)
 
     @classmethod
     def load(cls, folder: Path, config: CFConfig) -> CFModels:
         ease_path, als_path, slit_path = folder / "ease.npy", folder / "als_items.npy", folder / "slit.npy"
+        popularity = np.load(folder / "popularity.npy")
+        sasrec = load_sasrec(folder, len(popularity), config.sasrec) if config.sasrec_epochs > 0 else None
         return cls(
-            popularity=np.load(folder / "popularity.npy"),
+            popularity=popularity,
             transitions=sp.load_npz(folder / "transitions.npz").tocsr(),
             ease=np.load(ease_path) if ease_path.exists() else None,
             config=config,
             als_items=np.load(als_path) if als_path.exists() else None,
             slit=np.load(slit_path) if slit_path.exists() else None,
+            sasrec=sasrec,
         )
 
     @property
@@ -176,5 +192,10 @@ def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfi
         ease[np.diag_indices(n_items)] = 0.0
     else:
         als_items = fit_als(x, config)
+    sasrec = None
+    if config.sasrec_epochs > 0:
+        logger.info("training the SASRec source for %d epochs", config.sasrec_epochs)
+        sasrec, _ = fit_sasrec(histories, n_items, config.sasrec.model_copy(
+            update={"epochs": config.sasrec_epochs, "max_minutes": math.inf}), progress=False)
     return CFModels(popularity=popularity, transitions=sp.csr_matrix(trans), ease=ease, config=config,
-                    als_items=als_items, slit=slit)
+                    als_items=als_items, slit=slit, sasrec=sasrec)

@@ -70,6 +70,7 @@ class EncoderRef(BaseModel):
                                             "this encoder (used by a new index built with it)")
     ease_lambda: float | None = None
     ease_decay: float | None = None
+    sasrec_epochs: int | None = None
 
 
 class EncoderProvenance(BaseModel):
@@ -153,13 +154,15 @@ def load_provenance(folder: Path) -> EncoderProvenance:
 
 
 def record_fusion(folder: Path, weights: dict[str, float], ease_lambda: float, how: str,
-                  learned: dict[str, Any] | None = None, ease_decay: float = 1.0) -> None:
-    """Keep the fusion tuned with this encoder in its provenance (the weights, EASE's lambda and recency decay, and
-    the learned fusion ranker where one beat the weights), so a new index built with it starts there."""
+                  learned: dict[str, Any] | None = None, ease_decay: float = 1.0, sasrec_epochs: int = 0) -> None:
+    """Keep the fusion tuned with this encoder in its provenance (the weights, EASE's lambda and recency decay, the
+    SASRec source's epochs, and the learned fusion ranker where one beat the weights), so a new index built with it
+    starts there."""
     from retrieval.catalog import atomic_write_json
 
     prov = load_provenance(folder)
-    prov.fusion = {"weights": weights, "ease_lambda": ease_lambda, "ease_decay": ease_decay, "tuned_on": how}
+    prov.fusion = {"weights": weights, "ease_lambda": ease_lambda, "ease_decay": ease_decay,
+                   "sasrec_epochs": sasrec_epochs, "tuned_on": how}
     if learned is not None:
         prov.fusion["learned"] = learned
     atomic_write_json(folder / PROVENANCE, json.loads(prov.model_dump_json()))
@@ -184,7 +187,8 @@ def tuned_ref(folder: Path) -> EncoderRef:
                       prior_weight=float(prov.validation.get("best", {}).get("prior_weight", 0.0)),
                       fusion=prov.fusion.get("weights") if prov.fusion else None,
                       ease_lambda=prov.fusion.get("ease_lambda") if prov.fusion else None,
-                      ease_decay=prov.fusion.get("ease_decay") if prov.fusion else None)
+                      ease_decay=prov.fusion.get("ease_decay") if prov.fusion else None,
+                      sasrec_epochs=prov.fusion.get("sasrec_epochs") if prov.fusion else None)
 
 
 def resolve_encoder(catalog: str, choice: str | None = None, precision: str | None = None) -> EncoderRef:

@@ -28,11 +28,13 @@ from retrieval.item_text import item_text
 from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.provenance import utc_now
 from retrieval.retriever import RETRIEVERS, BlendRetriever
+from retrieval.sasrec import WEIGHTS_FILE
 from retrieval.sources import (
     AlsSource,
     ContentSource,
     EaseSource,
     PopularitySource,
+    SasrecSource,
     SequentialSource,
     SlitSource,
     Source,
@@ -208,6 +210,8 @@ def fusion_for(encoder: EncoderRef, old: IndexManifest | None,
             cf = cf.model_copy(update={"ease_lambda": encoder.ease_lambda})
         if encoder.ease_decay is not None:
             cf = cf.model_copy(update={"ease_decay": encoder.ease_decay})
+        if encoder.sasrec_epochs is not None:
+            cf = cf.model_copy(update={"sasrec_epochs": encoder.sasrec_epochs})
         learned = learned_fusion_of(encoder)
         return FusionConfig(weights=dict(encoder.fusion), tuned=True,
                             tuned_on=f"validation, with encoder {encoder.name}",
@@ -261,6 +265,8 @@ def save_cf(folder: Path, catalog: Catalog, config: CFConfig) -> None:
             (folder / "ease.npy").unlink(missing_ok=True)
         if cf.als_items is None:
             (folder / "als_items.npy").unlink(missing_ok=True)
+        if cf.sasrec is None:
+            (folder / WEIGHTS_FILE).unlink(missing_ok=True)
         for path in staging.iterdir():
             os.replace(path, folder / path.name)
     finally:
@@ -317,6 +323,8 @@ class Index:
             sources["als"] = AlsSource(cf)
         if cf.slit is not None:
             sources["slit"] = SlitSource(cf)
+        if cf.sasrec is not None:
+            sources["sasrec"] = SasrecSource(cf)
         return sources
 
     def retriever(self, name: str = "fused", cf: CFModels | None = None,

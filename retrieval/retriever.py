@@ -20,7 +20,7 @@ from retrieval.sources import Source, SourceQuery
 
 logger = logging.getLogger(__name__)
 
-RETRIEVERS = ("fused", "mostpop", "ease", "als", "sequential", "slit", "content")
+RETRIEVERS = ("fused", "mostpop", "ease", "als", "sequential", "slit", "sasrec", "content")
 QUERY_CONTENT_WEIGHT = 1.0  # the content source's least weight when a request carries free text
 
 

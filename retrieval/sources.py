@@ -11,6 +11,7 @@ import numpy as np
 from retrieval.cf import CFModels, recency_weights, slit_rows
 from retrieval.filter_blocks import FilterBlocks
 from retrieval.filters import Filters
+from retrieval.sasrec import sasrec_scores
 from retrieval.vector_store import ItemVectorStore
 
 
@@ -96,6 +97,24 @@ class SlitSource:
             return []
         prev, weights = slit_rows(query.history, self.config)
         scores = weights @ self.weights[prev].astype(np.float64)
+        return top_of_dense(scores, query.allowed, n)
+
+
+class SasrecSource:
+    """The SASRec-style Transformer's next-item logits after the user's latest items (:mod:`retrieval.sasrec`)."""
+
+    name = "sasrec"
+
+    def __init__(self, cf: CFModels) -> None:
+        if cf.sasrec is None:
+            raise ValueError("SASRec was not trained for this index (its CF config gives it no epochs)")
+        self.model = cf.sasrec
+        self.n_items = len(cf.popularity)
+
+    def top(self, query: SourceQuery, n: int) -> list[tuple[int, float]]:
+        if not query.history:
+            return []
+        scores = sasrec_scores(self.model, [query.history], self.n_items)[0].astype(np.float64)
         return top_of_dense(scores, query.allowed, n)
 
 

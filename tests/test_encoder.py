@@ -96,6 +96,8 @@ def test_train_embedder_writes_provenance_and_reindexes(tuned_tiny_index: Index)
     assert provenance["fusion"]["ease_lambda"] == tuned_tiny_index.manifest.cf.ease_lambda
     assert provenance["fusion"]["ease_decay"] == tuned_tiny_index.manifest.cf.ease_decay
     assert tuned_ref(folder).ease_decay == tuned_tiny_index.manifest.cf.ease_decay  # read back for new indexes
+    assert provenance["fusion"]["sasrec_epochs"] == tuned_tiny_index.manifest.cf.sasrec_epochs
+    assert tuned_ref(folder).sasrec_epochs == tuned_tiny_index.manifest.cf.sasrec_epochs
     vectors = tuned_tiny_index.embedder.embed(item_texts(tuned_tiny_index.catalog))
     np.testing.assert_allclose(vectors, tuned_tiny_index.item_vectors, atol=1e-5)  # Chroma holds the tuned vectors
 

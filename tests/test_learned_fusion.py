@@ -105,10 +105,10 @@ def test_a_new_index_takes_the_ranker_recorded_with_its_encoder(tmp_path, tiny_l
     (tmp_path / enc.PROVENANCE).write_text("{}")
     monkeypatch.setattr(enc, "load_provenance", lambda folder: Prov())
     ref = EncoderRef(kind="tuned", name="t", path=str(tmp_path), fusion={"sequential": 1.0}, ease_lambda=100.0,
-                     ease_decay=0.98)
+                     ease_decay=0.98, sasrec_epochs=7)
     fusion, cf = fusion_for(ref, None)
     assert fusion.learned is not None and fusion.learned.model == tiny_learned_fusion.model
-    assert cf.ease_lambda == 100.0 and cf.ease_decay == 0.98
+    assert cf.ease_lambda == 100.0 and cf.ease_decay == 0.98 and cf.sasrec_epochs == 7
 
 
 def test_fit_refuses_examples_without_a_positive() -> None:

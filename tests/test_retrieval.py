@@ -27,14 +27,15 @@ from eval.retrieval_eval import (
 from retrieval.candidates import UnknownItemsError
 from retrieval.catalog import Catalog, load_catalog
 from retrieval.catalog_store import reindex, save_and_index
-from retrieval.cf import CFConfig
+from retrieval.cf import CFConfig, CFModels
 from retrieval.embeddings import Embedder
 from retrieval.filters import Filters
 from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, save_cf
 from retrieval.item_text import item_text
 from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.retriever import RETRIEVERS, BlendRetriever
-from retrieval.sources import EaseSource, SlitSource, SourceQuery, latest_recency
+from retrieval.sasrec import SASRecConfig
+from retrieval.sources import EaseSource, SasrecSource, SlitSource, SourceQuery, latest_recency
 from retrieval.splits import Case, SplitSpec, leave_last_out, split_catalog
 
 
@@ -95,6 +96,7 @@ def test_empty_filter_has_no_where() -> None:
 
 
 LEARNED = "fused (learned)"
+TINY_SASREC = CFConfig(sasrec_epochs=2, sasrec=SASRecConfig(max_len=8, hidden=16, n_layer=1, n_head=1, stride=4))
 
 
 def retriever_named(index: Index, name: str, learned: LearnedFusion | None = None) -> BlendRetriever:
@@ -110,6 +112,8 @@ def retriever_named(index: Index, name: str, learned: LearnedFusion | None = Non
     if name == "als":
         cf = index.fit_cf(index.catalog.histories(), CFConfig(collaborative="als", als_factors=8, als_iterations=5))
         return index.retriever("als", cf=cf)
+    if name == "sasrec":
+        return index.retriever("sasrec", cf=index.fit_cf(index.catalog.histories(), TINY_SASREC))
     return index.retriever(name)
 
 
@@ -411,7 +415,8 @@ def test_split_catalog_holds_out_by_the_tie_rule() -> None:
 def test_tune_chooses_weights_and_ease_lambda_and_decay_on_validation(tiny_index: Index) -> None:
     split = split_catalog(tiny_index.catalog)
     base = collect_lists(tiny_index, split, "validation", progress=False)
-    tuning = tune(tiny_index, split, base, lambdas=(10.0, 300.0), decays=(1.0, 0.5), progress=False)
+    tuning = tune(tiny_index, split, base, lambdas=(10.0, 300.0), decays=(1.0, 0.5), progress=False, sasrec=False)
+    assert tuning.sasrec is None and tuning.cf.sasrec_epochs == 0
     assert set(tuning.grid) == {(10.0, 1.0), (10.0, 0.5), (300.0, 1.0), (300.0, 0.5)}
     chosen = tuning.grid[(tuning.cf.ease_lambda, tuning.cf.ease_decay)]
     assert tuning.weights == chosen.weights and tuning.score == chosen.score
@@ -424,6 +429,42 @@ def test_tune_chooses_weights_and_ease_lambda_and_decay_on_validation(tiny_index
     for name in full.norm:
         np.testing.assert_array_equal(swapped.norm[name], full.norm[name])
     assert all(swapped.norm[name] is base.norm[name] for name in base.norm if name != "ease")
+    # recomputing EASE never trains SASRec, whatever the config says
+    assert "sasrec" not in with_cf_config(base, tiny_index, split, "validation", TINY_SASREC, progress=False).norm
+
+
+def test_tune_adds_sasrec_with_its_epochs_chosen_on_validation(tiny_index: Index) -> None:
+    split = split_catalog(tiny_index.catalog)
+    base = collect_lists(tiny_index, split, "validation", progress=False)
+    index = dataclasses.replace(tiny_index, manifest=tiny_index.manifest.model_copy(
+        update={"cf": tiny_index.manifest.cf.model_copy(update={"sasrec": TINY_SASREC.sasrec})}))
+    tuning = tune(index, split, base, lambdas=(300.0,), decays=(1.0,), progress=False)
+    choice = tuning.sasrec
+    assert choice is not None and choice.without == tuning.grid[(300.0, 1.0)]
+    assert choice.epochs == int(np.argmax(choice.curve)) + 1  # early stopping kept the best epoch
+    assert "sasrec" in choice.with_it.weights and choice.with_it.key >= choice.without.key
+    if choice.kept:
+        assert tuning.cf.sasrec_epochs == choice.epochs and tuning.weights == choice.with_it.weights
+        assert "sasrec" in tuning.lists.norm and tuning.score == choice.with_it.score > choice.without.score
+    else:
+        assert tuning.cf.sasrec_epochs == 0 and tuning.weights == choice.without.weights
+        assert "sasrec" not in tuning.lists.norm
+    assert summarise(tuning.lists.ranks(tuning.weights), n_boot=1)["ndcg@10"]["mean"] == tuning.score
+
+
+def test_sasrec_is_saved_and_loaded_with_the_cf_models(tiny_index: Index, tmp_path: Path) -> None:
+    cf = tiny_index.fit_cf(tiny_index.catalog.histories(), TINY_SASREC)
+    assert cf.sasrec is not None and cf.config.sasrec_epochs == 2
+    cf.save(tmp_path)
+    loaded = CFModels.load(tmp_path, cf.config)
+    assert loaded.sasrec is not None
+    allowed = np.ones(tiny_index.catalog.n_items, dtype=bool)
+    query = SourceQuery(history=[0, 1, 2], allowed=allowed)
+    assert SasrecSource(loaded).top(query, 5) == SasrecSource(cf).top(query, 5)
+    assert CFModels.load(tmp_path, cf.config.model_copy(update={"sasrec_epochs": 0})).sasrec is None
+    assert tiny_index.fit_cf(tiny_index.catalog.histories()).sasrec is None  # no epochs: not trained
+    with pytest.raises(ValueError, match="SASRec was not trained"):
+        SasrecSource(tiny_index.cf)
 
 
 def test_tie_sensitivity_reports_the_fused_retriever_under_both_rules(tiny_index: Index) -> None:
@@ -483,6 +524,10 @@ def test_eval_retrieval_command_tunes_and_reports_both_tie_rules(tiny_catalog: C
     manifest = load_index(load_catalog(scratch_catalog_name), embedder=embedder).manifest
     assert manifest.fusion.tuned and manifest.cf.ease_lambda == report["cf"]["ease_lambda"]
     assert manifest.cf.ease_decay == report["cf"]["ease_decay"]  # served as tuned
+    assert manifest.cf.sasrec_epochs == report["cf"]["sasrec_epochs"] and "the SASRec source" in markdown_text
+    assert report["sasrec_tuning"]["epochs"] >= 1
+    index_folder = load_catalog(scratch_catalog_name).root / "index"  # type: ignore[operator]
+    assert (index_folder / "sasrec.pt").exists() == (manifest.cf.sasrec_epochs > 0)
     # the learned fusion was trained and measured on validation; kept (and reported on test) only where it won
     assert "## Learned fusion" in markdown_text and LEARNED in payload["validation"] and LEARNED in payload["test"]
     kept = manifest.fusion.learned is not None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.sasrec import SASRecConfig, fit_sasrec, sasrec_scores
 from retrieval.full_ranking import full_ranks as target_ranks
+from retrieval.sasrec import SASRecConfig, fit_sasrec, sasrec_scores, windows
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -65,3 +65,13 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
     ranks = target_ranks(sasrec_scores(model, hists, 5), hists, [t for _, t in val])
     ndcg = float(np.mean([1 / np.log2(r + 1) if r <= 10 else 0.0 for r in ranks]))
     assert ndcg == pytest.approx(max(log["val_ndcg"]))
+
+
+def test_windows_cover_the_history_from_its_end() -> None:
+    h = list(range(10))
+    assert windows(h, max_len=4, stride=3) == [[5, 6, 7, 8, 9], [2, 3, 4, 5, 6], [0, 1, 2, 3]]
+    assert windows(h, max_len=4, stride=0) == [[5, 6, 7, 8, 9]]
+    assert windows([1], max_len=4, stride=3) == windows([], max_len=4, stride=0) == []
+    # every training step (an item with one before it) is the label of some window
+    labelled = {w[k] for w in windows(h, max_len=4, stride=3) for k in range(1, len(w))}
+    assert labelled == set(h[1:])

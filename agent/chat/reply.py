@@ -16,7 +16,7 @@ from agent.explanation_checks import genre_claims, strip_titles, unsupported_yea
 from agent.reason_text import because_you_liked, join_words
 from retrieval.item_text import title_years, without_year
 
-CF_SOURCES = {"sequential", "ease", "slit"}
+CF_SOURCES = {"sequential", "ease", "slit", "sasrec"}
 
 
 @dataclass

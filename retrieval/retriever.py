@@ -42,7 +42,7 @@ def blend(per_source: Mapping[str, list[tuple[int, float]]], weights: Mapping[st
           k: int) -> list[tuple[int, float, list[SourceHit]]]:
     """Fuse source lists: sum of weight * normalised score; ties by catalogue position."""
     fused: dict[int, float] = {}
-    hits: dict[int, list[SourceHit]] = {}
+    hits: dict[int, list[tuple[str, int, float]]] = {}  # validated as SourceHit for the k kept only
     for name, ranked in per_source.items():
         weight = weights.get(name, 0.0)
         if not ranked:
@@ -50,9 +50,9 @@ def blend(per_source: Mapping[str, list[tuple[int, float]]], weights: Mapping[st
         norm = normalise([s for _, s in ranked])
         for rank, ((pos, raw), value) in enumerate(zip(ranked, norm, strict=True), start=1):
             fused[pos] = fused.get(pos, 0.0) + weight * float(value)
-            hits.setdefault(pos, []).append(SourceHit(source=name, rank=rank, score=raw))
+            hits.setdefault(pos, []).append((name, rank, raw))
     order = sorted(fused, key=lambda p: (-fused[p], p))[:k]
-    return [(pos, fused[pos], hits[pos]) for pos in order]
+    return [(pos, fused[pos], [SourceHit(source=n, rank=r, score=s) for n, r, s in hits[pos]]) for pos in order]
 
 
 class BlendRetriever:

@@ -157,9 +157,10 @@ def fit_slit(histories: Mapping[str, Sequence[int]], n_items: int, config: CFCon
     return np.linalg.solve(gram, (x.T @ y).toarray()).astype(np.float32)
 
 
-def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfig | None = None) -> CFModels:
+def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfig | None = None,
+           progress: bool = False) -> CFModels:
     """Fit on per-user position sequences (time-ordered). The config returned names the collaborative model
-    fitted (``fitted``: "ease" or "als")."""
+    fitted (``fitted``: "ease" or "als"). ``progress`` shows SASRec's training, the one part that takes minutes."""
     config = config or CFConfig()
     users, items = _flatten(histories)
     x = sp.csr_matrix((np.ones(len(items), dtype=np.float32), (users, items)), shape=(len(histories), n_items))
@@ -196,6 +197,6 @@ def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfi
     if config.sasrec_epochs > 0:
         logger.info("training the SASRec source for %d epochs", config.sasrec_epochs)
         sasrec, _ = fit_sasrec(histories, n_items, config.sasrec.model_copy(
-            update={"epochs": config.sasrec_epochs, "max_minutes": math.inf}), progress=False)
+            update={"epochs": config.sasrec_epochs, "max_minutes": math.inf}), progress=progress)
     return CFModels(popularity=popularity, transitions=sp.csr_matrix(trans), ease=ease, config=config,
                     als_items=als_items, slit=slit, sasrec=sasrec)

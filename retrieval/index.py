@@ -172,7 +172,7 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
             if previous.collection != collection:
                 retired.append(RetiredCollection(name=previous.collection, at=time.time()))
         clock = time.perf_counter()
-        cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, cf_config)
+        cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, cf_config, progress=progress)
         cf.save(staging)
         phases["cf_s"] = round(time.perf_counter() - clock, 2)
         cf_config, fusion = cf.config, collaborative_weights(fusion, cf.config)

@@ -153,7 +153,8 @@ def fit_sasrec(histories: Mapping[str, Sequence[int]], n_items: int, config: SAS
         order = torch.randperm(len(inputs), generator=generator)
         batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         total, count = 0.0, 0
-        bar = tqdm(batches, desc=f"sasrec epoch {epoch}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"training SASRec, epoch {epoch} of {config.epochs}", disable=not progress,
+                   leave=False)
         for idx in bar:
             logits = model(input_ids=inputs[idx], attention_mask=mask[idx]).logits[:, :, :n_items]
             loss = torch.nn.functional.cross_entropy(

@@ -158,9 +158,10 @@ def fit_slit(histories: Mapping[str, Sequence[int]], n_items: int, config: CFCon
 
 
 def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfig | None = None,
-           progress: bool = False) -> CFModels:
+           progress: bool = False, sasrec: Any = None) -> CFModels:
     """Fit on per-user position sequences (time-ordered). The config returned names the collaborative model
-    fitted (``fitted``: "ease" or "als"). ``progress`` shows SASRec's training, the one part that takes minutes."""
+    fitted (``fitted``: "ease" or "als"). ``progress`` shows SASRec's training, the one part that takes minutes;
+    ``sasrec``: a model already trained on these histories with this config (a shipped one), used as it is."""
     config = config or CFConfig()
     users, items = _flatten(histories)
     x = sp.csr_matrix((np.ones(len(items), dtype=np.float32), (users, items)), shape=(len(histories), n_items))
@@ -193,8 +194,9 @@ def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfi
         ease[np.diag_indices(n_items)] = 0.0
     else:
         als_items = fit_als(x, config)
-    sasrec = None
-    if config.sasrec_epochs > 0:
+    if config.sasrec_epochs < 1:
+        sasrec = None
+    elif sasrec is None:
         logger.info("training the SASRec source for %d epochs", config.sasrec_epochs)
         sasrec, _ = fit_sasrec(histories, n_items, config.sasrec.model_copy(
             update={"epochs": config.sasrec_epochs, "max_minutes": math.inf}), progress=progress)

@@ -21,14 +21,14 @@ from pydantic import BaseModel, Field
 from retrieval.catalog import Catalog, atomic_write_json, swap_in
 from retrieval.cf import CFConfig, CFModels, fit_cf
 from retrieval.embeddings import Embedder
-from retrieval.encoder import EncoderRef, learned_fusion_of, make_embedder, resolve_encoder, user_vector_fn
+from retrieval.encoder import SHIPPED, EncoderRef, learned_fusion_of, make_embedder, resolve_encoder, user_vector_fn
 from retrieval.filter_blocks import FilterBlocks
 from retrieval.filters import genre_key
 from retrieval.item_text import item_text
 from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.provenance import utc_now
 from retrieval.retriever import RETRIEVERS, BlendRetriever
-from retrieval.sasrec import WEIGHTS_FILE
+from retrieval.sasrec import WEIGHTS_FILE, histories_digest, shipped_sasrec
 from retrieval.sources import (
     AlsSource,
     ContentSource,
@@ -172,7 +172,13 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
             if previous.collection != collection:
                 retired.append(RetiredCollection(name=previous.collection, at=time.time()))
         clock = time.perf_counter()
-        cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, cf_config, progress=progress)
+        histories = position_histories(catalog, catalog.histories())
+        shipped = shipped_sasrec(SHIPPED / catalog.name, histories_digest(histories, catalog.n_items),
+                                 cf_config.sasrec_epochs, cf_config.sasrec, catalog.n_items)
+        if shipped is not None:
+            logger.info("SASRec: the model shipped for %s (same histories and settings), not trained again",
+                        catalog.name)
+        cf = fit_cf(histories, catalog.n_items, cf_config, progress=progress, sasrec=shipped)
         cf.save(staging)
         phases["cf_s"] = round(time.perf_counter() - clock, 2)
         cf_config, fusion = cf.config, collaborative_weights(fusion, cf.config)

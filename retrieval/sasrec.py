@@ -25,6 +25,7 @@ from retrieval.full_ranking import ndcg_at_10
 
 IGNORE_INDEX = -100
 WEIGHTS_FILE = "sasrec.pt"
+SHIPPED_FILE = "sasrec.json"  # beside a shipped model: what it was trained on, so an index takes it only then
 
 
 class SASRecConfig(BaseModel):
@@ -218,3 +219,44 @@ def load_sasrec(folder: Path, n_items: int, config: SASRecConfig) -> Any | None:
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     model.eval()
     return model
+
+
+def histories_digest(histories: Mapping[str, Sequence[int]], n_items: int) -> str:
+    """sha256 prefix of what training reads: the item count and every history's positions, in order."""
+    import hashlib
+
+    digest = hashlib.sha256(str(n_items).encode())
+    for user, history in histories.items():
+        digest.update(f"{user}:{','.join(map(str, history))};".encode())
+    return digest.hexdigest()[:16]
+
+
+class ShippedSasrec(BaseModel):
+    """A trained model kept with the package (``retrieval/shipped/<catalog>/``): an index whose histories, architecture
+    and epochs are the ones it was trained with loads it instead of training (training is deterministic on CPU: the
+    copy shipped for ML-100k equals, bit for bit, what a fresh index build trained)."""
+
+    histories: str  # histories_digest of the training histories
+    epochs: int
+    config: SASRecConfig
+    made_by: str
+
+
+def ship_sasrec(model: Any, folder: Path, histories: str, epochs: int, config: SASRecConfig, made_by: str) -> None:
+    import json
+
+    save_sasrec(model, folder)
+    meta = ShippedSasrec(histories=histories, epochs=epochs, config=config, made_by=made_by)
+    (folder / SHIPPED_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
+
+
+def shipped_sasrec(folder: Path, histories: str, epochs: int, config: SASRecConfig, n_items: int) -> Any | None:
+    """The model shipped in ``folder`` where it was trained on these histories (their :func:`histories_digest`) with
+    these epochs and architecture, else None."""
+    path = folder / SHIPPED_FILE
+    if epochs < 1 or not path.exists():
+        return None
+    meta = ShippedSasrec.model_validate_json(path.read_text())
+    if (meta.histories, meta.epochs, meta.config) != (histories, epochs, config):
+        return None
+    return load_sasrec(folder, n_items, config)

@@ -27,14 +27,14 @@ from eval.retrieval_eval import (
 from retrieval.candidates import UnknownItemsError
 from retrieval.catalog import Catalog, load_catalog
 from retrieval.catalog_store import reindex, save_and_index
-from retrieval.cf import CFConfig, CFModels
+from retrieval.cf import CFConfig, CFModels, fit_cf
 from retrieval.embeddings import Embedder
 from retrieval.filters import Filters
-from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, save_cf
+from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, position_histories, save_cf
 from retrieval.item_text import item_text
 from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.retriever import RETRIEVERS, BlendRetriever
-from retrieval.sasrec import SASRecConfig
+from retrieval.sasrec import SASRecConfig, histories_digest, ship_sasrec, shipped_sasrec
 from retrieval.sources import EaseSource, SasrecSource, SlitSource, SourceQuery, latest_recency
 from retrieval.splits import Case, SplitSpec, leave_last_out, split_catalog
 
@@ -542,3 +542,53 @@ def test_every_eval_command_rejects_an_unknown_tie_rule(command: list[str]) -> N
     result = CliRunner().invoke(app, ["eval", *command, "--ties", "newest"])
     assert result.exit_code == 2
     assert "--ties 'newest': choose one of id, random" in " ".join(result.output.split())
+
+
+def test_a_shipped_sasrec_is_loaded_only_for_its_histories_and_settings(tiny_index: Index, tmp_path: Path) -> None:
+    catalog = tiny_index.catalog
+    histories = position_histories(catalog, catalog.histories())
+    digest = histories_digest(histories, catalog.n_items)
+    cf = fit_cf(histories, catalog.n_items, TINY_SASREC)
+    ship_sasrec(cf.sasrec, tmp_path, digest, 2, TINY_SASREC.sasrec, made_by="test")
+    shipped = shipped_sasrec(tmp_path, digest, 2, TINY_SASREC.sasrec, catalog.n_items)
+    assert shipped is not None
+    query = SourceQuery(history=[0, 1, 2], allowed=np.ones(catalog.n_items, dtype=bool))
+    reused = fit_cf(histories, catalog.n_items, TINY_SASREC, sasrec=shipped)
+    assert reused.sasrec is shipped and SasrecSource(reused).top(query, 5) == SasrecSource(cf).top(query, 5)
+    other = {**histories, "new user": [0, 1]}
+    assert histories_digest(other, catalog.n_items) != digest
+    assert shipped_sasrec(tmp_path, histories_digest(other, catalog.n_items), 2, TINY_SASREC.sasrec,
+                          catalog.n_items) is None
+    assert shipped_sasrec(tmp_path, digest, 3, TINY_SASREC.sasrec, catalog.n_items) is None
+    assert shipped_sasrec(tmp_path, digest, 2, TINY_SASREC.sasrec.model_copy(update={"hidden": 32}),
+                          catalog.n_items) is None
+    assert shipped_sasrec(tmp_path / "none", digest, 2, TINY_SASREC.sasrec, catalog.n_items) is None
+
+
+def test_an_index_build_takes_the_shipped_sasrec_instead_of_training(tiny_catalog: Catalog, embedder: Embedder,
+                                                                     scratch_catalog_name: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import retrieval.cf
+    import retrieval.index
+
+    save_and_index(Catalog(name=scratch_catalog_name, items=tiny_catalog.items.copy(),
+                           interactions=tiny_catalog.interactions.copy()), embedder=embedder, progress=False)
+    stored = load_catalog(scratch_catalog_name)
+    assert stored.root is not None
+    save_cf(stored.root / "index", stored, TINY_SASREC)  # trains SASRec, records its epochs in the manifest
+    trained = load_index(stored, embedder=embedder)
+    assert trained.cf.sasrec is not None and trained.manifest.cf.sasrec_epochs == 2
+    histories = position_histories(stored, stored.histories())
+    (tmp_path / scratch_catalog_name).mkdir()
+    ship_sasrec(trained.cf.sasrec, tmp_path / scratch_catalog_name, histories_digest(histories, stored.n_items), 2,
+                TINY_SASREC.sasrec, made_by="test")
+    monkeypatch.setattr(retrieval.index, "SHIPPED", tmp_path)
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("SASRec was trained although a matching model was shipped")
+
+    monkeypatch.setattr(retrieval.cf, "fit_sasrec", no_training)
+    reindex(scratch_catalog_name, embedder=embedder, progress=False)
+    rebuilt = load_index(load_catalog(scratch_catalog_name), embedder=embedder)
+    query = SourceQuery(history=[0, 1, 2], allowed=np.ones(stored.n_items, dtype=bool))
+    assert SasrecSource(rebuilt.cf).top(query, 5) == SasrecSource(trained.cf).top(query, 5)

@@ -72,8 +72,8 @@ class WarmResult:
 def warm_comparison(live: Index, frozen: Index, split: Split, n_boot: int, seed: int,
                     progress: bool = True) -> WarmResult:
     """Every method on validation and test; both fusions tuned (weights grid, the live EASE lambda) on
-    validation only."""
-    cf = live.manifest.cf
+    validation only. SASRec stays out of the fusions (it has its own row: this report compares encoders)."""
+    cf = rv.without_sasrec(live.manifest.cf)
     results: rv.Results = {"validation": {}, "test": {}}
     tuning: dict[str, dict[str, float]] = {}
     prior = frozen_prior(frozen, split, cf, progress)  # the frozen encoder gets its own best prior, for fairness
@@ -82,7 +82,7 @@ def warm_comparison(live: Index, frozen: Index, split: Split, n_boot: int, seed:
     for name, index in (("frozen", frozen), ("tuned", live)):
         lists = {part: rv.collect_lists(index, split, part, progress, cf_config=cf) for part in rv.PARTS}
         tuned = rv.tune(index, split, lists["validation"], lambdas=(cf.ease_lambda,),
-                        decays=(cf.ease_decay,), progress=progress)
+                        decays=(cf.ease_decay,), progress=progress, sasrec=False)
         tuning[name] = tuned.weights
         scores = rv.evaluate(lists, tuned.weights, n_boot=n_boot, seed=seed)
         for part, methods in scores.items():
@@ -273,9 +273,10 @@ def run(catalog: Catalog, live: Index, split: Split, spec: SplitSpec, cold_share
                               "training": {"command": provenance.command, "commit": provenance.commit,
                                            "train": provenance.train, "validation": provenance.validation,
                                            "config": provenance.config}}
-    with side_index(catalog, EncoderRef(), live.manifest.cf) as frozen:
+    cf = rv.without_sasrec(live.manifest.cf)  # the side indexes and CF fits here need no SASRec (its own row)
+    with side_index(catalog, EncoderRef(), cf) as frozen:
         if cold_only:
-            frozen_weight, _ = choose_prior_weight(frozen, split, live.manifest.cf, progress)
+            frozen_weight, _ = choose_prior_weight(frozen, split, cf, progress)
             fusion = dict(live.manifest.fusion.weights)
         else:
             warm = warm_comparison(live, frozen, split, n_boot, spec.seed, progress)
@@ -293,9 +294,9 @@ def run(catalog: Catalog, live: Index, split: Split, spec: SplitSpec, cold_share
         with tempfile.TemporaryDirectory(prefix="recagent-cold-encoder-") as tmp:
             folder = Path(tmp) / "encoder"
             report["cold_training"] = cold_encoder(catalog, spec, cold, cold_minutes, folder, provenance.config)
-            with side_index(catalog, tuned_ref(folder), live.manifest.cf) as cold_index:
+            with side_index(catalog, tuned_ref(folder), cf) as cold_index:
                 report["cold"] = cold_hits({"frozen": frozen, "tuned": cold_index}, split, cold, fusion,
-                                           live.manifest.cf, progress, prior_weights={"frozen": frozen_weight})
+                                           cf, progress, prior_weights={"frozen": frozen_weight})
         report["cold"]["share"] = cold_share
     report["query_cost"] = query_cost(live, split)
     return report

@@ -16,6 +16,7 @@ import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -128,10 +129,11 @@ class PartLists:
 
 
 def collect_lists(index: Index, split: Split, part: str, progress: bool = True, cf_config: CFConfig | None = None,
-                  weights: Mapping[str, float] | None = None) -> PartLists:
+                  weights: Mapping[str, float] | None = None, sasrec: Any = None) -> PartLists:
     """The source lists of every case of ``part``: the sources of ``weights`` (default: all), with CF fitted
-    under ``cf_config`` (default: the index's) on what ``part`` may see."""
-    cf = index.fit_cf(split.fit_histories(part), cf_config)
+    under ``cf_config`` (default: the index's) on what ``part`` may see (``sasrec``: a SASRec model already trained
+    on it)."""
+    cf = index.fit_cf(split.fit_histories(part), cf_config, sasrec=sasrec)
     retriever = index.retriever("fused", cf=cf, weights=weights or {s: 1.0 for s in SOURCE_NAMES})
     cases = split.cases(part)
     n_items = index.catalog.n_items
@@ -312,8 +314,9 @@ def tune(index: Index, split: Split, validation: PartLists, lambdas: Sequence[fl
 def tune_sasrec(index: Index, split: Split, tuning: Tuning, metric: str = "ndcg@10",
                 progress: bool = True) -> Tuning:
     """Train SASRec on what validation may see with early stopping on the validation cases (the epoch count E),
-    add its lists (a model refitted for exactly E epochs, as serving fits it) and tune the weights again. Kept
-    (``CFConfig.sasrec_epochs = E``) only where the validation metric rises."""
+    add its lists and tune the weights again. Kept (``CFConfig.sasrec_epochs = E``) only where the validation metric
+    rises. The early-stopped model is the one a fit of exactly E epochs trains (training is deterministic; a test
+    checks it), so its lists are what an index fitted with the choice would give."""
     import time
 
     from retrieval.sasrec import fit_sasrec
@@ -323,10 +326,11 @@ def tune_sasrec(index: Index, split: Split, tuning: Tuning, metric: str = "ndcg@
     fit = {u: [positions[i] for i in h] for u, h in split.fit_histories("validation").items()}
     cases = [([positions[i] for i in c.history], positions[c.target]) for c in split.cases("validation")]
     logger.info("SASRec: choosing its epochs on %d validation users", len(cases))
-    _, log = fit_sasrec(fit, index.catalog.n_items, tuning.cf.sasrec, val=cases, progress=progress)
+    model, log = fit_sasrec(fit, index.catalog.n_items, tuning.cf.sasrec, val=cases, progress=progress)
     epochs = max(int(log["best_epoch"]), 1)
     config = tuning.cf.model_copy(update={"sasrec_epochs": epochs})
-    sasrec_lists = collect_lists(index, split, "validation", progress, cf_config=config, weights={"sasrec": 1.0})
+    sasrec_lists = collect_lists(index, split, "validation", progress, cf_config=config, weights={"sasrec": 1.0},
+                                 sasrec=model)
     lists = dataclasses.replace(tuning.lists, norm={**tuning.lists.norm, **sasrec_lists.norm})
     with_it = tune_weights(lists, metric)
     without = tuning.grid[(tuning.cf.ease_lambda, tuning.cf.ease_decay)]

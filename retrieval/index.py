@@ -353,9 +353,12 @@ class Index:
         return BlendRetriever(self.catalog, sources, chosen, popularity=cf.popularity,
                               pool=self.manifest.fusion.pool)
 
-    def fit_cf(self, histories: Mapping[str, Sequence[str]], config: CFConfig | None = None) -> CFModels:
-        """CF models fitted on ``histories`` with ``config`` (default: the manifest's)."""
-        return fit_cf(position_histories(self.catalog, histories), self.catalog.n_items, config or self.manifest.cf)
+    def fit_cf(self, histories: Mapping[str, Sequence[str]], config: CFConfig | None = None,
+               sasrec: Any = None) -> CFModels:
+        """CF models fitted on ``histories`` with ``config`` (default: the manifest's); ``sasrec``: a SASRec model
+        already trained on them with that config (see :func:`retrieval.cf.fit_cf`)."""
+        return fit_cf(position_histories(self.catalog, histories), self.catalog.n_items, config or self.manifest.cf,
+                      sasrec=sasrec)
 
 
 def load_index(catalog: Catalog, embedder: Embedder | None = None, folder: Path | None = None) -> Index:

@@ -243,11 +243,11 @@ class ShippedSasrec(BaseModel):
 
 
 def ship_sasrec(model: Any, folder: Path, histories: str, epochs: int, config: SASRecConfig, made_by: str) -> None:
-    import json
+    from retrieval.catalog import atomic_write_json
 
     save_sasrec(model, folder)
     meta = ShippedSasrec(histories=histories, epochs=epochs, config=config, made_by=made_by)
-    (folder / SHIPPED_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
+    atomic_write_json(folder / SHIPPED_FILE, meta.model_dump(mode="json"))
 
 
 def shipped_sasrec(folder: Path, histories: str, epochs: int, config: SASRecConfig, n_items: int) -> Any | None:

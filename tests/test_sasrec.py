@@ -75,3 +75,16 @@ def test_windows_cover_the_history_from_its_end() -> None:
     # every training step (an item with one before it) is the label of some window
     labelled = {w[k] for w in windows(h, max_len=4, stride=3) for k in range(1, len(w))}
     assert labelled == set(h[1:])
+
+
+def test_the_early_stopped_model_is_the_one_a_fixed_epoch_fit_trains() -> None:
+    """Tuning keeps the early-stopped model for its lists instead of refitting for its epochs: training is
+    deterministic, and scoring the validation users between epochs does not change it."""
+    histories = {f"u{u}": [(u + 2 * k) % 9 for k in range(15)] for u in range(30)}
+    val = [([0, 2], 4), ([3, 5], 7), ([1, 3, 5], 7), ([8, 1], 3)]
+    config = SASRecConfig(max_len=10, hidden=16, n_layer=1, n_head=1, epochs=5, patience=5, batch_size=8, stride=4)
+    stopped, log = fit_sasrec(histories, 9, config, val=val, progress=False)
+    assert log["epochs"] > log["best_epoch"]  # trained past its best epoch, then restored it
+    fixed, _ = fit_sasrec(histories, 9, config.model_copy(update={"epochs": log["best_epoch"]}), progress=False)
+    hists = [h for h, _ in val] + [list(h) for h in histories.values()]
+    np.testing.assert_array_equal(sasrec_scores(stopped, hists, 9), sasrec_scores(fixed, hists, 9))

@@ -163,10 +163,23 @@ class Catalog:
         return hist
 
     def content_hash(self) -> str:
+        """sha256 prefix of the items and interactions as values, not as in-memory types: a catalogue hashes the same
+        fresh from a converter (genres as lists) and read back from parquet (genres as arrays)."""
         digest = hashlib.sha256()
         for frame in (self.items, self.interactions):
-            digest.update(pd.util.hash_pandas_object(frame.astype(str), index=False).to_numpy().tobytes())
+            canonical = frame.apply(lambda column: column.map(_canonical_cell))
+            digest.update(pd.util.hash_pandas_object(canonical, index=False).to_numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def _canonical_cell(value: object) -> str:
+    """One table cell as text that does not depend on how it was loaded: sequences (a list, a tuple, a numpy array)
+    as a JSON list of their elements' text, missing values as ""."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return json.dumps([_canonical_cell(v) for v in value])
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return str(value)
 
 
 class InvalidCatalogNameError(ValueError):

@@ -20,7 +20,8 @@ from retrieval.splits import Split
 
 def evaluate_sasrec(catalog: Catalog, split: Split, config: SASRecConfig | None = None, progress: bool = True
                     ) -> dict[str, Any]:
-    """Validation ranks from the early-stopped fit, test ranks from a refit for exactly the best epoch count."""
+    """Validation ranks from the early-stopped fit, test ranks from a refit for exactly the best epoch count; the two
+    models too (``models``), for a fusion that includes them."""
     config = config or SASRecConfig()
     index = catalog.item_index
     n_items = catalog.n_items
@@ -29,10 +30,10 @@ def evaluate_sasrec(catalog: Catalog, split: Split, config: SASRecConfig | None 
         return {u: [index[i] for i in h] for u, h in histories.items()}
 
     val_cases = [([index[i] for i in c.history], index[c.target]) for c in split.validation]
-    model, val_log = fit_sasrec(positions(split.fit_histories("validation")), n_items, config,
-                                val=val_cases, progress=progress)
+    val_model, val_log = fit_sasrec(positions(split.fit_histories("validation")), n_items, config,
+                                    val=val_cases, progress=progress)
     val_hists = [h for h, _ in val_cases]
-    val_ranks = target_ranks(sasrec_scores(model, val_hists, n_items), val_hists, [t for _, t in val_cases])
+    val_ranks = target_ranks(sasrec_scores(val_model, val_hists, n_items), val_hists, [t for _, t in val_cases])
     best_epochs = max(int(val_log["best_epoch"]), 1)
 
     # Refit from scratch for exactly E epochs: no validation, no early stopping, no time cap.
@@ -46,4 +47,5 @@ def evaluate_sasrec(catalog: Catalog, split: Split, config: SASRecConfig | None 
         "test": [int(r) for r in test_ranks],
         "log": {"validation_fit": val_log, "test_fit": test_log, "config": config.model_dump()},
         "best_epochs": best_epochs,
+        "models": {"validation": val_model, "test": model},  # each fitted on what its part may see
     }

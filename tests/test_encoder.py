@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from eval.embedder_eval import SERVED
 from retrieval.catalog import Catalog
 from retrieval.embeddings import Embedder
 from retrieval.encoder import (
@@ -222,6 +223,9 @@ def test_eval_embedder_reports_every_retriever_cold_items_and_query_cost(tuned_t
     assert {"content, frozen encoder", "content, frozen encoder + popularity prior", "content, tuned encoder",
             "fused, frozen encoder", "fused, tuned encoder", "sequential"} <= rows
     assert any(r.startswith("SASRec") for r in rows)
+    assert {"slit", SERVED} <= rows  # every CF source, and the fusion of all the sources a live index serves
+    served = report["warm"]["fusion_weights"]["served"]
+    assert "sasrec" in served and set(served) > set(report["warm"]["fusion_weights"]["tuned"])
     assert report["cold"]["cold_items"] == 1 and "content, tuned encoder" in report["cold"]["hit@50"]
     assert set(report["cold"]["hit@50"]) >= COLD_CONTENT_ROWS  # cosine only and with the prior, per encoder
     assert report["cold"]["prior_weights"]["frozen"] == report["warm"]["frozen_prior"]["weight"]

@@ -233,8 +233,9 @@ def histories_digest(histories: Mapping[str, Sequence[int]], n_items: int) -> st
 
 class ShippedSasrec(BaseModel):
     """A trained model kept with the package (``retrieval/shipped/<catalog>/``): an index whose histories, architecture
-    and epochs are the ones it was trained with loads it instead of training (training is deterministic on CPU: the
-    copy shipped for ML-100k equals, bit for bit, what a fresh index build trained)."""
+    and epochs are the ones it was trained with loads it instead of training (training is deterministic on one host:
+    the copy shipped for ML-100k equals, bit for bit, what a fresh index build trained there; another CPU's floating
+    point gives slightly different weights, so the match is by what it was trained on, not by re-training)."""
 
     histories: str  # histories_digest of the training histories
     epochs: int

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from eval.machine import cpu_model
 from retrieval.catalog import Catalog
 from retrieval.embeddings import Embedder
 from retrieval.filters import Filters
@@ -70,12 +70,7 @@ def time_retrieve(catalog: Catalog, users: int = 200, k: int = 50, seed: int = 0
 
 def cpu_line() -> str:
     """The CPU model and the load average when asked (the retrieve figures depend on both)."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
-    except OSError:
-        pass
+    model = cpu_model()
     try:
         load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
     except OSError:

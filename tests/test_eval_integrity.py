@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,3 +87,15 @@ def test_rerank_generate_and_explain_paths_see_and_return_the_same_with_another_
     assert real["prompts"] and real["prompts"] == fake["prompts"]
     assert real["users"] == fake["users"]
     assert real["explanations"] == fake["explanations"] and real["lists"] == fake["lists"]
+
+
+def test_reports_name_the_cpu_model(tmp_path: Path) -> None:
+    """Trained weights differ between CPU models (SASRec's do), so every report's machine line names it."""
+    from eval.machine import cpu_model, machine_line
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t: sse\n")
+    assert cpu_model(str(info)) == "Example CPU 9000"
+    info.write_text("processor\t: 0\n")  # no model line (some ARM kernels): the platform's name instead
+    assert cpu_model(str(info)) and cpu_model(str(info)) != "Example CPU 9000"
+    assert cpu_model(str(tmp_path / "missing")) and f"({cpu_model()})" in machine_line()

@@ -335,18 +335,23 @@ def test_failed_ingest_keeps_previous_catalogue(tmp_path: Path, tiny_catalog_fil
     assert make_client().get_collection(new_manifest.collection).count() == 3
 
 
-def test_content_hash_is_the_same_fresh_and_read_back(tmp_path: Path, tiny_catalog_files: TinyCatalogFiles) -> None:
+def test_content_hash_is_the_same_fresh_and_read_back(tiny_catalog_files: TinyCatalogFiles) -> None:
     """A catalogue read from files holds genres as lists, one read back from parquet as numpy arrays; both are the same
     data and hash alike (they did not: an index built right after an ingest recorded another hash than a rebuild)."""
-    from retrieval.catalog import write_catalog_tables
+    import shutil
 
-    fresh, _ = read_catalog("a", tiny_catalog_files.items_csv, tiny_catalog_files.interactions_csv)
-    write_catalog_tables(fresh, tmp_path / "stored")
-    back = Catalog(name="a", items=pd.read_parquet(tmp_path / "stored" / "items.parquet"),
-                   interactions=pd.read_parquet(tmp_path / "stored" / "interactions.parquet"))
+    from retrieval.catalog import catalog_root, write_catalog_tables
+
+    fresh, _ = read_catalog("hash-check", tiny_catalog_files.items_csv, tiny_catalog_files.interactions_csv)
+    stored = catalog_root("hash-check") / "catalog"
+    try:
+        write_catalog_tables(fresh, stored)
+        back = load_catalog("hash-check")
+        recorded = json.loads((stored / "manifest.json").read_text())["content_hash"]
+    finally:
+        shutil.rmtree(stored.parent, ignore_errors=True)  # the test session's home is shared
     assert not isinstance(back.items["genres"].iloc[0], list)  # the case this guards: another type, same values
-    assert back.content_hash() == fresh.content_hash()
-    assert json.loads((tmp_path / "stored" / "manifest.json").read_text())["content_hash"] == back.content_hash()
+    assert back.content_hash() == fresh.content_hash() == recorded
     changed = back.items.copy()
     changed["genres"] = [["Drama"]] + list(changed["genres"].iloc[1:])
     assert Catalog(name="a", items=changed, interactions=back.interactions).content_hash() != back.content_hash()

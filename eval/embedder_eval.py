@@ -307,7 +307,8 @@ def run(catalog: Catalog, live: Index, split: Split, spec: SplitSpec, cold_share
             if sasrec:
                 from eval.sasrec import evaluate_sasrec
 
-                fitted = evaluate_sasrec(catalog, split, config=live.manifest.cf.sasrec, progress=progress)
+                fitted = evaluate_sasrec(catalog, split, config=live.manifest.cf.sasrec, progress=progress,
+                                         item_vectors=live.item_vectors)
                 for part in rv.PARTS:
                     warm.results[part][SASREC] = summarise(fitted[part], n_boot=n_boot, seed=spec.seed)
                 add_served_fusion(warm, live, split, fitted, n_boot, spec.seed, progress)

@@ -37,7 +37,7 @@ TUNE_GRID = {
     "sequential": (1.0,),
     "ease": (0.0, 0.25, 0.5, 1.0),
     "slit": (0.0, 0.5, 1.0),
-    "sasrec": (0.0, 0.5, 1.0, 1.5),  # only where the lists hold it: tuned after EASE's settings (see ``tune``)
+    "sasrec": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0),  # only where the lists hold it: tuned after EASE's settings (``tune``)
     "content": (0.0, 0.1, 0.2, 0.4, 0.7, 1.0),  # up to 1: a tuned encoder can weigh as much as the sequential source
     "mostpop": (0.0, 0.1, 0.2, 0.4),
 }
@@ -326,7 +326,8 @@ def tune_sasrec(index: Index, split: Split, tuning: Tuning, metric: str = "ndcg@
     fit = {u: [positions[i] for i in h] for u, h in split.fit_histories("validation").items()}
     cases = [([positions[i] for i in c.history], positions[c.target]) for c in split.cases("validation")]
     logger.info("SASRec: choosing its epochs on %d validation users", len(cases))
-    model, log = fit_sasrec(fit, index.catalog.n_items, tuning.cf.sasrec, val=cases, progress=progress)
+    model, log = fit_sasrec(fit, index.catalog.n_items, tuning.cf.sasrec, val=cases, progress=progress,
+                            item_vectors=index.item_vectors)
     epochs = max(int(log["best_epoch"]), 1)
     config = tuning.cf.model_copy(update={"sasrec_epochs": epochs})
     sasrec_lists = collect_lists(index, split, "validation", progress, cf_config=config, weights={"sasrec": 1.0},

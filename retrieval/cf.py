@@ -158,10 +158,11 @@ def fit_slit(histories: Mapping[str, Sequence[int]], n_items: int, config: CFCon
 
 
 def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfig | None = None,
-           progress: bool = False, sasrec: Any = None) -> CFModels:
+           progress: bool = False, sasrec: Any = None, item_vectors: np.ndarray | None = None) -> CFModels:
     """Fit on per-user position sequences (time-ordered). The config returned names the collaborative model
     fitted (``fitted``: "ease" or "als"). ``progress`` shows SASRec's training, the one part that takes minutes;
-    ``sasrec``: a model already trained on these histories with this config (a shipped one), used as it is."""
+    ``sasrec``: a model already trained on these histories with this config (a shipped one), used as it is;
+    ``item_vectors``: the content encoder's item vectors, where SASRec's item embeddings start."""
     config = config or CFConfig()
     users, items = _flatten(histories)
     x = sp.csr_matrix((np.ones(len(items), dtype=np.float32), (users, items)), shape=(len(histories), n_items))
@@ -199,6 +200,7 @@ def fit_cf(histories: Mapping[str, Sequence[int]], n_items: int, config: CFConfi
     elif sasrec is None:
         logger.info("training the SASRec source for %d epochs", config.sasrec_epochs)
         sasrec, _ = fit_sasrec(histories, n_items, config.sasrec.model_copy(
-            update={"epochs": config.sasrec_epochs, "max_minutes": math.inf}), progress=progress)
+            update={"epochs": config.sasrec_epochs, "max_minutes": math.inf}), progress=progress,
+            item_vectors=item_vectors)
     return CFModels(popularity=popularity, transitions=sp.csr_matrix(trans), ease=ease, config=config,
                     als_items=als_items, slit=slit, sasrec=sasrec)

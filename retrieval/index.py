@@ -174,11 +174,11 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
         clock = time.perf_counter()
         histories = position_histories(catalog, catalog.histories())
         shipped = shipped_sasrec(SHIPPED / catalog.name, histories_digest(histories, catalog.n_items),
-                                 cf_config.sasrec_epochs, cf_config.sasrec, catalog.n_items)
+                                 cf_config.sasrec_epochs, cf_config.sasrec, catalog.n_items, sasrec_init(encoder))
         if shipped is not None:
             logger.info("SASRec: the model shipped for %s (same histories and settings), not trained again",
                         catalog.name)
-        cf = fit_cf(histories, catalog.n_items, cf_config, progress=progress, sasrec=shipped)
+        cf = fit_cf(histories, catalog.n_items, cf_config, progress=progress, sasrec=shipped, item_vectors=vectors)
         cf.save(staging)
         phases["cf_s"] = round(time.perf_counter() - clock, 2)
         cf_config, fusion = cf.config, collaborative_weights(fusion, cf.config)
@@ -200,6 +200,12 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
     logger.info("index built catalog=%s items=%d seconds=%.1f", catalog.name, catalog.n_items,
                 manifest.build_seconds)
     return manifest
+
+
+def sasrec_init(encoder: EncoderRef) -> str:
+    """Names the item vectors SASRec's item embeddings start from (a shipped model's match): the encoder, tuned
+    ones by their checkpoint."""
+    return encoder.checkpoint or encoder.name
 
 
 def fusion_for(encoder: EncoderRef, old: IndexManifest | None,
@@ -263,7 +269,8 @@ def save_cf(folder: Path, catalog: Catalog, config: CFConfig) -> None:
     manifest = read_manifest(folder)
     if manifest is None:
         raise FileNotFoundError(f"no index manifest in {folder}")
-    cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, config)
+    cf = fit_cf(position_histories(catalog, catalog.histories()), catalog.n_items, config,
+                item_vectors=np.load(folder / "item_vectors.npy"))
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".cf-"))
     try:
         cf.save(staging)
@@ -358,7 +365,7 @@ class Index:
         """CF models fitted on ``histories`` with ``config`` (default: the manifest's); ``sasrec``: a SASRec model
         already trained on them with that config (see :func:`retrieval.cf.fit_cf`)."""
         return fit_cf(position_histories(self.catalog, histories), self.catalog.n_items, config or self.manifest.cf,
-                      sasrec=sasrec)
+                      sasrec=sasrec, item_vectors=self.item_vectors)
 
 
 def load_index(catalog: Catalog, embedder: Embedder | None = None, folder: Path | None = None) -> Index:

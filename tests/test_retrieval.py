@@ -30,7 +30,7 @@ from retrieval.catalog_store import reindex, save_and_index
 from retrieval.cf import CFConfig, CFModels, fit_cf
 from retrieval.embeddings import Embedder
 from retrieval.filters import Filters
-from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, position_histories, save_cf
+from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, position_histories, sasrec_init, save_cf
 from retrieval.item_text import item_text
 from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.retriever import RETRIEVERS, BlendRetriever
@@ -563,6 +563,7 @@ def test_a_shipped_sasrec_is_loaded_only_for_its_histories_and_settings(tiny_ind
     assert shipped_sasrec(tmp_path, digest, 2, TINY_SASREC.sasrec.model_copy(update={"hidden": 32}),
                           catalog.n_items) is None
     assert shipped_sasrec(tmp_path / "none", digest, 2, TINY_SASREC.sasrec, catalog.n_items) is None
+    assert shipped_sasrec(tmp_path, digest, 2, TINY_SASREC.sasrec, catalog.n_items, encoder="another") is None
 
 
 def test_an_index_build_takes_the_shipped_sasrec_instead_of_training(tiny_catalog: Catalog, embedder: Embedder,
@@ -581,7 +582,7 @@ def test_an_index_build_takes_the_shipped_sasrec_instead_of_training(tiny_catalo
     histories = position_histories(stored, stored.histories())
     (tmp_path / scratch_catalog_name).mkdir()
     ship_sasrec(trained.cf.sasrec, tmp_path / scratch_catalog_name, histories_digest(histories, stored.n_items), 2,
-                TINY_SASREC.sasrec, made_by="test")
+                TINY_SASREC.sasrec, made_by="test", encoder=sasrec_init(trained.manifest.encoder))
     monkeypatch.setattr(retrieval.index, "SHIPPED", tmp_path)
 
     def no_training(*args: object, **kwargs: object) -> None:

@@ -88,3 +88,37 @@ def test_the_early_stopped_model_is_the_one_a_fixed_epoch_fit_trains() -> None:
     fixed, _ = fit_sasrec(histories, 9, config.model_copy(update={"epochs": log["best_epoch"]}), progress=False)
     hists = [h for h, _ in val] + [list(h) for h in histories.values()]
     np.testing.assert_array_equal(sasrec_scores(stopped, hists, 9), sasrec_scores(fixed, hists, 9))
+
+
+def test_item_embeddings_start_from_the_content_vectors() -> None:
+    from retrieval.sasrec import _build_model, item_init
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(12, 6)) @ np.diag([5.0, 3.0, 1.0, 0.5, 0.1, 0.01])  # content vectors, d = 6
+    init = item_init(vectors, hidden=4, scale=10.0)
+    assert init.shape == (12, 4) and abs(float(init.std()) - 0.2) < 1e-5
+    # the top principal axes: item distances are kept where the vectors vary most
+    centred = vectors - vectors.mean(axis=0)
+    np.testing.assert_allclose(np.abs(np.corrcoef(init[:, 0], centred[:, 0])[0, 1]), 1.0, atol=0.05)
+    wide = item_init(vectors, hidden=8, scale=1.0)  # more dimensions than the vectors: zero columns
+    assert wide.shape == (12, 8) and np.all(wide[:, 6:] == 0)
+
+    config = SASRecConfig(max_len=5, hidden=8, n_layer=1, n_head=1, init_scale=1.0)
+    model = _build_model(12, config, vectors)
+    np.testing.assert_allclose(model.transformer.wte.weight[:12].detach().numpy(), wide, atol=1e-6)
+    random = _build_model(12, config.model_copy(update={"init_scale": 0.0}), vectors)
+    assert not np.allclose(random.transformer.wte.weight[:12].detach().numpy(), wide)
+    with pytest.raises(ValueError, match="item vectors hold 11 items, the model 12"):
+        _build_model(12, config, vectors[:11])
+
+
+def test_content_initialised_items_are_told_apart_before_training() -> None:
+    """Two item groups whose content vectors differ: SASRec started from them scores a group's items above the
+    other group's after a history in it, with no training at all (epochs 0); a random start cannot."""
+    rng = np.random.default_rng(1)
+    groups = np.repeat([0, 1], 10)
+    vectors = rng.normal(size=(20, 16)) * 0.1 + np.where(groups[:, None] == 0, 1.0, -1.0)
+    config = SASRecConfig(max_len=6, hidden=8, n_layer=1, n_head=1, dropout=0.0, epochs=0, init_scale=10.0)
+    model, _ = fit_sasrec({"u": [0, 1]}, 20, config, progress=False, item_vectors=vectors)
+    scores = sasrec_scores(model, [[0, 1, 2], [10, 11, 12]], 20)
+    assert scores[0, :10].mean() > scores[0, 10:].mean() and scores[1, 10:].mean() > scores[1, :10].mean()

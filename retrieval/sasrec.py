@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from retrieval.full_ranking import full_ranks as target_ranks
 from retrieval.full_ranking import ndcg_at_10
@@ -57,6 +57,15 @@ class SASRecConfig(BaseModel):
     # random .107 / .143-.144, scale 1 .108 / .144, 5 .117 / .147, 10 .124 / .148, 20 .081 (stopped at epoch 3);
     # scale 10 with patience 6 (best epoch 33 of 39) .127 / .150.
     init_scale: float = Field(default=10.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_before_init_scale(cls, data: Any) -> Any:
+        """A config stored before ``init_scale`` existed (an index manifest names every other field) describes a
+        model trained from GPT-2's random init, and says so when read back."""
+        if isinstance(data, dict) and "init_scale" not in data and set(cls.model_fields) - {"init_scale"} <= set(data):
+            return {**data, "init_scale": 0.0}
+        return data
 
 
 def item_init(vectors: np.ndarray, hidden: int, scale: float) -> np.ndarray:

@@ -122,3 +122,11 @@ def test_content_initialised_items_are_told_apart_before_training() -> None:
     model, _ = fit_sasrec({"u": [0, 1]}, 20, config, progress=False, item_vectors=vectors)
     scores = sasrec_scores(model, [[0, 1, 2], [10, 11, 12]], 20)
     assert scores[0, :10].mean() > scores[0, 10:].mean() and scores[1, 10:].mean() > scores[1, :10].mean()
+
+
+def test_a_config_stored_before_the_content_start_reads_back_as_random_init() -> None:
+    stored = SASRecConfig().model_dump()
+    del stored["init_scale"]  # as an index manifest written before the field existed holds it
+    assert SASRecConfig.model_validate(stored).init_scale == 0.0
+    assert SASRecConfig().init_scale == 10.0 and SASRecConfig(hidden=32, stride=10).init_scale == 10.0
+    assert SASRecConfig.model_validate(SASRecConfig().model_dump()).init_scale == 10.0

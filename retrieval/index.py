@@ -28,7 +28,7 @@ from retrieval.item_text import item_text
 from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.provenance import utc_now
 from retrieval.retriever import RETRIEVERS, BlendRetriever
-from retrieval.sasrec import WEIGHTS_FILE, histories_digest, shipped_sasrec
+from retrieval.sasrec import WEIGHTS_FILE, SASRecConfig, histories_digest, shipped_sasrec
 from retrieval.sources import (
     AlsSource,
     ContentSource,
@@ -174,7 +174,8 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
         clock = time.perf_counter()
         histories = position_histories(catalog, catalog.histories())
         shipped = shipped_sasrec(SHIPPED / catalog.name, histories_digest(histories, catalog.n_items),
-                                 cf_config.sasrec_epochs, cf_config.sasrec, catalog.n_items, sasrec_init(encoder))
+                                 cf_config.sasrec_epochs, cf_config.sasrec, catalog.n_items,
+                                 sasrec_init(encoder, cf_config.sasrec))
         if shipped is not None:
             logger.info("SASRec: the model shipped for %s (same histories and settings), not trained again",
                         catalog.name)
@@ -202,10 +203,10 @@ def build_index(catalog: Catalog, dest: Path, embedder: Embedder | None = None, 
     return manifest
 
 
-def sasrec_init(encoder: EncoderRef) -> str:
+def sasrec_init(encoder: EncoderRef, config: SASRecConfig) -> str:
     """Names the item vectors SASRec's item embeddings start from (a shipped model's match): the encoder, tuned
-    ones by their checkpoint."""
-    return encoder.checkpoint or encoder.name
+    ones by their checkpoint; "none" for GPT-2's random init."""
+    return (encoder.checkpoint or encoder.name) if config.init_scale > 0 else "none"
 
 
 def fusion_for(encoder: EncoderRef, old: IndexManifest | None,

@@ -564,6 +564,9 @@ def test_a_shipped_sasrec_is_loaded_only_for_its_histories_and_settings(tiny_ind
                           catalog.n_items) is None
     assert shipped_sasrec(tmp_path / "none", digest, 2, TINY_SASREC.sasrec, catalog.n_items) is None
     assert shipped_sasrec(tmp_path, digest, 2, TINY_SASREC.sasrec, catalog.n_items, encoder="another") is None
+    encoder = tiny_index.manifest.encoder  # a random-init model does not depend on the encoder
+    assert sasrec_init(encoder, TINY_SASREC.sasrec) == (encoder.checkpoint or encoder.name)
+    assert sasrec_init(encoder, TINY_SASREC.sasrec.model_copy(update={"init_scale": 0.0})) == "none"
 
 
 def test_an_index_build_takes_the_shipped_sasrec_instead_of_training(tiny_catalog: Catalog, embedder: Embedder,
@@ -582,7 +585,7 @@ def test_an_index_build_takes_the_shipped_sasrec_instead_of_training(tiny_catalo
     histories = position_histories(stored, stored.histories())
     (tmp_path / scratch_catalog_name).mkdir()
     ship_sasrec(trained.cf.sasrec, tmp_path / scratch_catalog_name, histories_digest(histories, stored.n_items), 2,
-                TINY_SASREC.sasrec, made_by="test", encoder=sasrec_init(trained.manifest.encoder))
+                TINY_SASREC.sasrec, made_by="test", encoder=sasrec_init(trained.manifest.encoder, TINY_SASREC.sasrec))
     monkeypatch.setattr(retrieval.index, "SHIPPED", tmp_path)
 
     def no_training(*args: object, **kwargs: object) -> None:

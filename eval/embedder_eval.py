@@ -108,12 +108,9 @@ def add_served_fusion(warm: WarmResult, live: Index, split: Split, fitted: Mappi
                       seed: int, progress: bool = True) -> None:
     """The fusion of every source the live index serves: the tuned encoder's lists plus SASRec's, from the models
     :func:`eval.sasrec.evaluate_sasrec` fitted on what each part may see; its weights tuned on validation."""
-    cf = live.manifest.cf.model_copy(update={"sasrec_epochs": max(int(fitted["best_epochs"]), 1)})
-    lists = {}
-    for part in rv.PARTS:
-        sasrec = rv.collect_lists(live, split, part, progress, cf_config=cf, weights={"sasrec": 1.0},
-                                  sasrec=fitted["models"][part])
-        lists[part] = dataclasses.replace(warm.lists[part], norm={**warm.lists[part].norm, **sasrec.norm})
+    lists = {part: rv.with_sasrec_lists(live, split, part, warm.lists[part], live.manifest.cf,
+                                        fitted["models"][part], fitted["best_epochs"], progress)
+             for part in rv.PARTS}
     weights = rv.tune_weights(lists["validation"]).weights
     warm.tuning["served"] = weights
     for part, methods in rv.evaluate(lists, weights, n_boot=n_boot, seed=seed).items():

@@ -165,6 +165,15 @@ def without_sasrec(config: CFConfig) -> CFConfig:
     return config.model_copy(update={"sasrec_epochs": 0})
 
 
+def with_sasrec_lists(index: Index, split: Split, part: str, lists: PartLists, cf: CFConfig, model: Any,
+                      epochs: int, progress: bool = False) -> PartLists:
+    """``lists`` with the SASRec source's lists added: ``model``, trained on what ``part`` may see for ``epochs``
+    epochs, scores that part's users."""
+    config = cf.model_copy(update={"sasrec_epochs": max(int(epochs), 1)})
+    sasrec = collect_lists(index, split, part, progress, cf_config=config, weights={"sasrec": 1.0}, sasrec=model)
+    return dataclasses.replace(lists, norm={**lists.norm, **sasrec.norm})
+
+
 def drop_source(lists: PartLists, name: str) -> PartLists:
     return dataclasses.replace(lists, norm={s: v for s, v in lists.norm.items() if s != name})
 
@@ -330,9 +339,7 @@ def tune_sasrec(index: Index, split: Split, tuning: Tuning, metric: str = "ndcg@
                             item_vectors=index.item_vectors)
     epochs = max(int(log["best_epoch"]), 1)
     config = tuning.cf.model_copy(update={"sasrec_epochs": epochs})
-    sasrec_lists = collect_lists(index, split, "validation", progress, cf_config=config, weights={"sasrec": 1.0},
-                                 sasrec=model)
-    lists = dataclasses.replace(tuning.lists, norm={**tuning.lists.norm, **sasrec_lists.norm})
+    lists = with_sasrec_lists(index, split, "validation", tuning.lists, tuning.cf, model, epochs, progress)
     with_it = tune_weights(lists, metric)
     without = tuning.grid[(tuning.cf.ease_lambda, tuning.cf.ease_decay)]
     choice = SasrecChoice(epochs, [float(v) for v in log["val_ndcg"]], with_it, without,

@@ -71,7 +71,8 @@ class SASRecConfig(BaseModel):
 def item_init(vectors: np.ndarray, hidden: int, scale: float) -> np.ndarray:
     """Initial item embeddings from content vectors (items x d): centred, projected on their top ``hidden``
     principal axes (zero columns past d), scaled so their standard deviation is ``scale`` x .02."""
-    centred = vectors.astype(np.float64) - vectors.astype(np.float64).mean(axis=0)
+    as_float = vectors.astype(np.float64)
+    centred = as_float - as_float.mean(axis=0)
     _, _, axes = np.linalg.svd(centred, full_matrices=False)
     out = np.zeros((len(vectors), hidden))
     n = min(hidden, axes.shape[0])

@@ -34,7 +34,7 @@ from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, posi
 from retrieval.item_text import item_text
 from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.retriever import RETRIEVERS, BlendRetriever
-from retrieval.sasrec import SASRecConfig, histories_digest, ship_sasrec, shipped_sasrec
+from retrieval.sasrec import SASRecConfig, fit_sasrec, histories_digest, ship_sasrec, shipped_sasrec
 from retrieval.sources import EaseSource, SasrecSource, SlitSource, SourceQuery, latest_recency
 from retrieval.splits import Case, SplitSpec, leave_last_out, split_catalog
 
@@ -569,6 +569,23 @@ def test_a_shipped_sasrec_is_loaded_only_for_its_histories_and_settings(tiny_ind
     assert sasrec_init(encoder, TINY_SASREC.sasrec.model_copy(update={"init_scale": 0.0})) == "none"
 
 
+def same_weights(a: object, b: object) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()  # type: ignore[attr-defined]
+    return sa.keys() == sb.keys() and all(bool((sa[k] == sb[k]).all()) for k in sa)
+
+
+def test_the_index_starts_every_sasrec_fit_from_its_item_vectors(tiny_index: Index) -> None:
+    """``Index.fit_cf`` (each evaluation part's CF fit) trains SASRec from the index's item vectors, not from GPT-2's
+    random init (the index build and ``save_cf``: the shipped-model test below)."""
+    catalog = tiny_index.catalog
+    histories = position_histories(catalog, catalog.histories())
+    config = TINY_SASREC.sasrec.model_copy(update={"epochs": TINY_SASREC.sasrec_epochs, "max_minutes": math.inf})
+    started, _ = fit_sasrec(histories, catalog.n_items, config, progress=False, item_vectors=tiny_index.item_vectors)
+    random, _ = fit_sasrec(histories, catalog.n_items, config, progress=False)
+    fitted = tiny_index.fit_cf(catalog.histories(), TINY_SASREC).sasrec
+    assert same_weights(fitted, started) and not same_weights(fitted, random)
+
+
 def test_an_index_build_takes_the_shipped_sasrec_instead_of_training(tiny_catalog: Catalog, embedder: Embedder,
                                                                      scratch_catalog_name: str, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -583,6 +600,9 @@ def test_an_index_build_takes_the_shipped_sasrec_instead_of_training(tiny_catalo
     trained = load_index(stored, embedder=embedder)
     assert trained.cf.sasrec is not None and trained.manifest.cf.sasrec_epochs == 2
     histories = position_histories(stored, stored.histories())
+    started, _ = fit_sasrec(histories, stored.n_items, TINY_SASREC.sasrec.model_copy(
+        update={"epochs": 2, "max_minutes": math.inf}), progress=False, item_vectors=trained.item_vectors)
+    assert same_weights(trained.cf.sasrec, started)  # save_cf started it from the index's item vectors
     (tmp_path / scratch_catalog_name).mkdir()
     ship_sasrec(trained.cf.sasrec, tmp_path / scratch_catalog_name, histories_digest(histories, stored.n_items), 2,
                 TINY_SASREC.sasrec, made_by="test", encoder=sasrec_init(trained.manifest.encoder, TINY_SASREC.sasrec))

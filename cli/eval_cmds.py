@@ -55,16 +55,20 @@ def eval_retrieval(
     t0 = time.perf_counter()
     # the learned fusion's rows: the one stored, or the one just trained and not kept (it lost on validation)
     learned = fusion.learned or (tuning.learned.fusion if tuning and tuning.learned else None)
-    results = rv.evaluate(lists, fusion.weights, n_boot=n_boot, seed=seed, learned=learned, catalog=cat)
-    gain = rv.learned_gain(lists, fusion.weights, learned, cat, n_boot=n_boot, seed=seed) if learned else None
-    sensitivity = rv.tie_sensitivity(index, cat, spec, results, fusion.weights, cf_config, n_boot=n_boot)
+    results = rv.evaluate(lists, fusion.weights, n_boot=n_boot, seed=seed, learned=learned, catalog=cat,
+                          cold=fusion.cold)
+    gain = (rv.learned_gain(lists, fusion.weights, learned, cat, n_boot=n_boot, seed=seed, cold=fusion.cold)
+            if learned else None)
+    sensitivity = rv.tie_sensitivity(index, cat, spec, results, fusion.weights, cf_config, n_boot=n_boot,
+                                      cold=fusion.cold)
     REPORTS.mkdir(exist_ok=True)
     command = (f"recagent eval retrieval --catalog {catalog} --ties {spec.ties} --seed {spec.seed}"
                f"{' --tune' if tune else ''}")
     notes = [f"catalogue: {catalog} ({cat.n_items} items, {len(split.test)} evaluated users)",
              f"protocol: {spec.describe()}; full ranking over all items minus the history; "
              "CF fitted only on what each part may see",
-             f"fused weights: {json.dumps(fusion.weights, sort_keys=True)} (tuned: {fusion.tuned}); "
+             f"fused weights: {json.dumps(fusion.weights, sort_keys=True)} (tuned: {fusion.tuned}), cold-item "
+             f"weight {fusion.cold:g} (chosen by the cold-start study of `eval embedder`, kept by --tune); "
              f"EASE lambda {cf_config.ease_lambda:g}, recency decay {cf_config.ease_decay:g}, SASRec epochs "
              f"{cf_config.sasrec_epochs}{' (tuned on validation)' if tuning else ''}",
              rv.served_line(fusion.learned),

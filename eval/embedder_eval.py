@@ -10,7 +10,8 @@
   the popularity prior (the tuned one's weight as served, the frozen one's chosen on validation); the cold items
   have no interactions, so the prior guesses theirs from their nearest items that have some
   (:func:`~retrieval.sources.popularity_prior`); a ceiling row gives it their true counts instead.
-  ``cold_only`` runs this part (and the query cost) without the warm tables.
+  Then the fused retriever's cold-item path: its weight chosen on validation in that world, measured on test
+  (:mod:`eval.cold_path`). ``cold_only`` runs this part (and the query cost) without the warm tables.
 * **Query cost**: embedding a 50-item history into the tuned encoder's user vector.
 """
 
@@ -30,13 +31,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from eval import cold_path
 from eval import retrieval_eval as rv
 from eval.metrics import METRICS, bootstrap_ci, summarise
 from retrieval.catalog import Catalog
 from retrieval.cf import CFConfig
 from retrieval.encoder import EncoderRef, load_provenance, make_embedder, tuned_ref
 from retrieval.encoder_train import PRIOR_WEIGHTS, EncoderTrainConfig, EncoderTrainer
-from retrieval.index import Index, build_index, load_index
+from retrieval.index import COLD_WEIGHT, Index, build_index, load_index
 from retrieval.sources import PRIOR_NEIGHBOURS
 from retrieval.splits import Split, SplitSpec
 from retrieval.vector_store import delete_collection, make_client
@@ -113,7 +115,7 @@ def add_served_fusion(warm: WarmResult, live: Index, split: Split, fitted: Mappi
              for part in rv.PARTS}
     weights = rv.tune_weights(lists["validation"]).weights
     warm.tuning["served"] = weights
-    for part, methods in rv.evaluate(lists, weights, n_boot=n_boot, seed=seed).items():
+    for part, methods in rv.evaluate(lists, weights, n_boot=n_boot, seed=seed, cold=live.manifest.fusion.cold).items():
         warm.results[part][SERVED] = methods["fused"]
 
 
@@ -200,7 +202,8 @@ def cold_hits(indexes: Mapping[str, Index], split: Split, cold: set[str], weight
             if name != "fused" and name not in available:
                 continue
             label = f"{name}, {encoder} encoder" if name == "fused" else name
-            retrievers.append((label, index.retriever(name, cf=cf, weights=weights if name == "fused" else None)))
+            retrievers.append((label, index.retriever(name, cf=cf, weights=weights if name == "fused" else None,
+                                                      cold=0.0)))  # the cold-item path: eval.cold_path
         for label, retriever in retrievers:
             hits = []
             for case in tqdm(cases, desc=f"cold start: {label}", unit="user", disable=not progress):
@@ -318,6 +321,10 @@ def run(catalog: Catalog, live: Index, split: Split, spec: SplitSpec, cold_share
             with side_index(catalog, tuned_ref(folder), cf) as cold_index:
                 report["cold"] = cold_hits({"frozen": frozen, "tuned": cold_index}, split, cold, fusion,
                                            cf, progress, prior_weights={"frozen": frozen_weight})
+                path = cold_path.study(cold_index, split, cold, fusion, cf, n_boot, spec.seed, progress)
+                report["cold_path"] = path.as_dict()
+                report["cold"]["hit@50"][f"fused, tuned encoder + cold-item path (weight {path.chosen:g})"] = (
+                    path.test["on"]["cold_hit@50"])
         report["cold"]["share"] = cold_share
     report["query_cost"] = query_cost(live, split)
     return report
@@ -352,8 +359,12 @@ def markdown(report: Mapping[str, Any], notes: list[str], plot: str | None) -> s
                   "list could know: how far a perfect popularity guess would go. The fusion weights: "
                   + ", ".join(f"{k} {v:g}" for k, v in sorted(cold.get("fusion_weights", {}).items())) + "."]
     ct = report["cold_training"]
+    if "cold_path" in report:
+        lines += ["", "The fused rows: without the cold-item path (weight 0), and with the weight chosen below."]
     lines += ["", f"The cold encoder trained {ct['minutes']:g} min ({ct['train']['steps']} steps, "
               f"{ct['train']['pairs_seen']} pairs); its validation NDCG@10 {ct['validation']['best']['ndcg@10']}.", ""]
+    if "cold_path" in report:
+        lines += cold_path.markdown(report["cold_path"], served=COLD_WEIGHT)
     lines += query_cost_markdown(report["query_cost"])
     lines.append("Cells: mean over users [bootstrap 95% interval].")
     return "\n".join(lines) + "\n"

@@ -58,8 +58,9 @@ class PartLists:
     popularity: np.ndarray
     histories: list[list[int]] = dataclasses.field(default_factory=list)  # each case's history (positions)
 
-    def ranks(self, weights: Mapping[str, float]) -> list[int | None]:
-        """Target rank per user under ``weights`` (None beyond 50), same rule as BlendRetriever.retrieve."""
+    def ranks(self, weights: Mapping[str, float], cold: float = 0.0) -> list[int | None]:
+        """Target rank per user under ``weights`` and the cold-item weight ``cold`` (None beyond 50), same rule as
+        BlendRetriever.retrieve: ``cold`` is added to the content source's weight for items of popularity 0."""
         active = [s for s, w in weights.items() if w > 0 and s in self.norm]
         n_users, n_items = self.allowed.shape
         present = np.zeros((n_users, n_items), dtype=bool)
@@ -68,6 +69,10 @@ class PartLists:
             listed = ~np.isnan(self.norm[s])
             present |= listed
             fused += weights[s] * np.where(listed, self.norm[s], 0.0)
+        if cold > 0 and "content" in self.norm:
+            listed = ~np.isnan(self.norm["content"]) & (self.popularity == 0)[None, :]
+            present |= listed
+            fused += cold * np.where(listed, self.norm["content"], 0.0)
         return self.ranks_of(fused, present)
 
     def candidates(self, u: int, sources: Sequence[str]) -> np.ndarray:
@@ -134,7 +139,8 @@ def collect_lists(index: Index, split: Split, part: str, progress: bool = True, 
     under ``cf_config`` (default: the index's) on what ``part`` may see (``sasrec``: a SASRec model already trained
     on it)."""
     cf = index.fit_cf(split.fit_histories(part), cf_config, sasrec=sasrec)
-    retriever = index.retriever("fused", cf=cf, weights=weights or {s: 1.0 for s in SOURCE_NAMES})
+    # the lists only: the cold-item path is applied when they are ranked (PartLists.ranks)
+    retriever = index.retriever("fused", cf=cf, weights=weights or {s: 1.0 for s in SOURCE_NAMES}, cold=0.0)
     cases = split.cases(part)
     n_items = index.catalog.n_items
     norm = {s: np.full((len(cases), n_items), np.nan, dtype=np.float64) for s in retriever.sources}
@@ -381,14 +387,17 @@ LEARNED = "fused (learned)"
 
 
 def evaluate(lists: Mapping[str, PartLists], weights: Mapping[str, float], n_boot: int = 1000,
-             seed: int = 0, learned: LearnedFusion | None = None, catalog: Catalog | None = None) -> Results:
-    """``{part: {method: {metric: {mean, lo, hi}}}}``: the single sources and the fused retriever (the weights);
-    with ``learned`` and ``catalog``, also the learned fusion (trained on the training part alone)."""
+             seed: int = 0, learned: LearnedFusion | None = None, catalog: Catalog | None = None,
+             cold: float = 0.0) -> Results:
+    """``{part: {method: {metric: {mean, lo, hi}}}}``: the single sources and the fused retriever (the weights and
+    the cold-item weight ``cold``); with ``learned`` and ``catalog``, also the learned fusion (trained on the training
+    part alone)."""
     out: Results = {}
     for part, pl in lists.items():
         methods: dict[str, Mapping[str, float]] = {b: {b: 1.0} for b in BASELINES if b in pl.norm}
         methods["fused"] = weights
-        out[part] = {m: summarise(pl.ranks(w), n_boot=n_boot, seed=seed) for m, w in methods.items()}
+        out[part] = {m: summarise(pl.ranks(w, cold if m == "fused" else 0.0), n_boot=n_boot, seed=seed)
+                     for m, w in methods.items()}
         if learned is not None and catalog is not None:
             ranks = pl.learned_ranks(learned, ItemSide.of(catalog, pl.popularity))
             out[part][LEARNED] = summarise(ranks, n_boot=n_boot, seed=seed)
@@ -396,13 +405,14 @@ def evaluate(lists: Mapping[str, PartLists], weights: Mapping[str, float], n_boo
 
 
 def learned_gain(lists: Mapping[str, PartLists], weights: Mapping[str, float], learned: LearnedFusion,
-                 catalog: Catalog, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
-    """``{part: {metric: {mean, lo, hi}}}``: the learned fusion minus the weights, per user, with the paired
-    bootstrap interval (NDCG@10 and Recall@50)."""
+                 catalog: Catalog, n_boot: int = 1000, seed: int = 0,
+                 cold: float = 0.0) -> dict[str, dict[str, dict[str, float]]]:
+    """``{part: {metric: {mean, lo, hi}}}``: the learned fusion minus the weights (with the cold-item weight
+    ``cold``), per user, with the paired bootstrap interval (NDCG@10 and Recall@50)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for part, pl in lists.items():
         a = [metric_values(r) for r in pl.learned_ranks(learned, ItemSide.of(catalog, pl.popularity))]
-        b = [metric_values(r) for r in pl.ranks(weights)]
+        b = [metric_values(r) for r in pl.ranks(weights, cold)]
         out[part] = {}
         for m in ("ndcg@10", "recall@50"):
             mean, lo, hi = paired_bootstrap_diff(np.array([x[m] for x in a]), np.array([x[m] for x in b]),
@@ -424,16 +434,18 @@ def fused_label(spec: SplitSpec) -> str:
 
 
 def tie_sensitivity(index: Index, catalog: Catalog, spec: SplitSpec, results: Results, weights: Mapping[str, float],
-                    cf_config: CFConfig, n_boot: int = 1000, progress: bool = True) -> Results:
-    """The fused retriever (same weights and CF config) under both tie rules: ``{part: {label: metrics}}``.
+                    cf_config: CFConfig, n_boot: int = 1000, progress: bool = True, cold: float = 0.0) -> Results:
+    """The fused retriever (same weights, cold-item weight and CF config) under both tie rules:
+    ``{part: {label: metrics}}``.
     ``results`` holds the fused rows under ``spec``; the other rule's split is made and evaluated here."""
     other = spec.other_rule()
     other_split = split_catalog(catalog, other)
     out: Results = {}
     for part in results:
-        pl = collect_lists(index, other_split, part, progress, cf_config=cf_config, weights=weights)
+        pl = collect_lists(index, other_split, part, progress, cf_config=cf_config,
+                           weights={**weights, "content": 1.0} if cold > 0 else weights)
         out[part] = {fused_label(spec): results[part]["fused"],
-                     fused_label(other): summarise(pl.ranks(weights), n_boot=n_boot, seed=spec.seed)}
+                     fused_label(other): summarise(pl.ranks(weights, cold), n_boot=n_boot, seed=spec.seed)}
     return out
 
 

@@ -198,7 +198,8 @@ def stage_retrieval(ctx: Context) -> dict[str, Any]:
     methods["fused"] = ctx.index.manifest.fusion.weights
     rows = {}
     for name, weights in methods.items():
-        vals = [metric_values(r) for r in lists.ranks(weights)]
+        vals = [metric_values(r) for r in lists.ranks(weights, ctx.index.manifest.fusion.cold if name == "fused"
+                                                      else 0.0)]
         rows[f"baseline: {name}"] = {"users": [c.user_id for c in ctx.cases],
                                      **{m: [v[m] for v in vals] for m in ROW_METRICS}}
     return {"rows": rows, "weights": methods["fused"]}

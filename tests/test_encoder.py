@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from eval.cold_path import COLD_GRID, GridRow, choose
 from eval.embedder_eval import SERVED
 from retrieval.catalog import Catalog
 from retrieval.embeddings import Embedder
@@ -255,8 +256,14 @@ def test_eval_embedder_cold_only_skips_the_warm_tables(tuned_tiny_index: Index, 
     for encoder, weight in report["cold"]["prior_weights"].items():  # a ceiling beside each prior that is used
         ceiling = f"content, {encoder} encoder + true popularity (ceiling)"
         assert (ceiling in report["cold"]["hit@50"]) == (weight > 0), (encoder, weight)
+    path = report["cold_path"]  # the cold-item path's weight, chosen on validation in the cold world
+    assert [r["weight"] for r in path["grid"]] == list(COLD_GRID) and path["chosen"] in COLD_GRID
+    assert path["chosen"] == choose([GridRow(**r) for r in path["grid"]])
+    assert f"fused, tuned encoder + cold-item path (weight {path['chosen']:g})" in report["cold"]["hit@50"]
+    assert set(path["test"]) == {"off", "on", "on_minus_off"} and path["users"]["test_cold"] >= 1
     markdown = (tmp_path / "reports" / f"embedder-{name}-cold.md").read_text()
     assert "## Cold items" in markdown and "## Warm items" not in markdown and "cosine only" in markdown
+    assert "## Cold-item path" in markdown
     assert not (tmp_path / "reports" / f"embedder-{name}.json").exists()  # the full report is left alone
 
 

@@ -312,16 +312,21 @@ def test_fast_ranks_agree_with_retrieve(tiny_index: Index, part: str) -> None:
     lists = collect_lists(tiny_index, split, part, progress=False)
     cf = tiny_index.fit_cf(split.fit_histories(part))
     seen_absent = False
+    cold_moved = False
     for weights in WEIGHT_SETS:
-        fast = lists.ranks(weights)
-        retriever = tiny_index.retriever("fused", cf=cf, weights=weights)
-        for case, rank in zip(cases, fast, strict=True):
-            got = ids(retriever.retrieve(case.history, k=50))
-            expected = got.index(case.target) + 1 if case.target in got else None
-            assert rank == expected, (weights, case)
-            seen_absent |= expected is None
+        by_cold = {}
+        for cold in (0.0, 3.0):
+            fast = by_cold[cold] = lists.ranks(weights, cold)
+            retriever = tiny_index.retriever("fused", cf=cf, weights=weights, cold=cold)
+            for case, rank in zip(cases, fast, strict=True):
+                got = ids(retriever.retrieve(case.history, k=50))
+                expected = got.index(case.target) + 1 if case.target in got else None
+                assert rank == expected, (weights, cold, case)
+                seen_absent |= expected is None
+        cold_moved |= by_cold[0.0] != by_cold[3.0]
     if part == "test":
         assert seen_absent, "u8's target is in its history, so it is never retrieved"
+    assert cold_moved, "the cold-item path moves some target (the tiny catalogue has items no one has seen)"
 
 
 # --- metrics ------------------------------------------------------------------------------------------------
@@ -616,3 +621,75 @@ def test_an_index_build_takes_the_shipped_sasrec_instead_of_training(tiny_catalo
     rebuilt = load_index(load_catalog(scratch_catalog_name), embedder=embedder)
     query = SourceQuery(history=[0, 1, 2], allowed=np.ones(stored.n_items, dtype=bool))
     assert SasrecSource(rebuilt.cf).top(query, 5) == SasrecSource(trained.cf).top(query, 5)
+
+
+def test_the_cold_item_path_brings_up_items_no_one_has_interacted_with(tiny_index: Index) -> None:
+    """Items of popularity 0 reach a history-only fused list through the content source (weight 0 in the fusion)
+    with the cold-item weight, listed by it, and never without it but as a popularity top-up."""
+    split = leave_last_out(tiny_index.catalog.histories())
+    cf = tiny_index.fit_cf(split.fit_histories("validation"))  # the held-out items have no interactions here
+    cold = {tiny_index.catalog.item_ids[p] for p in np.flatnonzero(cf.popularity == 0)}
+    assert cold, "some items are seen only as held-out items"
+    weights = {"sequential": 1.0, "ease": 1.0, "content": 0.0}
+    off = tiny_index.retriever("fused", cf=cf, weights=weights, cold=0.0)
+    on = tiny_index.retriever("fused", cf=cf, weights=weights, cold=3.0)
+    assert off.cold == 0 and on.cold == 3.0 and "content" not in on.sources
+    assert tiny_index.retriever("fused", weights=weights, cold=3.0).cold == 0  # none cold: the path is off
+    brought = 0
+    n = tiny_index.catalog.n_items
+    for history in split.train.values():
+        before = {c.item_id: c for c in off.retrieve(history, k=n)}
+        after = {c.item_id: c for c in on.retrieve(history, k=n)}
+        for item, c in after.items():
+            if item not in cold:  # the path leaves every item with interactions as it was
+                assert c.score == before[item].score
+            elif c.score > before[item].score:
+                assert "content" in [h.source for h in c.sources]
+                assert "content" not in [h.source for h in before[item].sources]
+                brought += 1
+    assert brought > 0
+    free_text = on.retrieve([], k=3, query="space adventure")  # a text request: content at its own weight
+    assert free_text and all(c.sources for c in free_text)
+
+
+def test_the_cold_item_weight_is_stored_with_the_fusion_and_rejects_a_negative(tiny_index: Index) -> None:
+    from pydantic import ValidationError
+
+    from retrieval.index import COLD_WEIGHT, FusionConfig
+    from retrieval.retriever import BlendRetriever
+
+    cf = tiny_index.fit_cf(leave_last_out(tiny_index.catalog.histories()).fit_histories("validation"))
+    assert FusionConfig().cold == COLD_WEIGHT > 0
+    assert tiny_index.retriever("fused", cf=cf).cold == tiny_index.manifest.fusion.cold == COLD_WEIGHT
+    assert FusionConfig.model_validate({"weights": {"ease": 1.0}}).cold == COLD_WEIGHT  # a manifest from before
+    with pytest.raises(ValidationError, match="cold"):
+        FusionConfig(cold=-1)
+    with pytest.raises(ValueError, match="cold-item weight"):
+        BlendRetriever(tiny_index.catalog, tiny_index.sources(), {"ease": 1.0}, tiny_index.cf.popularity, cold=-0.5)
+    assert tiny_index.retriever("ease").cold == 0.0  # a single source has no cold-item path
+
+
+def test_cold_world_removes_the_cold_items_from_every_history_and_keeps_the_targets(tiny_index: Index) -> None:
+    from eval.cold_path import cold_world
+
+    split = leave_last_out(tiny_index.catalog.histories())
+    cold = {split.test[0].target, split.validation[1].target, split.validation[1].history[0]}
+    for part in ("validation", "test"):
+        world = cold_world(split, cold, part)
+        fit = world.fit_histories("validation")
+        assert not cold & {i for h in fit.values() for i in h}, part  # a cold validation item too, for test
+        assert not cold & {i for c in world.validation for i in c.history}
+        assert [c.target for c in world.validation] == [c.target for c in split.cases(part)]
+        assert sum(map(len, fit.values())) > 0 and not world.test
+    kept = cold_world(split, set(), "test").fit_histories("validation")
+    assert kept == split.fit_histories("test")  # nothing cold: the part's own fit
+
+
+def test_the_cold_item_weight_is_the_best_recall_among_ties_in_ndcg() -> None:
+    from eval.cold_path import NDCG_TIE, GridRow, choose
+
+    grid = [GridRow(0.0, .1300, .500, 0.0, .14), GridRow(1.0, .1300 - NDCG_TIE / 2, .510, .1, .14),
+            GridRow(2.0, .1290, .520, .2, .13)]
+    assert choose(grid) == 1.0  # 2 has the best recall but costs NDCG@10
+    assert choose([grid[0], GridRow(1.0, .1300 - 2 * NDCG_TIE, .510, .1, .14)]) == 0.0
+    assert choose([GridRow(0.5, .13, .5, 0, .1), GridRow(0.0, .13, .5, 0, .1)]) == 0.0

@@ -143,6 +143,11 @@ def eval_embedder(
     plot = None if cold_only else REPORTS / f"{stem}.png"
     if plot is not None:
         ee.plot_validation(report["training"]["train"]["log"], plot)
+    if "cold_path" in report:
+        from eval.cold_path import plot as plot_cold_path
+
+        plot_cold_path(report["cold_path"], REPORTS / f"{stem}-cold-path.png")
+        report["cold_path_plot"] = f"{stem}-cold-path.png"
     training = report["training"]
     notes = [f"catalogue: {catalog} ({cat.n_items} items); protocol: {spec.describe()}; full ranking over all items "
              "minus the history; CF fitted only on what each part may see",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,8 +121,30 @@ def study(index: Index, split: Split, cold: set[str], weights: Mapping[str, floa
     return ColdPathStudy(weights=dict(weights), chosen=chosen, grid=grid, test=result, users=users)
 
 
-def markdown(result: Mapping[str, Any], served: float) -> list[str]:
-    """The report's section from :meth:`ColdPathStudy.as_dict`; ``served``: the weight the code serves by default."""
+def plot(result: Mapping[str, Any], path: Path | str) -> None:
+    """The validation grid of :meth:`ColdPathStudy.as_dict`: what each cold-item weight costs the ranking of all users
+    (left) against how often it finds the cold items (right), the chosen weight marked."""
+    from eval.plots import pyplot, save
+
+    grid = result["grid"]
+    weights = [r["weight"] for r in grid]
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(9, 3.5))
+    left.plot(weights, [r["ndcg10"] for r in grid], marker="o", label="NDCG@10, all users")
+    left.plot(weights, [r["warm_ndcg10"] for r in grid], marker="o", label="NDCG@10, users without a cold item")
+    right.plot(weights, [r["cold_hit50"] for r in grid], marker="o", label="cold items hit@50")
+    right.plot(weights, [r["recall50"] for r in grid], marker="o", label="Recall@50, all users")
+    for ax in (left, right):
+        ax.axvline(result["chosen"], color="grey", linestyle="--", label=f"chosen ({result['chosen']:g})")
+        ax.set_xlabel("cold-item weight")
+        ax.legend(fontsize=8)
+    left.set_title("Validation: the ranking it costs")
+    right.set_title("Validation: the cold items it finds")
+    save(fig, path)
+
+
+def markdown(result: Mapping[str, Any], served: float, plot_name: str | None = None) -> list[str]:
+    """The report's section from :meth:`ColdPathStudy.as_dict`; ``served``: the weight the code serves by default;
+    ``plot_name``: the image of :func:`plot` beside the report."""
     u = result["users"]
     lines = ["## Cold-item path", "",
              "The fused retriever hears items no one has interacted with through the content source, its weight "
@@ -133,6 +156,8 @@ def markdown(result: Mapping[str, Any], served: float) -> list[str]:
              "| cold-item weight | NDCG@10, all users | Recall@50, all users | cold items hit@50 "
              "| NDCG@10, other users |",
              "|---|---|---|---|---|"]
+    if plot_name:
+        lines[-2:-2] = [f"![cold-item path]({plot_name})", ""]
     for r in result["grid"]:
         mark = " (chosen)" if r["weight"] == result["chosen"] else ""
         lines.append(f"| {r['weight']:g}{mark} | {r['ndcg10']:.4f} | {r['recall50']:.4f} | {r['cold_hit50']:.3f} | "

@@ -364,7 +364,7 @@ def markdown(report: Mapping[str, Any], notes: list[str], plot: str | None) -> s
     lines += ["", f"The cold encoder trained {ct['minutes']:g} min ({ct['train']['steps']} steps, "
               f"{ct['train']['pairs_seen']} pairs); its validation NDCG@10 {ct['validation']['best']['ndcg@10']}.", ""]
     if "cold_path" in report:
-        lines += cold_path.markdown(report["cold_path"], served=COLD_WEIGHT)
+        lines += cold_path.markdown(report["cold_path"], served=COLD_WEIGHT, plot_name=report.get("cold_path_plot"))
     lines += query_cost_markdown(report["query_cost"])
     lines.append("Cells: mean over users [bootstrap 95% interval].")
     return "\n".join(lines) + "\n"

@@ -263,7 +263,8 @@ def test_eval_embedder_cold_only_skips_the_warm_tables(tuned_tiny_index: Index, 
     assert set(path["test"]) == {"off", "on", "on_minus_off"} and path["users"]["test_cold"] >= 1
     markdown = (tmp_path / "reports" / f"embedder-{name}-cold.md").read_text()
     assert "## Cold items" in markdown and "## Warm items" not in markdown and "cosine only" in markdown
-    assert "## Cold-item path" in markdown
+    assert "## Cold-item path" in markdown and f"![cold-item path](embedder-{name}-cold-cold-path.png)" in markdown
+    assert (tmp_path / "reports" / f"embedder-{name}-cold-cold-path.png").stat().st_size > 0
     assert not (tmp_path / "reports" / f"embedder-{name}.json").exists()  # the full report is left alone
 
 

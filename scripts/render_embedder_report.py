@@ -1,0 +1,32 @@
+"""Re-render reports/embedder-CATALOG.md and its cold-item-path plot from the report's JSON with the code as it is,
+without re-running the evaluation (for a change in how the report is drawn, or in the served default it is compared
+with). The notes at the top are kept as the run wrote them.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/render_embedder_report.py [CATALOG]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from eval import cold_path
+from eval import embedder_eval as ee
+
+
+def main(catalog: str = "movielens-100k") -> None:
+    stem = Path("reports") / f"embedder-{catalog}"
+    md, data = stem.with_suffix(".md"), stem.with_suffix(".json")
+    report = json.loads(data.read_text())
+    notes = [line[2:] for line in md.read_text().splitlines()[2:] if line.startswith("- ")]
+    plot = f"{stem.name}.png" if Path(f"{stem}.png").exists() else None
+    if "cold_path" in report:
+        cold_path.plot(report["cold_path"], f"{stem}-cold-path.png")
+        report["cold_path_plot"] = f"{stem.name}-cold-path.png"
+    md.write_text(ee.markdown(report, notes, plot))
+    data.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

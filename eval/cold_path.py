@@ -96,20 +96,18 @@ def study(index: Index, split: Split, cold: set[str], weights: Mapping[str, floa
     grid = [_row(lists["validation"], weights, w, cold_target["validation"])[0] for w in COLD_GRID]
     chosen = choose(grid)
     test, is_cold = lists["test"], cold_target["test"]
-    off_row, off = _row(test, weights, 0.0, is_cold)
-    on_row, on = _row(test, weights, chosen, is_cold)
-    tables = {"off": per_user_table(off), "on": per_user_table(on)}
+    runs = {"off": _row(test, weights, 0.0, is_cold), "on": _row(test, weights, chosen, is_cold)}
+    tables = {name: per_user_table(ranks) for name, (_, ranks) in runs.items()}
+
+    def interval(values: np.ndarray) -> dict[str, float]:
+        lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+        return {"mean": float(values.mean()) if values.size else float("nan"), "lo": lo, "hi": hi}
+
     result: dict[str, Any] = {}
-    for name, table in tables.items():
-        result[name] = {m: {"mean": float(table[m].mean()),
-                            **dict(zip(("lo", "hi"), bootstrap_ci(table[m], n_boot=n_boot, seed=seed), strict=True))}
-                        for m in ("ndcg@10", "recall@50")}
-        hits = np.array([1.0 if r is not None else 0.0 for r, c in
-                         zip(off if name == "off" else on, is_cold, strict=True) if c])
-        result[name]["cold_hit@50"] = {"mean": float(hits.mean()) if hits.size else float("nan"),
-                                       **dict(zip(("lo", "hi"), bootstrap_ci(hits, n_boot=n_boot, seed=seed),
-                                                  strict=True))}
-        result[name]["warm_ndcg@10"] = (off_row if name == "off" else on_row).warm_ndcg10
+    for name, (row, ranks) in runs.items():
+        hits = np.array([1.0 if r is not None else 0.0 for r, c in zip(ranks, is_cold, strict=True) if c])
+        result[name] = {**{m: interval(tables[name][m]) for m in ("ndcg@10", "recall@50")},
+                        "cold_hit@50": interval(hits), "warm_ndcg@10": row.warm_ndcg10}
     result["on_minus_off"] = {}
     for m in ("ndcg@10", "recall@50"):
         mean, lo, hi = paired_bootstrap_diff(tables["on"][m], tables["off"][m], n_boot=n_boot, seed=seed)

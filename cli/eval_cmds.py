@@ -143,11 +143,6 @@ def eval_embedder(
     plot = None if cold_only else REPORTS / f"{stem}.png"
     if plot is not None:
         ee.plot_validation(report["training"]["train"]["log"], plot)
-    if "cold_path" in report:
-        from eval.cold_path import plot as plot_cold_path
-
-        plot_cold_path(report["cold_path"], REPORTS / f"{stem}-cold-path.png")
-        report["cold_path_plot"] = f"{stem}-cold-path.png"
     training = report["training"]
     notes = [f"catalogue: {catalog} ({cat.n_items} items); protocol: {spec.describe()}; full ranking over all items "
              "minus the history; CF fitted only on what each part may see",
@@ -158,8 +153,7 @@ def eval_embedder(
              f"best checkpoint chosen on {training['validation']['users']} validation users: "
              f"{training['validation']['kept']}",
              f"command: {command} ({report['seconds'] / 60:.1f} min)", f"machine: {machine_line()}"]
-    (REPORTS / f"{stem}.md").write_text(ee.markdown(report, notes, plot.name if plot else None))
-    (REPORTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    ee.write_report(report, notes, REPORTS / stem, plot.name if plot else None)
     if as_json:
         if cold_only:
             print_json({"cold hit@50": {m: round(v["mean"], 5) for m, v in report["cold"]["hit@50"].items()}})

@@ -88,7 +88,7 @@ def study(index: Index, split: Split, cold: set[str], weights: Mapping[str, floa
     must not have been trained on them) and measure it on test. ``weights``: the fusion's (the content source's
     lists are collected whatever its weight)."""
     weights = dict(weights)
-    collect = {**weights, "content": 1.0}  # the lists only; ranks use ``weights``
+    collect = rv.listed(weights, max(COLD_GRID))
     lists = {part: rv.collect_lists(index, cold_world(split, cold, part), "validation", progress, cf_config=cf,
                                     weights=collect) for part in rv.PARTS}
     positions = [index.catalog.item_index[i] for i in cold]

@@ -330,6 +330,18 @@ def run(catalog: Catalog, live: Index, split: Split, spec: SplitSpec, cold_share
     return report
 
 
+def write_report(report: dict[str, Any], notes: list[str], stem: Path, validation_plot: str | None) -> None:
+    """``STEM.md`` and ``STEM.json`` beside ``STEM-cold-path.png`` (the cold-item path's grid, where the report has
+    it); ``validation_plot``: the name of the encoder's validation curve already drawn beside them, if any."""
+    import json
+
+    if "cold_path" in report:
+        cold_path.plot(report["cold_path"], f"{stem}-cold-path.png")
+        report["cold_path_plot"] = f"{stem.name}-cold-path.png"
+    Path(f"{stem}.md").write_text(markdown(report, notes, validation_plot))
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+
+
 def _cell(m: Mapping[str, float]) -> str:
     return f"{m['mean']:.4f} [{m['lo']:.3f}, {m['hi']:.3f}]"
 

@@ -180,6 +180,12 @@ def with_sasrec_lists(index: Index, split: Split, part: str, lists: PartLists, c
     return dataclasses.replace(lists, norm={**lists.norm, **sasrec.norm})
 
 
+def listed(weights: Mapping[str, float], cold: float) -> dict[str, float]:
+    """The sources :func:`collect_lists` must gather for :meth:`PartLists.ranks` under ``weights`` and the cold-item
+    weight ``cold`` (which reads the content source's lists whatever its weight)."""
+    return {**weights, "content": 1.0} if cold > 0 else dict(weights)
+
+
 def drop_source(lists: PartLists, name: str) -> PartLists:
     return dataclasses.replace(lists, norm={s: v for s, v in lists.norm.items() if s != name})
 
@@ -442,8 +448,7 @@ def tie_sensitivity(index: Index, catalog: Catalog, spec: SplitSpec, results: Re
     other_split = split_catalog(catalog, other)
     out: Results = {}
     for part in results:
-        pl = collect_lists(index, other_split, part, progress, cf_config=cf_config,
-                           weights={**weights, "content": 1.0} if cold > 0 else weights)
+        pl = collect_lists(index, other_split, part, progress, cf_config=cf_config, weights=listed(weights, cold))
         out[part] = {fused_label(spec): results[part]["fused"],
                      fused_label(other): summarise(pl.ranks(weights, cold), n_boot=n_boot, seed=spec.seed)}
     return out

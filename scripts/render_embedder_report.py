@@ -11,22 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from eval import cold_path
 from eval import embedder_eval as ee
 
 
 def main(catalog: str = "movielens-100k") -> None:
     stem = Path("reports") / f"embedder-{catalog}"
-    md, data = stem.with_suffix(".md"), stem.with_suffix(".json")
-    report = json.loads(data.read_text())
-    notes = [line[2:] for line in md.read_text().splitlines()[2:] if line.startswith("- ")]
-    plot = f"{stem.name}.png" if Path(f"{stem}.png").exists() else None
-    if "cold_path" in report:
-        cold_path.plot(report["cold_path"], f"{stem}-cold-path.png")
-        report["cold_path_plot"] = f"{stem.name}-cold-path.png"
-    md.write_text(ee.markdown(report, notes, plot))
-    data.write_text(json.dumps(report, indent=2, default=str))
-
+    report = json.loads(Path(f"{stem}.json").read_text())
+    notes = [line[2:] for line in Path(f"{stem}.md").read_text().splitlines()[2:] if line.startswith("- ")]
+    ee.write_report(report, notes, stem, f"{stem.name}.png" if Path(f"{stem}.png").exists() else None)
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from pydantic import BaseModel
 
-from retrieval.item_text import title_parts, title_years
+from retrieval.item_text import YEAR_IN_TEXT, title_parts, title_years
 
 CHECKS = ("empty", "repetition", "incomplete", "unknown_item", "unknown_history_item", "already_seen",
           "evidence_not_in_history", "genre_claim", "year_claim", "content_claim", "says_nothing")
@@ -78,7 +78,6 @@ a an the and or but of to in on at for with from by as into about than who which
 were be been being has have had it it's its his her their this these those year very more most same both
 young
 """)
-_YEAR = re.compile(r"\b(19\d{2}|20[0-2]\d)\b")
 _DECADE = re.compile(r"(?<![\w'])(?:(19|20)|')?(\d)0'?s\b")
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -228,7 +227,7 @@ def genre_claims(text: str, vocabulary: Iterable[str]) -> set[str]:
 
 def year_claims(text: str) -> tuple[set[int], set[int]]:
     """(years, decade starts) the text names: "1995" -> year; "90s", "1990s", "'90s" -> decade 1990."""
-    years = {int(y) for y in _YEAR.findall(text)}
+    years = {int(y) for y in YEAR_IN_TEXT.findall(text)}
     decades = set()
     for century, digit in _DECADE.findall(text):
         if century:

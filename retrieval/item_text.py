@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 # articles that catalogues move behind a comma ("Vie est belle, La (1993)")
 ARTICLES = ("The", "A", "An", "Les", "La", "Le", "Il", "El", "Das", "Der", "Die")
+#: a release year as people write one in free text ("made in 1994"): the one pattern the chat's lexicon, its intent
+#: parser and the explanation checks build on
+YEAR_DIGITS = r"(?:19|20)\d\d"
+YEAR_IN_TEXT = re.compile(rf"\b({YEAR_DIGITS})\b")
 _YEAR = re.compile(r"\s*\((\d{4})\)")
 _TRAILING_YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
 _ARTICLE_LAST = re.compile(rf"^(?P<body>.+?),\s*(?P<art>{'|'.join(ARTICLES)})$")

@@ -1,10 +1,14 @@
-"""The one reader of catalogue titles (retrieval.item_text): trailing years, articles moved behind a comma."""
+"""The one reader of catalogue titles (retrieval.item_text): trailing years, articles moved behind a comma; and the
+one pattern for a year written in free text."""
 
 from __future__ import annotations
 
 import pytest
 
+from agent.chat import lexicon as lx
+from agent.explanation_checks import year_claims
 from retrieval.item_text import (
+    YEAR_IN_TEXT,
     TitleParts,
     item_text,
     natural_title,
@@ -46,3 +50,14 @@ def test_years_in_a_title() -> None:
     assert trailing_year("Love (1999) Story") is None
     assert item_text("Heat (1995)", 1995, ["Action"]) == "Heat (1995). Genres: Action."
     assert item_text("Heat", 1995) == "Heat (1995)."
+
+
+def test_one_year_pattern_serves_the_chat_lexicon_and_the_explanation_checks():
+    """A year in free text is read by one pattern (``YEAR_IN_TEXT``): the chat's era cues and the explanation
+    checks' year claims see the same years, and a decade ("1990s") is not one."""
+    text = "made in 1994 or 2031, not the 1990s, not 1812 or 21034"
+    assert YEAR_IN_TEXT.findall(text) == ["1994", "2031"]
+    assert year_claims(text)[0] == {1994, 2031}
+    assert lx.FROM_YEAR.search("something from 2031 on")["y"] == "2031"
+    assert lx.YEAR_RANGE.search("between 1994 and 2031").group("a", "b") == ("1994", "2031")
+    assert lx.FROM_YEAR.search("something from 1812") is None

@@ -17,6 +17,7 @@ from rapidfuzz.distance import OSA
 import prompts
 from agent.chat import lexicon as lx
 from agent.llm.base import LLMBackend, LLMError
+from retrieval.item_text import YEAR_IN_TEXT
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -224,7 +225,7 @@ def _negates(clause: str, at: int, genres: GenreLexicon) -> bool:
 
 def _only_when(body: str, genres: GenreLexicon) -> bool:
     """A like-cue's body that names a time and nothing else (beside genre words and filler): "like 90s stuff"."""
-    when = [lx.DECADE, lx.DECADE_WORD, re.compile(r"\b(?:19|20)\d\d\b")]
+    when = [lx.DECADE, lx.DECADE_WORD, YEAR_IN_TEXT]
     if not any(p.search(body) for p in when):
         return False
     rest = genres.pattern.sub(" ", body) if genres.pattern else body

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from retrieval.item_text import YEAR_DIGITS
+
 # canonical (MovieLens-style) genre -> words and phrases that mean it
 GENRE_SYNONYMS: dict[str, tuple[str, ...]] = {
     "Horror": (
@@ -236,17 +238,18 @@ DECADE_WORDS = {"twenties": 1920, "thirties": 1930, "forties": 1940, "fifties": 
                 "seventies": 1970, "eighties": 1980, "nineties": 1990}
 DECADE_WORD = re.compile(r"\b(?:the\s+)?(?:nineteen[- ]?)?(?P<w>" + "|".join(DECADE_WORDS) + r")\b", re.I)
 # a year or a decade (as digits or words) after a bound
-_WHEN = r"(?:the\s+)?(?P<y>(?:19|20)\d\d(?!s)|'?(?:(?:19|20)\d0|\d0)'?s|" + "|".join(DECADE_WORDS) + r")"
+_WHEN = r"(?:the\s+)?(?P<y>" + YEAR_DIGITS + r"(?!s)|'?(?:(?:19|20)\d0|\d0)'?s|" + "|".join(DECADE_WORDS) + r")"
 BEFORE = re.compile(r"\b(?:before|until|up to|prior to|pre-?|earlier than|older than)\s*" + _WHEN + r"\b", re.I)
 AFTER = re.compile(r"\b(?:after|since|post-?|later than|newer than)\s*" + _WHEN + r"\b", re.I)
 #: "from 1994" / "made in 1994": that year; "from 1994 on": from it
 FROM_YEAR = re.compile(
-    r"\b(?:from|in|made in|released in|of)\s+(?P<y>(?:19|20)\d\d)\b(?!s)"
+    r"\b(?:from|in|made in|released in|of)\s+(?P<y>" + YEAR_DIGITS + r")\b(?!s)"
     r"(?P<on>\s*(?:on(?:wards?)?\b|and (?:later|after|up|newer)\b|or (?:later|after|newer)\b|\+))?",
     re.I,
 )
 YEAR_RANGE = re.compile(
-    r"\b(?:between\s+|from\s+)?(?P<a>(?:19|20)\d\d)\s*(?:-|–|to|and|until|till|through)\s*(?P<b>(?:19|20)\d\d)\b",
+    r"\b(?:between\s+|from\s+)?(?P<a>" + YEAR_DIGITS + r")\s*(?:-|–|to|and|until|till|through)\s*(?P<b>"
+    + YEAR_DIGITS + r")\b",
     re.I,
 )
 #: genre words after these (in their clause) are hard constraints that outlive a new reference item

@@ -72,10 +72,15 @@ def test_batched_scores_match_single_scores(tiny_index: Index, real_backend: LLM
                                                                               k=6)]
         requests.append(reranker.score_request(history, candidates))
     single = [real_backend.score_labels(r) for r in requests]
+    lengths = {len(real_backend.render(r.messages, r.answer_prefix)) for r in requests}  # type: ignore[attr-defined]
+    assert len(lengths) > 1  # rows of different lengths: the right padding is exercised
+    cached = real_backend.usage.cached_prompt_tokens
     batched = batching.forward(requests)
+    # the instructions every prompt shares ran once: the other two rows count them as cached
+    assert real_backend.usage.cached_prompt_tokens - cached >= 2 * 20
     for a, b in zip(single, batched, strict=True):
         assert len(a) == len(b)
-        # bf16 with padding differs slightly from one unpadded pass; the preferences must agree
+        # bf16 in a batch over a shared prefix differs slightly from one unpadded pass; the preferences must agree
         assert np.max(np.abs(np.array(a) - np.array(b))) < 0.35
         assert int(np.argmax(a)) == int(np.argmax(b))
 

@@ -55,6 +55,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence of ``seqs`` shares, leaving each at least one token of its own (the
+    position a batched pass reads)."""
+    return min([len(s) - 1 for s in seqs] + [common_prefix(seqs[0], s) for s in seqs[1:]])
+
+
 MIN_REUSE = 8  # reuse a cached prefix only when at least this many tokens match
 SUFFIX_CHUNK = 512  # tokens of a batch's own prompt parts per forward pass (bounds the attention's size)
 
@@ -391,8 +397,7 @@ class TransformersBackend(LLMBackend):
             return
         torch = self.torch
         seqs = [self.render(r.messages, r.answer_prefix) for r in requests]
-        # every row keeps at least one token of its own
-        shared = min([len(s) - 1 for s in seqs] + [common_prefix(seqs[0], s) for s in seqs[1:]])
+        shared = shared_prefix(seqs)
         prefix, suffixes = seqs[0][:shared], [s[shared:] for s in seqs]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         stop_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))

@@ -58,6 +58,8 @@ def test_one_year_pattern_serves_the_chat_lexicon_and_the_explanation_checks():
     text = "made in 1994 or 2031, not the 1990s, not 1812 or 21034"
     assert YEAR_IN_TEXT.findall(text) == ["1994", "2031"]
     assert year_claims(text)[0] == {1994, 2031}
-    assert lx.FROM_YEAR.search("something from 2031 on")["y"] == "2031"
-    assert lx.YEAR_RANGE.search("between 1994 and 2031").group("a", "b") == ("1994", "2031")
+    from_year = lx.FROM_YEAR.search("something from 2031 on")
+    assert from_year is not None and from_year["y"] == "2031"
+    year_range = lx.YEAR_RANGE.search("between 1994 and 2031")
+    assert year_range is not None and year_range.group("a", "b") == ("1994", "2031")
     assert lx.FROM_YEAR.search("something from 1812") is None

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from eval import retrieval_eval as rv
-from eval.metrics import bootstrap_ci, paired_bootstrap_diff, per_user_table, summarise
+from eval.metrics import interval, interval_cell, paired_bootstrap_diff, per_user_table, summarise
 from retrieval.cf import CFConfig
 from retrieval.index import Index
 from retrieval.splits import Case, Split
@@ -98,16 +98,11 @@ def study(index: Index, split: Split, cold: set[str], weights: Mapping[str, floa
     test, is_cold = lists["test"], cold_target["test"]
     runs = {"off": _row(test, weights, 0.0, is_cold), "on": _row(test, weights, chosen, is_cold)}
     tables = {name: per_user_table(ranks) for name, (_, ranks) in runs.items()}
-
-    def interval(values: np.ndarray) -> dict[str, float]:
-        lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed)
-        return {"mean": float(values.mean()) if values.size else float("nan"), "lo": lo, "hi": hi}
-
     result: dict[str, Any] = {}
     for name, (row, ranks) in runs.items():
         hits = np.array([1.0 if r is not None else 0.0 for r, c in zip(ranks, is_cold, strict=True) if c])
-        result[name] = {**{m: interval(tables[name][m]) for m in ("ndcg@10", "recall@50")},
-                        "cold_hit@50": interval(hits), "warm_ndcg@10": row.warm_ndcg10}
+        result[name] = {**{m: interval(tables[name][m], n_boot, seed) for m in ("ndcg@10", "recall@50")},
+                        "cold_hit@50": interval(hits, n_boot, seed), "warm_ndcg@10": row.warm_ndcg10}
     result["on_minus_off"] = {}
     for m in ("ndcg@10", "recall@50"):
         mean, lo, hi = paired_bootstrap_diff(tables["on"][m], tables["off"][m], n_boot=n_boot, seed=seed)
@@ -116,7 +111,7 @@ def study(index: Index, split: Split, cold: set[str], weights: Mapping[str, floa
     for part, pl in lists.items():
         users[part] = len(pl.targets)
         users[f"{part}_cold"] = int(cold_target[part].sum())
-    return ColdPathStudy(weights=dict(weights), chosen=chosen, grid=grid, test=result, users=users)
+    return ColdPathStudy(weights=weights, chosen=chosen, grid=grid, test=result, users=users)
 
 
 def plot(result: Mapping[str, Any], path: Path | str) -> None:
@@ -161,16 +156,12 @@ def markdown(result: Mapping[str, Any], served: float, plot_name: str | None = N
         lines.append(f"| {r['weight']:g}{mark} | {r['ndcg10']:.4f} | {r['recall50']:.4f} | {r['cold_hit50']:.3f} | "
                      f"{r['warm_ndcg10']:.4f} |")
     t = result["test"]
-
-    def cell(m: Mapping[str, float]) -> str:
-        return f"{m['mean']:.4f} [{m['lo']:.3f}, {m['hi']:.3f}]"
-
     lines += ["", f"Test, the same world ({u['test']} users, {u['test_cold']} holding out a cold item), the fusion "
               f"without the path and with the chosen weight {result['chosen']:g}:", "",
               "| fusion | NDCG@10, all users | Recall@50, all users | cold items hit@50 |", "|---|---|---|---|"]
     for name, label in (("off", "without the path (weight 0)"), ("on", f"cold-item weight {result['chosen']:g}")):
-        lines.append(f"| {label} | {cell(t[name]['ndcg@10'])} | {cell(t[name]['recall@50'])} | "
-                     f"{cell(t[name]['cold_hit@50'])} |")
+        lines.append(f"| {label} | {interval_cell(t[name]['ndcg@10'])} | {interval_cell(t[name]['recall@50'])} | "
+                     f"{interval_cell(t[name]['cold_hit@50'])} |")
     d = t["on_minus_off"]
     lines += ["", f"Paired per user, with minus without: NDCG@10 {d['ndcg@10']['mean']:+.4f} "
               f"[{d['ndcg@10']['lo']:+.4f}, {d['ndcg@10']['hi']:+.4f}], Recall@50 {d['recall@50']['mean']:+.4f} "

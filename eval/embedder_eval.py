@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import statistics
 import tempfile
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from eval import cold_path
 from eval import retrieval_eval as rv
-from eval.metrics import METRICS, bootstrap_ci, summarise
+from eval.metrics import METRICS, bootstrap_ci, interval_cell, summarise
 from retrieval.catalog import Catalog
 from retrieval.cf import CFConfig
 from retrieval.encoder import EncoderRef, load_provenance, make_embedder, tuned_ref
@@ -333,17 +334,11 @@ def run(catalog: Catalog, live: Index, split: Split, spec: SplitSpec, cold_share
 def write_report(report: dict[str, Any], notes: list[str], stem: Path, validation_plot: str | None) -> None:
     """``STEM.md`` and ``STEM.json`` beside ``STEM-cold-path.png`` (the cold-item path's grid, where the report has
     it); ``validation_plot``: the name of the encoder's validation curve already drawn beside them, if any."""
-    import json
-
     if "cold_path" in report:
         cold_path.plot(report["cold_path"], f"{stem}-cold-path.png")
         report["cold_path_plot"] = f"{stem.name}-cold-path.png"
     Path(f"{stem}.md").write_text(markdown(report, notes, validation_plot))
     Path(f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
-
-
-def _cell(m: Mapping[str, float]) -> str:
-    return f"{m['mean']:.4f} [{m['lo']:.3f}, {m['hi']:.3f}]"
 
 
 def markdown(report: Mapping[str, Any], notes: list[str], plot: str | None) -> str:
@@ -358,7 +353,7 @@ def markdown(report: Mapping[str, Any], notes: list[str], plot: str | None) -> s
               f"second tuned encoder were fitted; {cold['cases']} test users hold one of them out. Share of those "
               "users whose held-out cold item is in the retriever's top 50:", "",
               "| retriever | hit@50 [95% interval] |", "|---|---|"]
-    lines += [f"| {label} | {_cell(m)} |" for label, m in cold["hit@50"].items()]
+    lines += [f"| {label} | {interval_cell(m)} |" for label, m in cold["hit@50"].items()]
     if "prior_weights" in cold:
         pw = cold["prior_weights"]
         lines += ["", "Each encoder's content source is measured by cosine only and with the popularity prior as "
@@ -405,7 +400,7 @@ def warm_markdown(report: Mapping[str, Any]) -> list[str]:
         lines += [f"## Warm items, {part} split (full ranking)", "", "| method | " + " | ".join(METRICS) + " |",
                   "|---|" + "---|" * len(METRICS)]
         for method, metrics in report["warm"]["results"][part].items():
-            lines.append(f"| {method} | " + " | ".join(_cell(metrics[m]) for m in METRICS) + " |")
+            lines.append(f"| {method} | " + " | ".join(interval_cell(metrics[m]) for m in METRICS) + " |")
         lines.append("")
     lines += [f"The content rows rank Chroma's nearest neighbours by cosine plus a popularity prior, weight times "
               f"log(1 + training interactions), the median for items without any (in-batch negatives leave "

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 import prompts
 from agent.llm.base import LLMBackend, LLMError
 from agent.llm.config import LLMConfig
-from eval.metrics import bootstrap_ci
+from eval.metrics import bootstrap_ci, interval
 from retrieval.item_text import item_text
 
 logger = logging.getLogger(__name__)
@@ -219,9 +219,7 @@ class Judge:
 def rubric_summary(scores: Sequence[Mapping[str, int]], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {"n": len(scores)}
     for c in CRITERIA:
-        vals = np.array([s[c] for s in scores], dtype=np.float64)
-        lo, hi = bootstrap_ci(vals, n_boot=n_boot, seed=seed)
-        out[c] = {"mean": float(vals.mean()) if vals.size else float("nan"), "lo": lo, "hi": hi}
+        out[c] = interval(np.array([s[c] for s in scores], dtype=np.float64), n_boot, seed)
     return out
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -57,10 +57,16 @@ def paired_bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed
     return float(diff.mean()), lo, hi
 
 
+def interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """``{mean, lo, hi}`` of per-user ``values``: the mean (NaN where there are none) and its bootstrap interval."""
+    lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+    return {"mean": float(values.mean()) if values.size else float("nan"), "lo": lo, "hi": hi}
+
+
 def summarise(ranks: Sequence[int | None], n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
-    table = per_user_table(ranks)
-    out = {}
-    for m, vals in table.items():
-        lo, hi = bootstrap_ci(vals, n_boot=n_boot, seed=seed)
-        out[m] = {"mean": float(vals.mean()) if vals.size else float("nan"), "lo": lo, "hi": hi}
-    return out
+    return {m: interval(vals, n_boot, seed) for m, vals in per_user_table(ranks).items()}
+
+
+def interval_cell(m: Mapping[str, float]) -> str:
+    """A report cell for ``{mean, lo, hi}``: "0.1337 [0.116, 0.152]"."""
+    return f"{m['mean']:.4f} [{m['lo']:.3f}, {m['hi']:.3f}]"

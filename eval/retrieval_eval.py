@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from eval.metrics import METRICS, metric_values, paired_bootstrap_diff, summarise
+from eval.metrics import METRICS, interval_cell, metric_values, paired_bootstrap_diff, summarise
 from retrieval.catalog import Catalog
 from retrieval.cf import CFConfig
 from retrieval.index import Index
@@ -463,8 +463,7 @@ def flat(results: Results) -> dict[str, dict[str, dict[str, float]]]:
 def _table(methods: Mapping[str, Metrics], label: str = "method") -> list[str]:
     lines = [f"| {label} | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for method, metrics in methods.items():
-        cells = [f"{metrics[m]['mean']:.4f} [{metrics[m]['lo']:.3f}, {metrics[m]['hi']:.3f}]" for m in METRICS]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | " + " | ".join(interval_cell(metrics[m]) for m in METRICS) + " |")
     return lines + [""]
 
 

@@ -7,6 +7,7 @@ with). The notes at the top are kept as the run wrote them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -17,8 +18,11 @@ from eval import embedder_eval as ee
 def main(catalog: str = "movielens-100k") -> None:
     stem = Path("reports") / f"embedder-{catalog}"
     report = json.loads(Path(f"{stem}.json").read_text())
-    notes = [line[2:] for line in Path(f"{stem}.md").read_text().splitlines()[2:] if line.startswith("- ")]
+    # the notes: the bullet lines right under the title, up to the first line that is not one
+    notes = [line[2:] for line in itertools.takewhile(lambda line: line.startswith("- "),
+                                                        Path(f"{stem}.md").read_text().splitlines()[2:])]
     ee.write_report(report, notes, stem, f"{stem.name}.png" if Path(f"{stem}.png").exists() else None)
+
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

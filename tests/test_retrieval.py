@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from cli.main import app
+from eval.cold_path import NDCG_TIE, GridRow, choose, cold_world
 from eval.metrics import METRICS, bootstrap_ci, metric_values, paired_bootstrap_diff, rank_of, summarise
 from eval.retrieval_eval import (
     EASE_DECAYS,
@@ -30,7 +32,17 @@ from retrieval.catalog_store import reindex, save_and_index
 from retrieval.cf import CFConfig, CFModels, fit_cf
 from retrieval.embeddings import Embedder
 from retrieval.filters import Filters
-from retrieval.index import DEFAULT_WEIGHTS, Index, item_texts, load_index, position_histories, sasrec_init, save_cf
+from retrieval.index import (
+    COLD_WEIGHT,
+    DEFAULT_WEIGHTS,
+    FusionConfig,
+    Index,
+    item_texts,
+    load_index,
+    position_histories,
+    sasrec_init,
+    save_cf,
+)
 from retrieval.item_text import item_text
 from retrieval.learned_fusion import LearnedFusion, LearnedRetriever
 from retrieval.retriever import RETRIEVERS, BlendRetriever
@@ -653,11 +665,6 @@ def test_the_cold_item_path_brings_up_items_no_one_has_interacted_with(tiny_inde
 
 
 def test_the_cold_item_weight_is_stored_with_the_fusion_and_rejects_a_negative(tiny_index: Index) -> None:
-    from pydantic import ValidationError
-
-    from retrieval.index import COLD_WEIGHT, FusionConfig
-    from retrieval.retriever import BlendRetriever
-
     cf = tiny_index.fit_cf(leave_last_out(tiny_index.catalog.histories()).fit_histories("validation"))
     assert FusionConfig().cold == COLD_WEIGHT > 0
     assert tiny_index.retriever("fused", cf=cf).cold == tiny_index.manifest.fusion.cold == COLD_WEIGHT
@@ -670,8 +677,6 @@ def test_the_cold_item_weight_is_stored_with_the_fusion_and_rejects_a_negative(t
 
 
 def test_cold_world_removes_the_cold_items_from_every_history_and_keeps_the_targets(tiny_index: Index) -> None:
-    from eval.cold_path import cold_world
-
     split = leave_last_out(tiny_index.catalog.histories())
     cold = {split.test[0].target, split.validation[1].target, split.validation[1].history[0]}
     for part in ("validation", "test"):
@@ -686,8 +691,6 @@ def test_cold_world_removes_the_cold_items_from_every_history_and_keeps_the_targ
 
 
 def test_the_cold_item_weight_is_the_best_recall_among_ties_in_ndcg() -> None:
-    from eval.cold_path import NDCG_TIE, GridRow, choose
-
     grid = [GridRow(0.0, .1300, .500, 0.0, .14), GridRow(1.0, .1300 - NDCG_TIE / 2, .510, .1, .14),
             GridRow(2.0, .1290, .520, .2, .13)]
     assert choose(grid) == 1.0  # 2 has the best recall but costs NDCG@10

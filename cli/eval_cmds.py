@@ -85,6 +85,9 @@ def eval_retrieval(
                             for (lam, decay), p in tuning.grid.items()}
         if tuning.sasrec:
             report["sasrec_tuning"] = dataclasses.asdict(tuning.sasrec)
+        if tuning.coarse:
+            report["weight_refinement"] = {"coarse": dataclasses.asdict(tuning.coarse), "weights": tuning.weights,
+                                           "ndcg@10": tuning.score}
     (REPORTS / f"retrieval-{catalog}.json").write_text(json.dumps(report, indent=2))
     if as_json:
         print_json(rv.flat({part: {**results[part], **sensitivity[part]} for part in results}))

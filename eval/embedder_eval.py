@@ -110,11 +110,12 @@ def warm_comparison(live: Index, frozen: Index, split: Split, n_boot: int, seed:
 def add_served_fusion(warm: WarmResult, live: Index, split: Split, fitted: Mapping[str, Any], n_boot: int,
                       seed: int, progress: bool = True) -> None:
     """The fusion of every source the live index serves: the tuned encoder's lists plus SASRec's, from the models
-    :func:`eval.sasrec.evaluate_sasrec` fitted on what each part may see; its weights tuned on validation."""
+    :func:`eval.sasrec.evaluate_sasrec` fitted on what each part may see; its weights tuned on validation (the
+    coarse grid, then the finer one, as ``eval retrieval --tune`` chooses the served weights)."""
     lists = {part: rv.with_sasrec_lists(live, split, part, warm.lists[part], live.manifest.cf,
                                         fitted["models"][part], fitted["best_epochs"], progress)
              for part in rv.PARTS}
-    weights = rv.tune_weights(lists["validation"]).weights
+    weights = rv.refined(lists["validation"], rv.tune_weights(lists["validation"]), progress=progress).weights
     warm.tuning["served"] = weights
     for part, methods in rv.evaluate(lists, weights, n_boot=n_boot, seed=seed, cold=live.manifest.fusion.cold).items():
         warm.results[part][SERVED] = methods["fused"]

@@ -20,10 +20,17 @@ from eval.metrics import METRICS, bootstrap_ci, metric_values, paired_bootstrap_
 from eval.retrieval_eval import (
     EASE_DECAYS,
     EASE_LAMBDAS,
+    REFINE_GRID,
+    TUNE_GRID,
+    GridPoint,
+    PartLists,
     collect_lists,
     evaluate,
+    refine_weights,
+    refined,
     tie_sensitivity,
     tune,
+    tune_weights,
     with_cf_config,
 )
 from retrieval.candidates import UnknownItemsError
@@ -432,8 +439,9 @@ def test_split_catalog_holds_out_by_the_tie_rule() -> None:
 def test_tune_chooses_weights_and_ease_lambda_and_decay_on_validation(tiny_index: Index) -> None:
     split = split_catalog(tiny_index.catalog)
     base = collect_lists(tiny_index, split, "validation", progress=False)
-    tuning = tune(tiny_index, split, base, lambdas=(10.0, 300.0), decays=(1.0, 0.5), progress=False, sasrec=False)
-    assert tuning.sasrec is None and tuning.cf.sasrec_epochs == 0
+    tuning = tune(tiny_index, split, base, lambdas=(10.0, 300.0), decays=(1.0, 0.5), progress=False, sasrec=False,
+                  refine=False)
+    assert tuning.sasrec is None and tuning.coarse is None and tuning.cf.sasrec_epochs == 0
     assert set(tuning.grid) == {(10.0, 1.0), (10.0, 0.5), (300.0, 1.0), (300.0, 0.5)}
     chosen = tuning.grid[(tuning.cf.ease_lambda, tuning.cf.ease_decay)]
     assert tuning.weights == chosen.weights and tuning.score == chosen.score
@@ -455,7 +463,7 @@ def test_tune_adds_sasrec_with_its_epochs_chosen_on_validation(tiny_index: Index
     base = collect_lists(tiny_index, split, "validation", progress=False)
     index = dataclasses.replace(tiny_index, manifest=tiny_index.manifest.model_copy(
         update={"cf": tiny_index.manifest.cf.model_copy(update={"sasrec": TINY_SASREC.sasrec})}))
-    tuning = tune(index, split, base, lambdas=(300.0,), decays=(1.0,), progress=False)
+    tuning = tune(index, split, base, lambdas=(300.0,), decays=(1.0,), progress=False, refine=False)
     choice = tuning.sasrec
     assert choice is not None and choice.without == tuning.grid[(300.0, 1.0)]
     assert choice.epochs == int(np.argmax(choice.curve)) + 1  # early stopping kept the best epoch
@@ -467,6 +475,38 @@ def test_tune_adds_sasrec_with_its_epochs_chosen_on_validation(tiny_index: Index
         assert tuning.cf.sasrec_epochs == 0 and tuning.weights == choice.without.weights
         assert "sasrec" not in tuning.lists.norm
     assert summarise(tuning.lists.ranks(tuning.weights), n_boot=1)["ndcg@10"]["mean"] == tuning.score
+
+
+def test_refine_chooses_on_the_finer_grid_and_keeps_the_coarse_choice(tiny_index: Index) -> None:
+    split = split_catalog(tiny_index.catalog)
+    base = collect_lists(tiny_index, split, "validation", progress=False)
+    coarse = tune(tiny_index, split, base, lambdas=(300.0,), decays=(1.0,), progress=False, sasrec=False,
+                  refine=False)
+    tuning = refine_weights(coarse, progress=False)
+    assert tuning.coarse is not None and tuning.coarse.weights == coarse.weights
+    assert tuning.coarse.score == coarse.score and tuning.score >= coarse.score
+    fine = tune_weights(tuning.lists, grid=REFINE_GRID)
+    assert tuning.weights == (fine.weights if fine.key > tuning.coarse.key else coarse.weights)
+    assert summarise(tuning.lists.ranks(tuning.weights), n_boot=1)["ndcg@10"]["mean"] == tuning.score
+    # tune() refines by default: the same weights as the two steps above
+    assert tune(tiny_index, split, base, lambdas=(300.0,), decays=(1.0,), progress=False,
+                sasrec=False).weights == tuning.weights
+
+
+def test_the_finer_grid_reaches_past_the_coarse_grids_edge() -> None:
+    """Two users, three items: the first user's target wins only where EASE weighs more than 1/.6 the sequential
+    source (the coarse grid stops at 1); the second's target is first whatever the weights."""
+    nan = float("nan")
+    lists = PartLists(
+        norm={"sequential": np.array([[0.0, 1.0, nan], [1.0, 0.0, nan]]),
+              "ease": np.array([[1.0, 0.4, nan], [1.0, 0.0, nan]])},
+        allowed=np.ones((2, 3), dtype=bool), targets=np.array([0, 0]), popularity=np.array([1, 2, 3]))
+    assert max(TUNE_GRID["ease"]) < 1 / 0.6 < max(REFINE_GRID["ease"])
+    coarse = tune_weights(lists)
+    assert lists.ranks(coarse.weights) == [2, 1]
+    point = refined(lists, coarse)
+    assert point.weights["ease"] > 1 / 0.6 and lists.ranks(point.weights) == [1, 1] and point.score == 1.0
+    assert refined(lists, GridPoint(point.weights, point.score, point.recall50)).weights == point.weights
 
 
 def test_sasrec_is_saved_and_loaded_with_the_cf_models(tiny_index: Index, tmp_path: Path) -> None:

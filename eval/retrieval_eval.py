@@ -44,9 +44,10 @@ TUNE_GRID = {
     "mostpop": (0.0, 0.1, 0.2, 0.4),
 }
 #: the last stage of ``--tune``: a finer grid, reaching past the coarse grid's edges, over the lists of the chosen EASE
-#: settings and SASRec (7,840 points for ML-100k's sources, about 4 min). Scratch check on ML-100k validation (943
-#: users, seeded random ties, seed 0; 10 random halvings, weights chosen on one half, scored on the other): NDCG@10
-#: .1500 with this grid against .1458 with TUNE_GRID's, out-of-fold difference +.0060 (higher in 16 of the 20 halves).
+#: settings and SASRec (7,840 points for ML-100k's sources, 5.1 min in the committed report's run). Scratch check on
+#: ML-100k validation (943 users, seeded random ties, seed 0; 10 random halvings, weights chosen on one half, scored on
+#: the other): NDCG@10 .1500 with this grid against .1458 with TUNE_GRID's, out-of-fold difference +.0060 (higher in
+#: 16 of the 20 halves).
 REFINE_GRID = {
     "sequential": (1.0,),
     "ease": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
